@@ -1,0 +1,1 @@
+"""Webb datapath: eBPF socket programs, their maps, and the libbpf binding."""

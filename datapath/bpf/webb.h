@@ -1,0 +1,95 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Map layouts shared with datapath/maps.py (sizes are checked at load). */
+#ifndef WEBB_H
+#define WEBB_H
+
+#define WEBB_MAX_SERVICES	65536
+#define WEBB_MAX_BACKENDS	262144
+#define WEBB_MAX_ENDPOINTS	65536
+#define WEBB_MAX_POLICY		262144
+
+#define WEBB_IDENTITY_UNKNOWN	2	/* not a pod of this node (host, world) */
+
+#define WEBB_EP_INGRESS_ENFORCED	1	/* a policy selects this endpoint */
+
+enum {
+	WEBB_VERDICT_FORWARDED = 1,
+	WEBB_VERDICT_DENIED = 2,
+	WEBB_VERDICT_DROPPED = 3,
+};
+
+enum {
+	WEBB_REASON_DIRECT = 1,		/* not a service: left as is */
+	WEBB_REASON_SERVICE = 2,	/* VIP rewritten to a backend */
+	WEBB_REASON_L7_PROXY = 3,	/* VIP rewritten to the node Envoy */
+	WEBB_REASON_POLICY_DENIED = 4,	/* no L3/L4 rule allows it */
+	WEBB_REASON_NO_BACKEND = 5,	/* service has no ready backend */
+	WEBB_REASON_BACKEND_MISSING = 6,/* backend slot absent: agent bug */
+	WEBB_REASON_MAX = 8,
+};
+
+struct service_key {
+	__u32 vip;		/* network order */
+	__u16 port;		/* network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct service_value {
+	__u32 service_id;
+	__u32 backend_count;
+	__u32 proxy_ip;		/* network order; node Envoy for L7 services */
+	__u16 proxy_port;	/* network order; 0 = L4 only */
+	__u16 pad;
+};
+
+struct backend_key {
+	__u32 service_id;
+	__u32 slot;
+};
+
+struct backend_value {
+	__u32 ip;		/* network order */
+	__u16 port;		/* network order */
+	__u16 pad;
+};
+
+struct endpoint_value {
+	__u32 identity;
+	__u32 flags;
+};
+
+struct policy_key {
+	__u32 dst_identity;
+	__u32 src_identity;	/* 0 = any source */
+	__u16 port;		/* host order; 0 = any port */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct policy_value {
+	__u32 rule_id;		/* index into the agent's rule table, for reports */
+};
+
+struct orig_dst {
+	__u32 ip;
+	__u16 port;
+	__u16 pad;
+};
+
+struct flow_event {
+	__u64 ts_ns;
+	__u64 cgroup_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 orig_ip;
+	__u32 new_ip;
+	__u16 orig_port;
+	__u16 new_port;
+	__u8 verdict;
+	__u8 reason;
+	__u8 proto;
+	__u8 pad;
+};
+
+#endif

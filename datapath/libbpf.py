@@ -1,0 +1,233 @@
+"""The only ctypes module of Webb: a thin, typed binding to libbpf 1.x.
+
+Every call that fails raises ``OSError`` whose message reads "verb object: cause",
+e.g. ``OSError(1, "attach program webb_sock4_connect to /sys/fs/cgroup/x: ...")``.
+libbpf 1.x returns NULL or a negative errno and sets ``errno``; both are handled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+_LIBNAMES = ("libbpf.so.1", ctypes.util.find_library("bpf") or "libbpf.so")
+
+
+def _load() -> ctypes.CDLL:
+    last: OSError | None = None
+    for name in _LIBNAMES:
+        try:
+            return ctypes.CDLL(name, use_errno=True)
+        except OSError as e:  # pragma: no cover - depends on the host
+            last = e
+    raise OSError(f"load libbpf: {last} (install Debian package libbpf1)")
+
+
+_lib = _load()
+_vp = ctypes.c_void_p
+_RINGBUF_CB = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp, ctypes.c_size_t)
+
+
+def _sig(name: str, restype: Any, *argtypes: Any) -> None:
+    fn = getattr(_lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+
+
+_sig("bpf_object__open_file", _vp, ctypes.c_char_p, _vp)
+_sig("bpf_object__load", ctypes.c_int, _vp)
+_sig("bpf_object__close", None, _vp)
+_sig("bpf_object__find_program_by_name", _vp, _vp, ctypes.c_char_p)
+_sig("bpf_object__find_map_by_name", _vp, _vp, ctypes.c_char_p)
+_sig("bpf_program__attach_cgroup", _vp, _vp, ctypes.c_int)
+_sig("bpf_program__fd", ctypes.c_int, _vp)
+_sig("bpf_link__destroy", ctypes.c_int, _vp)
+_sig("bpf_link__pin", ctypes.c_int, _vp, ctypes.c_char_p)
+_sig("bpf_map__fd", ctypes.c_int, _vp)
+_sig("bpf_map__key_size", ctypes.c_uint32, _vp)
+_sig("bpf_map__value_size", ctypes.c_uint32, _vp)
+_sig("bpf_map__type", ctypes.c_int, _vp)
+_sig("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _vp, _vp, ctypes.c_uint64)
+_sig("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _vp, _vp)
+_sig("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _vp)
+_sig("bpf_map_get_next_key", ctypes.c_int, ctypes.c_int, _vp, _vp)
+_sig("libbpf_num_possible_cpus", ctypes.c_int)
+_sig("ring_buffer__new", _vp, ctypes.c_int, _RINGBUF_CB, _vp, _vp)
+_sig("ring_buffer__poll", ctypes.c_int, _vp, ctypes.c_int)
+_sig("ring_buffer__free", None, _vp)
+
+BPF_ANY = 0
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+_PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
+
+
+def _fail(what: str, rc: int | None = None) -> OSError:
+    err = -rc if rc is not None and rc < 0 else ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def num_possible_cpus() -> int:
+    n = int(_lib.libbpf_num_possible_cpus())
+    if n <= 0:
+        raise _fail("count possible cpus", n)
+    return n
+
+
+class Map:
+    """A loaded BPF map; keys and values are raw bytes of the C layout."""
+
+    def __init__(self, ptr: int, name: str) -> None:
+        self.name = name
+        self._ptr = ptr
+        self.fd = int(_lib.bpf_map__fd(ptr))
+        self.key_size = int(_lib.bpf_map__key_size(ptr))
+        self.value_size = int(_lib.bpf_map__value_size(ptr))
+        self.percpu = int(_lib.bpf_map__type(ptr)) in _PERCPU_TYPES
+
+    def _value_buf(self) -> ctypes.Array[ctypes.c_char]:
+        size = self.value_size
+        if self.percpu:
+            size = ((size + 7) // 8) * 8 * num_possible_cpus()
+        return ctypes.create_string_buffer(size)
+
+    def _key(self, key: bytes) -> bytes:
+        if len(key) != self.key_size:
+            raise ValueError(f"map {self.name}: key is {len(key)} bytes, map wants {self.key_size}")
+        return key
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        if len(value) != self.value_size:
+            raise ValueError(f"map {self.name}: value is {len(value)} bytes, map wants {self.value_size}")
+        rc = _lib.bpf_map_update_elem(self.fd, self._key(key), value, flags)
+        if rc < 0:
+            raise _fail(f"update map {self.name}", rc)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        buf = self._value_buf()
+        rc = _lib.bpf_map_lookup_elem(self.fd, self._key(key), buf)
+        if rc < 0:
+            if -rc == 2 or ctypes.get_errno() == 2:
+                return None
+            raise _fail(f"look up map {self.name}", rc)
+        return buf.raw
+
+    def delete(self, key: bytes) -> bool:
+        rc = _lib.bpf_map_delete_elem(self.fd, self._key(key))
+        if rc < 0:
+            if -rc == 2:
+                return False
+            raise _fail(f"delete from map {self.name}", rc)
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        prev: bytes | None = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while True:
+            rc = _lib.bpf_map_get_next_key(self.fd, prev, nxt)
+            if rc < 0:
+                if -rc == 2:
+                    return
+                raise _fail(f"iterate map {self.name}", rc)
+            prev = nxt.raw
+            yield prev
+
+
+class Link:
+    """An attachment of a program (to a cgroup); destroyed on close."""
+
+    def __init__(self, ptr: int, what: str) -> None:
+        self._ptr: int | None = ptr
+        self.what = what
+
+    def pin(self, path: str) -> None:
+        rc = _lib.bpf_link__pin(self._ptr, path.encode())
+        if rc < 0:
+            raise _fail(f"pin link {self.what} at {path}", rc)
+
+    def destroy(self) -> None:
+        if self._ptr:
+            _lib.bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+
+class Program:
+    def __init__(self, ptr: int, name: str) -> None:
+        self._ptr = ptr
+        self.name = name
+
+    def attach_cgroup(self, cgroup_path: str) -> Link:
+        fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            ptr = _lib.bpf_program__attach_cgroup(self._ptr, fd)
+            if not ptr:
+                raise _fail(f"attach program {self.name} to {cgroup_path}")
+            return Link(ptr, f"{self.name}@{cgroup_path}")
+        finally:
+            os.close(fd)
+
+
+class BpfObject:
+    """An ELF BPF object: opened from a file, then loaded into the kernel."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        ptr = _lib.bpf_object__open_file(path.encode(), None)
+        if not ptr:
+            raise _fail(f"open BPF object {path}")
+        self._ptr: int | None = ptr
+        self._loaded = False
+
+    def load(self) -> None:
+        rc = _lib.bpf_object__load(self._ptr)
+        if rc < 0:
+            raise _fail(f"load BPF object {self.path} (the verifier log is on stderr)", rc)
+        self._loaded = True
+
+    def program(self, name: str) -> Program:
+        ptr = _lib.bpf_object__find_program_by_name(self._ptr, name.encode())
+        if not ptr:
+            raise OSError(2, f"find program {name} in {self.path}: no such program")
+        return Program(ptr, name)
+
+    def map(self, name: str) -> Map:
+        ptr = _lib.bpf_object__find_map_by_name(self._ptr, name.encode())
+        if not ptr:
+            raise OSError(2, f"find map {name} in {self.path}: no such map")
+        return Map(ptr, name)
+
+    def close(self) -> None:
+        if self._ptr:
+            _lib.bpf_object__close(self._ptr)
+            self._ptr = None
+
+
+class RingBuffer:
+    """Consumes a BPF_MAP_TYPE_RINGBUF map; ``callback`` gets each record's bytes."""
+
+    def __init__(self, ringbuf: Map, callback: Callable[[bytes], None]) -> None:
+        def _cb(_ctx: int | None, data: int | None, size: int) -> int:
+            callback(ctypes.string_at(data, size))
+            return 0
+
+        self._cb = _RINGBUF_CB(_cb)  # keep a reference for the C side
+        ptr = _lib.ring_buffer__new(ringbuf.fd, self._cb, None, None)
+        if not ptr:
+            raise _fail(f"open ring buffer {ringbuf.name}")
+        self._ptr: int | None = ptr
+        self.name = ringbuf.name
+
+    def poll(self, timeout_ms: int) -> int:
+        rc = int(_lib.ring_buffer__poll(self._ptr, timeout_ms))
+        if rc < 0 and rc != -4:  # EINTR: a signal, not a failure
+            raise _fail(f"poll ring buffer {self.name}", rc)
+        return max(rc, 0)
+
+    def close(self) -> None:
+        if self._ptr:
+            _lib.ring_buffer__free(self._ptr)
+            self._ptr = None

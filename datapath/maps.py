@@ -1,0 +1,166 @@
+"""Python view of the map layouts in ``datapath/bpf/webb.h``.
+
+These are ``struct`` formats (no ctypes outside ``libbpf.py``). ``check_layout`` compares
+each size with the loaded object's BTF-derived key/value sizes, so a layout changed on one
+side only fails at load with the map's name rather than corrupting entries.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+
+from datapath.libbpf import BpfObject
+
+IDENTITY_UNKNOWN = 2
+EP_INGRESS_ENFORCED = 1
+PROTO_TCP = 6
+
+
+class Verdict(enum.IntEnum):
+    FORWARDED = 1
+    DENIED = 2
+    DROPPED = 3
+
+
+class Reason(enum.IntEnum):
+    DIRECT = 1
+    SERVICE = 2
+    L7_PROXY = 3
+    POLICY_DENIED = 4
+    NO_BACKEND = 5
+    BACKEND_MISSING = 6
+
+    @property
+    def text(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+SERVICE_KEY = struct.Struct("=4s2sBx")
+SERVICE_VALUE = struct.Struct("=II4s2s2x")
+BACKEND_KEY = struct.Struct("=II")
+BACKEND_VALUE = struct.Struct("=4s2s2x")
+ENDPOINT_KEY = struct.Struct("=4s")
+CGROUP_KEY = struct.Struct("=Q")
+ENDPOINT_VALUE = struct.Struct("=II")
+POLICY_KEY = struct.Struct("=IIHBx")
+POLICY_VALUE = struct.Struct("=I")
+COUNTER_KEY = struct.Struct("=I")
+FLOW_EVENT = struct.Struct("=QQII4s4s2s2sBBBx")
+
+LAYOUT = {
+    "webb_services": (SERVICE_KEY, SERVICE_VALUE),
+    "webb_backends": (BACKEND_KEY, BACKEND_VALUE),
+    "webb_endpoints": (ENDPOINT_KEY, ENDPOINT_VALUE),
+    "webb_cgroups": (CGROUP_KEY, ENDPOINT_VALUE),
+    "webb_policy": (POLICY_KEY, POLICY_VALUE),
+    "webb_reason_counts": (COUNTER_KEY, struct.Struct("=Q")),
+}
+
+
+def check_layout(obj: BpfObject) -> None:
+    for name, (key, value) in LAYOUT.items():
+        m = obj.map(name)
+        if (m.key_size, m.value_size) != (key.size, value.size):
+            raise RuntimeError(
+                f"check map {name}: object has key/value {m.key_size}/{m.value_size} bytes, "
+                f"datapath/maps.py has {key.size}/{value.size}; rebuild with 'make bpf' "
+                "or update both definitions together"
+            )
+
+
+def _ip(addr: str) -> bytes:
+    return ipaddress.IPv4Address(addr).packed
+
+
+def _port(port: int) -> bytes:
+    return port.to_bytes(2, "big")
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    ip: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """One service port: VIP:port → backends, or → the node Envoy (proxy_port != 0)."""
+
+    vip: str
+    port: int
+    service_id: int
+    backends: tuple[Backend, ...]
+    proxy_ip: str = "0.0.0.0"
+    proxy_port: int = 0
+    proto: int = PROTO_TCP
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    dst_identity: int
+    src_identity: int  # 0: any source
+    port: int  # 0: any port
+    rule_id: int
+    proto: int = PROTO_TCP
+
+
+@dataclass
+class DatapathState:
+    """Everything the kernel must know; the agent turns a plan into this."""
+
+    services: list[ServiceEntry] = field(default_factory=list)
+    endpoints: dict[str, tuple[int, bool]] = field(default_factory=dict)  # ip -> (identity, enforced)
+    cgroups: dict[int, tuple[int, bool]] = field(default_factory=dict)  # cgroup id -> same
+    policy: list[PolicyEntry] = field(default_factory=list)
+
+    def entries(self) -> dict[str, dict[bytes, bytes]]:
+        """Encoded map contents, map name -> key -> value."""
+        out: dict[str, dict[bytes, bytes]] = {n: {} for n in LAYOUT if n != "webb_reason_counts"}
+        for s in self.services:
+            key = SERVICE_KEY.pack(_ip(s.vip), _port(s.port), s.proto)
+            out["webb_services"][key] = SERVICE_VALUE.pack(
+                s.service_id, len(s.backends), _ip(s.proxy_ip), _port(s.proxy_port)
+            )
+            for slot, be in enumerate(s.backends):
+                out["webb_backends"][BACKEND_KEY.pack(s.service_id, slot)] = BACKEND_VALUE.pack(
+                    _ip(be.ip), _port(be.port)
+                )
+        for ip, (ident, enforced) in self.endpoints.items():
+            out["webb_endpoints"][ENDPOINT_KEY.pack(_ip(ip))] = ENDPOINT_VALUE.pack(ident, int(enforced))
+        for cg, (ident, enforced) in self.cgroups.items():
+            out["webb_cgroups"][CGROUP_KEY.pack(cg)] = ENDPOINT_VALUE.pack(ident, int(enforced))
+        for p in self.policy:
+            out["webb_policy"][POLICY_KEY.pack(p.dst_identity, p.src_identity, p.port, p.proto)] = (
+                POLICY_VALUE.pack(p.rule_id)
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class FlowEvent:
+    ts_ns: int
+    cgroup_id: int
+    src_identity: int
+    dst_identity: int
+    orig_ip: str
+    orig_port: int
+    new_ip: str
+    new_port: int
+    verdict: Verdict
+    reason: Reason
+    proto: int
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FlowEvent:
+        ts, cg, src, dst, oip, nip, oport, nport, verdict, reason, proto = FLOW_EVENT.unpack(
+            raw[: FLOW_EVENT.size]
+        )
+        return cls(
+            ts, cg, src, dst,
+            str(ipaddress.IPv4Address(oip)), int.from_bytes(oport, "big"),
+            str(ipaddress.IPv4Address(nip)), int.from_bytes(nport, "big"),
+            Verdict(verdict), Reason(reason), proto,
+        )

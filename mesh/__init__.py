@@ -1,0 +1,1 @@
+"""Webb's brain: cluster model, pure reconcile, sources, node runtime, agent, CLI."""

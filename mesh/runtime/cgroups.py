@@ -1,0 +1,58 @@
+"""cgroup v2 discovery and the node's cgroup subtree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def cgroup2_mount() -> Path:
+    """The cgroup v2 mount point, read from /proc/mounts (it is not always /sys/fs/cgroup)."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return Path(parts[1])
+    raise RuntimeError("find cgroup v2: no cgroup2 mount in /proc/mounts; mount one with "
+                       "'mount -t cgroup2 none /sys/fs/cgroup/unified'")
+
+
+def cgroup_id(path: Path) -> int:
+    """The id bpf_get_current_cgroup_id() returns for tasks in ``path``."""
+    return os.stat(path).st_ino
+
+
+def procs(path: Path) -> list[int]:
+    try:
+        return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def remove_tree(path: Path, grace_s: float = 3.0) -> None:
+    """Stop every process of a cgroup subtree this node created, then remove it.
+
+    Processes get SIGTERM, then SIGKILL after ``grace_s``; only processes inside the
+    subtree (started by the runtime into it) are signalled.
+    """
+    if not path.exists():
+        return
+    children = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    groups = [*children, path]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for g in groups:
+            for pid in procs(g):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(procs(g) for g in groups):
+            time.sleep(0.02)
+    for g in groups:
+        try:
+            g.rmdir()
+        except FileNotFoundError:
+            pass

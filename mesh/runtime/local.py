@@ -1,0 +1,253 @@
+"""Pods as network namespaces on a bridge, each in its own cgroup, on this machine.
+
+The node is the host network namespace: bridge ``webb0`` holds the gateway address (where
+the node Envoy listens), every pod gets a veth into it and one address from the pod CIDR.
+Pods get no default route, so they reach only the pod CIDR; the service CIDR is a
+blackhole in the host and in every pod (DESIGN safety rule): a VIP the datapath did not
+rewrite fails at once instead of leaving the machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetNS, netns
+
+from mesh.runtime import cgroups
+
+NETNS_DIR = Path("/var/run/netns")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = "node1"
+    bridge: str = "webb0"
+    pod_cidr: str = "10.244.0.0/24"
+    service_cidr: str = "10.96.0.0/16"
+    state_dir: Path = Path("/run/webb")
+
+    @property
+    def gateway(self) -> str:
+        return str(next(ipaddress.IPv4Network(self.pod_cidr).hosts()))
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.IPv4Network(self.pod_cidr).prefixlen
+
+    @property
+    def cgroup(self) -> Path:
+        return cgroups.cgroup2_mount() / "webb" / self.name
+
+    @property
+    def pods_cgroup(self) -> Path:
+        """Where the socket programs attach: every pod, and nothing else of the node."""
+        return self.cgroup / "pods"
+
+
+@dataclass
+class Sandbox:
+    """What the runtime made for one pod."""
+
+    key: str  # namespace/name
+    ip: str
+    netns: str
+    cgroup: Path
+    cgroup_id: int
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+
+def _slug(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def netns_name(node: str, key: str) -> str:
+    return f"webb-{node}-{key.replace('/', '-')}"
+
+
+class CidrConflict(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalNode:
+    config: NodeConfig = field(default_factory=NodeConfig)
+    sandboxes: dict[str, Sandbox] = field(default_factory=dict)
+
+    # ---- node ----
+    def check_cidrs(self) -> None:
+        """Refuse CIDRs that overlap a route the host already has (other than our own)."""
+        mine = {ipaddress.IPv4Network(self.config.pod_cidr), ipaddress.IPv4Network(self.config.service_cidr)}
+        with IPRoute() as ipr:
+            br = ipr.link_lookup(ifname=self.config.bridge)
+            for r in ipr.get_routes(family=2, table=254):
+                dst = r.get_attr("RTA_DST") or "0.0.0.0"
+                net = ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False)
+                if net.prefixlen == 0 or net in mine:
+                    continue
+                if br and r.get_attr("RTA_OIF") in br:
+                    continue
+                for m in mine:
+                    if net.overlaps(m):
+                        raise CidrConflict(
+                            f"start node {self.config.name}: CIDR {m} overlaps host route {net}; "
+                            "choose another --pod-cidr/--service-cidr"
+                        )
+
+    def setup(self) -> None:
+        self.check_cidrs()
+        c = self.config
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=c.bridge):
+                ipr.link("add", ifname=c.bridge, kind="bridge")
+            br = ipr.link_lookup(ifname=c.bridge)[0]
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=br, family=2)}
+            if c.gateway not in have:
+                ipr.addr("add", index=br, address=c.gateway, prefixlen=c.prefixlen)
+            ipr.link("set", index=br, state="up")
+            _blackhole(ipr, c.service_cidr)
+        c.pods_cgroup.mkdir(parents=True, exist_ok=True)
+        (c.state_dir / "pods").mkdir(parents=True, exist_ok=True)
+
+    def teardown(self) -> None:
+        for key in list(self.sandboxes):
+            self.remove_pod(key)
+        c = self.config
+        cgroups.remove_tree(c.cgroup)
+        try:
+            c.cgroup.parent.rmdir()  # .../webb, when no other node is left
+        except OSError:
+            pass
+        for leftover in NETNS_DIR.glob(f"webb-{c.name}-*") if NETNS_DIR.exists() else []:
+            _del_netns(leftover.name)
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=c.bridge):
+                ipr.link("del", ifname=c.bridge)
+            try:
+                ipr.route("del", dst=c.service_cidr, type="blackhole")
+            except Exception:  # noqa: BLE001 - absent already
+                pass
+
+    # ---- pods ----
+    def _allocate_ip(self) -> str:
+        used = {s.ip for s in self.sandboxes.values()} | {self.config.gateway}
+        for host in ipaddress.IPv4Network(self.config.pod_cidr).hosts():
+            if str(host) not in used:
+                return str(host)
+        raise RuntimeError(f"allocate pod IP: pod CIDR {self.config.pod_cidr} is full")
+
+    def ensure_pod(self, key: str, command: Sequence[str], env: dict[str, str] | None = None,
+                   workdir: Path | None = None) -> Sandbox:
+        """Create the sandbox for ``key`` and start its command (idempotent)."""
+        sb = self.sandboxes.get(key)
+        if sb is None:
+            sb = self._make_sandbox(key)
+            self.sandboxes[key] = sb
+        if command and (sb.process is None or sb.process.poll() is not None):
+            sb.log = self.config.state_dir / "pods" / f"{key.replace('/', '_')}.log"
+            with open(sb.log, "ab") as out:
+                sb.process = self.spawn(sb, command, env=env, workdir=workdir, stdout=out)
+        return sb
+
+    def _make_sandbox(self, key: str) -> Sandbox:
+        c = self.config
+        ip = self._allocate_ip()
+        ns = netns_name(c.name, key)
+        host_if, peer_if = f"wb{_slug(key)}", f"wp{_slug(key)}"
+        if (NETNS_DIR / ns).exists():
+            _del_netns(ns)
+        netns.create(ns)
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=host_if):
+                ipr.link("del", ifname=host_if)
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": ns})
+            br = ipr.link_lookup(ifname=c.bridge)[0]
+            ipr.link("set", index=ipr.link_lookup(ifname=host_if)[0], master=br, state="up")
+        with NetNS(ns) as nsr:
+            # blackhole first: nothing in this pod may reach a VIP unrewritten
+            _blackhole(nsr, c.service_cidr)
+            lo = nsr.link_lookup(ifname="lo")[0]
+            nsr.link("set", index=lo, state="up")
+            idx = nsr.link_lookup(ifname=peer_if)[0]
+            nsr.link("set", index=idx, ifname="eth0")
+            nsr.addr("add", index=idx, address=ip, prefixlen=c.prefixlen)
+            nsr.link("set", index=idx, state="up")
+        cg = c.pods_cgroup / key.replace("/", "_")
+        cg.mkdir(parents=True, exist_ok=True)
+        return Sandbox(key=key, ip=ip, netns=ns, cgroup=cg, cgroup_id=cgroups.cgroup_id(cg))
+
+    def spawn(self, sb: Sandbox, argv: Sequence[str], env: dict[str, str] | None = None,
+              workdir: Path | None = None, stdout: object = None, stderr: object = None
+              ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` inside the pod: its cgroup first, then its netns (via ip netns exec,
+        which also bind-mounts /etc/netns/<pod>/hosts so service names resolve)."""
+        procs_file = str(sb.cgroup / "cgroup.procs")
+
+        def enter_cgroup() -> None:
+            with open(procs_file, "w") as f:
+                f.write("0")
+
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/root", **(env or {})}
+        return subprocess.Popen(
+            ["ip", "netns", "exec", sb.netns, *argv],
+            preexec_fn=enter_cgroup, env=full_env, cwd=workdir,
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr if stderr is not None else subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def write_hosts(self, sb: Sandbox, names: dict[str, list[str]]) -> None:
+        d = Path("/etc/netns") / sb.netns
+        d.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost"] + [f"{ip} {' '.join(n)}" for ip, n in sorted(names.items())]
+        tmp = d / "hosts.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(d / "hosts")
+
+    def remove_pod(self, key: str) -> None:
+        sb = self.sandboxes.pop(key, None)
+        if sb is None:
+            return
+        if sb.process is not None and sb.process.poll() is None:
+            sb.process.terminate()
+            try:
+                sb.process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                sb.process.kill()
+                sb.process.wait(timeout=3)
+        cgroups.remove_tree(sb.cgroup)
+        _del_netns(sb.netns)
+
+
+def _blackhole(ipr: IPRoute | NetNS, cidr: str) -> None:
+    try:
+        ipr.route("add", dst=cidr, type="blackhole")
+    except Exception as e:  # pyroute2 raises NetlinkError
+        if getattr(e, "code", None) != errno.EEXIST:
+            raise
+
+
+def _del_netns(name: str) -> None:
+    """Remove a pod netns; its veth pair goes with it. /etc/netns/<name> too."""
+    try:
+        netns.remove(name)
+    except (FileNotFoundError, OSError):
+        pass
+    shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+
+
+def wait_until(pred: object, timeout_s: float, step_s: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(step_s)
+    return bool(pred())  # type: ignore[operator]
