@@ -1,0 +1,209 @@
+"""reconcile(state, node) -> NodePlan: pure, deterministic, no I/O.
+
+Same input → same plan → same version string. Identities, service ids and proxy ports
+are derived from names by hashing (with deterministic probing on collision), so adding
+one object does not renumber the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from datapath.maps import Backend, PolicyEntry, ServiceEntry
+from mesh.model import NAMESPACE_LABEL, ClusterState, MeshPolicy, Pod, Selector, Service
+from xds.resources import HttpRule, HttpService, RbacPolicy
+
+IDENTITY_MIN = 256
+PROXY_PORT_BASE, PROXY_PORT_COUNT = 15001, 999
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    proxy_ip: str  # where the node Envoy listens (the bridge gateway)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    pod: str  # namespace/name
+    ip: str
+    identity: int
+    enforced: bool  # a MeshPolicy selects it: ingress is default-deny
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    version: str
+    services: tuple[ServiceEntry, ...]
+    endpoints: tuple[Endpoint, ...]
+    policy: tuple[PolicyEntry, ...]
+    http: tuple[HttpService, ...]
+    identities: tuple[tuple[int, str], ...]  # id -> label set text
+    rules: tuple[tuple[int, str], ...]  # rule id -> "ns/policy ingress[i]"
+    hosts: tuple[tuple[str, tuple[str, ...]], ...]  # VIP -> DNS names
+    selected_by: tuple[tuple[int, tuple[str, ...]], ...] = ()  # identity -> policies selecting it
+    warnings: tuple[str, ...] = field(default=())
+
+
+def _alloc(names: Iterable[str], base: int, count: int) -> dict[str, int]:
+    """Stable small numbers for names: crc32 slot, linear probing in sorted name order."""
+    out: dict[str, int] = {}
+    used: set[int] = set()
+    for name in sorted(set(names)):
+        n = zlib.crc32(name.encode()) % count
+        for _ in range(count):
+            if base + n not in used:
+                break
+            n = (n + 1) % count
+        else:
+            raise ValueError(f"allocate number for {name}: all {count} numbers in use")
+        used.add(base + n)
+        out[name] = base + n
+    return out
+
+
+def identity_labels(pod: Pod) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({**pod.label_dict, NAMESPACE_LABEL: pod.namespace}.items()))
+
+
+def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels)
+
+
+def _selects(sel: Selector, default_ns: str, labels: dict[str, str]) -> bool:
+    if sel.namespace() is None and labels.get(NAMESPACE_LABEL) != default_ns:
+        return False
+    return sel.matches(labels)
+
+
+def _target_port(pod: Pod, target: int | str) -> int | None:
+    if isinstance(target, int):
+        return target
+    return next((p.port for p in pod.ports if p.name == target), None)
+
+
+def _http_rules(matches: Iterable[object]) -> tuple[HttpRule, ...]:
+    out = []
+    for m in matches:
+        headers = []
+        for h in m.headers:  # type: ignore[attr-defined]
+            name, sep, value = h.partition(":")
+            headers.append((name.strip(), value.strip() if sep else None))
+        out.append(HttpRule(m.method, m.path, tuple(headers)))  # type: ignore[attr-defined]
+    return tuple(out)
+
+
+def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
+    pods = sorted((p for p in state.pods if p.ip), key=lambda p: p.key)
+    id_labels = {p.key: identity_labels(p) for p in pods}
+    ident_of_labels = _alloc((_labels_text(lbl) for lbl in id_labels.values()), IDENTITY_MIN, 1 << 24)
+    pod_identity = {k: ident_of_labels[_labels_text(lbl)] for k, lbl in id_labels.items()}
+    identities = {pod_identity[k]: dict(id_labels[k]) for k in pod_identity}
+    ips_of_identity: dict[int, list[str]] = defaultdict(list)
+    for p in pods:
+        ips_of_identity[pod_identity[p.key]].append(p.ip)
+
+    policies = sorted(state.policies, key=lambda p: p.key)
+    rule_text: dict[int, str] = {}
+    entries: dict[tuple[int, int, int], PolicyEntry] = {}
+    selected_by: dict[int, list[str]] = defaultdict(list)
+    # (dst identity, port) -> RBAC policies; port 0 = rules for any port (L4 only)
+    l7: dict[tuple[int, int], list[RbacPolicy]] = defaultdict(list)
+    l4: dict[tuple[int, int], list[RbacPolicy]] = defaultdict(list)
+    rule_id = 0
+    for pol in policies:
+        dsts = sorted(i for i, lbl in identities.items() if _selects(pol.endpoint_selector, pol.namespace, lbl))
+        for d in dsts:
+            selected_by[d].append(pol.key)
+        for idx, rule in enumerate(pol.ingress):
+            rule_id += 1
+            name = f"{pol.key}#ingress[{idx}]"
+            rule_text[rule_id] = f"MeshPolicy {pol.key} spec.ingress[{idx}]"
+            srcs = _sources(rule.from_endpoints, pol, identities)
+            src_ips = None if srcs is None else tuple(sorted(ip for s in srcs for ip in ips_of_identity[s]))
+            port_rules = rule.to_ports or ()
+            for d in dsts:
+                targets: list[tuple[int, object]] = []
+                if not port_rules:
+                    targets.append((0, None))
+                for pr in port_rules:
+                    ports = [p for p, proto in pr.ports if proto in ("TCP", "ANY")] or [0]
+                    targets.extend((p, pr.http) for p in ports)
+                for port, http in targets:
+                    for s in (srcs if srcs is not None else [0]):
+                        entries.setdefault((d, s, port), PolicyEntry(d, s, port, rule_id))
+                    rp = RbacPolicy(name, src_ips, _http_rules(http or ()))
+                    (l7 if http is not None else l4)[(d, port)].append(rp)
+
+    enforced = set(selected_by)
+    endpoints = tuple(Endpoint(p.key, p.ip, pod_identity[p.key], pod_identity[p.key] in enforced) for p in pods)
+
+    services, http, hosts, warnings = _services(state.services, pods, pod_identity, l7, l4, node)
+    plan_body = (
+        tuple(services), endpoints, tuple(sorted(entries.values(), key=lambda e: (e.dst_identity, e.src_identity, e.port))),
+        tuple(http),
+        tuple(sorted((i, _labels_text(tuple(sorted(lbl.items())))) for i, lbl in identities.items())),
+        tuple(sorted(rule_text.items())), tuple(hosts),
+        tuple(sorted((i, tuple(v)) for i, v in selected_by.items())),
+        tuple(state.errors) + tuple(warnings),
+    )
+    version = hashlib.sha256(repr(plan_body).encode()).hexdigest()[:16]
+    return NodePlan(version, *plan_body)
+
+
+def _sources(froms: tuple[Selector, ...] | None, pol: MeshPolicy,
+             identities: dict[int, dict[str, str]]) -> list[int] | None:
+    if froms is None:
+        return None
+    return sorted(i for i, lbl in identities.items() if any(_selects(s, pol.namespace, lbl) for s in froms))
+
+
+def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[str, int],
+              l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
+              node: NodeSpec) -> tuple[list[ServiceEntry], list[HttpService], list[tuple[str, tuple[str, ...]]], list[str]]:
+    svcs = sorted((s for s in services if s.cluster_ip and s.selector), key=lambda s: s.key)
+    ids = _alloc((f"{s.key}:{p.port}" for s in svcs for p in s.ports), 1, (1 << 31) - 1)
+    l7_names = []
+    named: list[tuple[str, ServiceEntry]] = []
+    http: list[HttpService] = []
+    hosts = []
+    warnings = []
+    for s in svcs:
+        sel = Selector(s.selector)
+        members = [p for p in pods if p.namespace == s.namespace and sel.matches(p.label_dict)]
+        hosts.append((s.cluster_ip, (s.name, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc",
+                                     f"{s.name}.{s.namespace}.svc.cluster.local")))
+        for sp in s.ports:
+            name = f"{s.key}:{sp.port}"
+            if sp.protocol != "TCP":
+                warnings.append(f"Service {s.key} port {sp.port}/{sp.protocol}: only TCP is load-balanced so far")
+                continue
+            backends = []
+            for p in members:
+                tp = _target_port(p, sp.target_port)
+                if tp is None:
+                    warnings.append(f"Service {s.key} port {sp.port}: pod {p.key} has no port named {sp.target_port!r}")
+                    continue
+                backends.append(Backend(p.ip, tp))
+            backends.sort()
+            l7_policies: list[RbacPolicy] = []
+            if backends:
+                first = next(p for p in members if p.ip == backends[0].ip)
+                key = (pod_identity[first.key], backends[0].port)
+                if l7.get(key):
+                    l7_policies = l7[key] + l4.get(key, []) + l4.get((key[0], 0), [])
+            entry = ServiceEntry(s.cluster_ip, sp.port, ids[name], tuple(backends))
+            if l7_policies:
+                l7_names.append(name)
+                http.append(HttpService(name, node.proxy_ip, 0, tuple((b.ip, b.port) for b in backends),
+                                        tuple(l7_policies)))
+            named.append((name, entry))
+    ports = _alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
+    http = [HttpService(h.name, h.listen_ip, ports[h.name], h.backends, h.policies) for h in http]
+    out = [ServiceEntry(e.vip, e.port, e.service_id, e.backends, node.proxy_ip, ports[n]) if n in ports else e
+           for n, e in named]
+    return out, http, hosts, warnings

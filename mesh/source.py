@@ -1,0 +1,96 @@
+"""The standalone source: a directory of manifests → ClusterState.
+
+An object that fails validation is reported and its previous good version stays in force
+(nothing half-applied, nothing lost). Service VIPs are allocated from the service CIDR by
+name hash, so they do not move when other services come and go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+from mesh.manifests import ManifestError, Obj, parse_object, read_documents
+from mesh.model import ClusterState, MeshPolicy, Namespace, Pod, Service
+
+
+def _key(o: Obj) -> tuple[str, str, str]:
+    if isinstance(o, Namespace):
+        return ("Namespace", "", o.name)
+    return (type(o).__name__, o.namespace, o.name)
+
+
+def allocate_vips(services: list[Service], service_cidr: str) -> list[Service]:
+    net = ipaddress.IPv4Network(service_cidr)
+    size = net.num_addresses - 2
+    used = {s.cluster_ip for s in services if s.cluster_ip}
+    out = []
+    for s in sorted(services, key=lambda s: s.key):
+        if s.cluster_ip:
+            if ipaddress.IPv4Address(s.cluster_ip) not in net:
+                raise ManifestError(f"Service {s.key}", "spec.clusterIP",
+                                    f"{s.cluster_ip} is outside the service CIDR {service_cidr}")
+            out.append(s)
+            continue
+        n = zlib.crc32(s.key.encode()) % size
+        for _ in range(size):
+            ip = str(net.network_address + 10 + (n % (size - 10)))
+            if ip not in used:
+                break
+            n += 1
+        used.add(ip)
+        out.append(replace(s, cluster_ip=ip))
+    return out
+
+
+class StandaloneSource:
+    def __init__(self, directory: Path, service_cidr: str) -> None:
+        self.directory = directory
+        self.service_cidr = service_cidr
+        self._last_good: dict[tuple[str, str, str], Obj] = {}
+        self._file_of: dict[tuple[str, str, str], Path] = {}
+        self.errors: list[str] = []
+
+    def load(self) -> ClusterState:
+        objs: dict[tuple[str, str, str], Obj] = {}
+        errors: list[str] = []
+        for path in sorted(self.directory.glob("*.y*ml")):
+            try:
+                docs = read_documents(path)
+            except ManifestError as e:
+                errors.append(str(e))
+                # keep every object this file had before
+                objs.update({k: v for k, v in self._last_good.items() if self._file_of.get(k) == path})
+                continue
+            for f, doc in docs:
+                meta = doc.get("metadata") or {}
+                guess = (str(doc.get("kind")), "" if doc.get("kind") == "Namespace"
+                         else str(meta.get("namespace") or "default"), str(meta.get("name")))
+                try:
+                    o = parse_object(doc, base_dir=f.parent)
+                except ManifestError as e:
+                    prev = self._last_good.get(guess)
+                    errors.append(f"{e} ({f.name}){'; keeping the previous version' if prev else ''}")
+                    if prev is not None:
+                        objs[guess] = prev
+                    continue
+                objs[_key(o)] = o
+                self._file_of[_key(o)] = path
+        self._last_good = dict(objs)
+        self.errors = errors
+        services = [o for o in objs.values() if isinstance(o, Service)]
+        try:
+            services = allocate_vips(services, self.service_cidr)
+        except ManifestError as e:
+            errors.append(str(e))
+            services = [s for s in services if not s.cluster_ip]
+            services = allocate_vips(services, self.service_cidr)
+        return ClusterState(
+            namespaces=tuple(o for o in objs.values() if isinstance(o, Namespace)),
+            pods=tuple(o for o in objs.values() if isinstance(o, Pod)),
+            services=tuple(services),
+            policies=tuple(o for o in objs.values() if isinstance(o, MeshPolicy)),
+            errors=tuple(errors),
+        )
