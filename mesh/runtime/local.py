@@ -15,12 +15,13 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, netns
 
 from mesh.runtime import cgroups
 
@@ -72,6 +73,14 @@ def _slug(key: str) -> str:
 
 def netns_name(node: str, key: str) -> str:
     return f"webb-{node}-{key.replace('/', '-')}"
+
+
+def pod_sandbox(cfg: NodeConfig, key: str) -> Sandbox:
+    """The sandbox of a running pod, found by name (for exec from another process)."""
+    cg = cfg.pods_cgroup / key.replace("/", "_")
+    if not cg.exists():
+        raise LookupError(f"find pod {key}: not running on node {cfg.name}")
+    return Sandbox(key, "", netns_name(cfg.name, key), cg, cgroups.cgroup_id(cg))
 
 
 class CidrConflict(RuntimeError):
@@ -165,14 +174,15 @@ class LocalNode:
         host_if, peer_if = f"wb{_slug(key)}", f"wp{_slug(key)}"
         if (NETNS_DIR / ns).exists():
             _del_netns(ns)
-        netns.create(ns)
+        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
         with IPRoute() as ipr:
             if ipr.link_lookup(ifname=host_if):
                 ipr.link("del", ifname=host_if)
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": ns})
             br = ipr.link_lookup(ifname=c.bridge)[0]
             ipr.link("set", index=ipr.link_lookup(ifname=host_if)[0], master=br, state="up")
-        with NetNS(ns) as nsr:
+
+        def configure(nsr: IPRoute) -> None:
             # blackhole first: nothing in this pod may reach a VIP unrewritten
             _blackhole(nsr, c.service_cidr)
             lo = nsr.link_lookup(ifname="lo")[0]
@@ -181,6 +191,8 @@ class LocalNode:
             nsr.link("set", index=idx, ifname="eth0")
             nsr.addr("add", index=idx, address=ip, prefixlen=c.prefixlen)
             nsr.link("set", index=idx, state="up")
+
+        in_netns(ns, configure)
         cg = c.pods_cgroup / key.replace("/", "_")
         cg.mkdir(parents=True, exist_ok=True)
         return Sandbox(key=key, ip=ip, netns=ns, cgroup=cg, cgroup_id=cgroups.cgroup_id(cg))
@@ -190,16 +202,13 @@ class LocalNode:
               ) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside the pod: its cgroup first, then its netns (via ip netns exec,
         which also bind-mounts /etc/netns/<pod>/hosts so service names resolve)."""
-        procs_file = str(sb.cgroup / "cgroup.procs")
-
-        def enter_cgroup() -> None:
-            with open(procs_file, "w") as f:
-                f.write("0")
-
+        # A shell moves itself into the pod cgroup, then execs: no Python runs between fork
+        # and exec (the agent has gRPC threads; forking Python there is unsafe).
+        enter = 'echo $$ > "$1" || exit 126; shift; exec ip netns exec "$@"'
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/root", **(env or {})}
         return subprocess.Popen(
-            ["ip", "netns", "exec", sb.netns, *argv],
-            preexec_fn=enter_cgroup, env=full_env, cwd=workdir,
+            ["sh", "-c", enter, "sh", str(sb.cgroup / "cgroup.procs"), sb.netns, *argv],
+            env=full_env, cwd=workdir,
             stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr if stderr is not None else subprocess.STDOUT,
             start_new_session=True,
         )
@@ -227,7 +236,7 @@ class LocalNode:
         _del_netns(sb.netns)
 
 
-def _blackhole(ipr: IPRoute | NetNS, cidr: str) -> None:
+def _blackhole(ipr: IPRoute, cidr: str) -> None:
     try:
         ipr.route("add", dst=cidr, type="blackhole")
     except Exception as e:  # pyroute2 raises NetlinkError
@@ -235,12 +244,33 @@ def _blackhole(ipr: IPRoute | NetNS, cidr: str) -> None:
             raise
 
 
+def in_netns(name: str, fn: Callable[[IPRoute], None]) -> None:
+    """Run ``fn`` with a netlink socket inside netns ``name``.
+
+    setns() moves only the calling thread, so a short-lived thread does it; pyroute2's
+    NetNS would fork the (multi-threaded) agent instead.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            netns.setns(name, flags=0, fork=False)
+            with IPRoute() as ipr:
+                fn(ipr)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            failure.append(e)
+
+    t = threading.Thread(target=run, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+
+
 def _del_netns(name: str) -> None:
     """Remove a pod netns; its veth pair goes with it. /etc/netns/<name> too."""
-    try:
-        netns.remove(name)
-    except (FileNotFoundError, OSError):
-        pass
+    if (NETNS_DIR / name).exists():
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
     shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 
 

@@ -1,0 +1,193 @@
+"""The node agent (standalone mode): manifests dir → plan → pods, Envoy (xDS), datapath.
+
+Order of a sync, make-before-break: pods exist → Envoy has ACKed the listeners the plan
+needs → the datapath starts redirecting to them. A NACK keeps Envoy on the last good
+config and the datapath on the last plan Envoy accepted; status says which and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from datapath.loader import Datapath
+from datapath.maps import DatapathState
+from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
+from mesh.model import ClusterState
+from mesh.reconcile import NodePlan, NodeSpec, reconcile
+from mesh.runtime.local import LocalNode, NodeConfig
+from mesh.source import StandaloneSource
+from xds import resources
+from xds.cache import Snapshot, SnapshotCache
+from xds.envoy import Envoy, EnvoyConfig
+from xds.server import XdsServer
+
+log = logging.getLogger("webb.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    manifests: Path = Path("/run/webb/manifests")
+    xds_port: int = 0  # 0: any free port on 127.0.0.1
+    envoy_admin_port: int = 15000
+    envoy_concurrency: int = 1
+    envoy_log_level: str = "warning"
+    lifetime_s: float = 3600.0  # the agent stops by itself after this (local demo, tests)
+    ack_timeout_s: float = 10.0
+
+    @property
+    def state_dir(self) -> Path:
+        return self.node.state_dir
+
+
+def source_version(directory: Path) -> str:
+    """Content hash of the manifest directory; `webb apply` waits for the agent to reach it."""
+    h = hashlib.sha256()
+    for p in sorted(directory.glob("*.y*ml")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.node = LocalNode(cfg.node)
+        self.source = StandaloneSource(cfg.manifests, cfg.node.service_cidr)
+        self.cache = SnapshotCache()
+        self.flows = FlowLog(cfg.state_dir / "flows.jsonl")
+        self.access_log = cfg.state_dir / "envoy-access.jsonl"
+        self.names = Names()
+        self.plan: NodePlan | None = None
+        self.applied: dict[str, Any] = {}
+        self.errors: list[str] = []
+        self._stop = False
+        self._seen_version = ""
+
+    # ---- lifecycle ----
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self._request_stop())
+        deadline = time.monotonic() + self.cfg.lifetime_s
+        self.cfg.manifests.mkdir(parents=True, exist_ok=True)
+        self.node.setup()
+        xds = XdsServer(self.cache, self.cfg.xds_port)
+        xds.start()
+        self.cache.set_snapshot(self.cfg.node.name, Snapshot.of({}))
+        self.envoy = Envoy(EnvoyConfig(self.cfg.node.name, xds.port, self.cfg.envoy_admin_port,
+                                       self.cfg.state_dir / "envoy", self.cfg.envoy_concurrency,
+                                       self.cfg.envoy_log_level))
+        self.datapath: Datapath | None = None
+        try:
+            self.envoy.start()
+            self.envoy.wait_ready()
+            self.datapath = Datapath(str(self.cfg.node.pods_cgroup))
+            tail = Tail(self.access_log)
+            tail.offset = self.access_log.stat().st_size if self.access_log.exists() else 0
+            self._write_status()
+            while not self._stop and time.monotonic() < deadline:
+                version = source_version(self.cfg.manifests)
+                if version != self._seen_version:
+                    self.sync(version)
+                self.envoy.check()
+                self._collect(tail)
+                self._write_status()
+        finally:
+            self._shutdown(xds)
+
+    def _request_stop(self) -> None:
+        self._stop = True
+
+    def _shutdown(self, xds: XdsServer) -> None:
+        if self.datapath is not None:
+            self.datapath.close()
+        self.envoy.stop()
+        xds.stop()
+        self.node.teardown()
+        self._write_status(running=False)
+
+    # ---- one reconcile pass ----
+    def sync(self, version: str) -> None:
+        self._seen_version = version
+        state = self.source.load()
+        state = self._run_pods(state)
+        plan = reconcile(state, NodeSpec(self.cfg.node.name, self.cfg.node.gateway))
+        for sb in self.node.sandboxes.values():
+            self.node.write_hosts(sb, {vip: list(names) for vip, names in plan.hosts})
+        snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log)))
+        self.cache.set_snapshot(self.cfg.node.name, snap)
+        acked = self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s)
+        if not acked:
+            # keep the datapath on the last plan Envoy accepted: never redirect to a listener
+            # Envoy does not have
+            self.errors = list(plan.warnings) + [f"Envoy did not accept plan {plan.version}; "
+                                                 "datapath kept on the last accepted plan"]
+            self.applied["source_version"] = version
+            return
+        assert self.datapath is not None
+        cg = {sb.cgroup_id: sb.key for sb in self.node.sandboxes.values()}
+        dp = DatapathState(
+            services=list(plan.services),
+            endpoints={e.ip: (e.identity, e.enforced) for e in plan.endpoints},
+            cgroups={cid: next(((e.identity, e.enforced) for e in plan.endpoints if e.pod == key))
+                     for cid, key in cg.items() if any(e.pod == key for e in plan.endpoints)},
+            policy=list(plan.policy),
+        )
+        changed = self.datapath.apply(dp)
+        self.plan = plan
+        self.names = Names.of(plan, cg)
+        self.errors = list(plan.warnings)
+        self.applied = {"source_version": version, "plan_version": plan.version,
+                        "datapath_version": plan.version, "envoy_version": snap.version,
+                        "datapath_changes": changed, "at": time.time()}
+        log.info("applied plan %s (%d map entries changed)", plan.version, changed)
+
+    def _run_pods(self, state: ClusterState) -> ClusterState:
+        wanted = {p.key: p for p in state.pods}
+        for key in list(self.node.sandboxes):
+            if key not in wanted:
+                self.node.remove_pod(key)
+        pods = []
+        for p in sorted(state.pods, key=lambda p: p.key):
+            sb = self.node.ensure_pod(p.key, p.command, env={"POD_NAME": p.name, "POD_NAMESPACE": p.namespace})
+            pods.append(replace(p, ip=sb.ip, node=self.cfg.node.name))
+        return replace(state, pods=tuple(pods))
+
+    # ---- observability ----
+    def _collect(self, tail: Tail) -> None:
+        flows = []
+        if self.datapath is not None:
+            flows += [from_event(e, self.names) for e in self.datapath.poll_events(100)]
+        for line in tail.lines():
+            try:
+                flows.append(from_access_log(json.loads(line), self.names))
+            except (json.JSONDecodeError, ValueError):
+                log.warning("unreadable access log line: %.200s", line)
+        self.flows.write(flows)
+
+    def _write_status(self, running: bool = True) -> None:
+        st: dict[str, Any] = {
+            "node": self.cfg.node.name, "running": running, "pid": os.getpid(), "updated": time.time(),
+            "applied": self.applied, "errors": self.errors,
+            "envoy": {t.rsplit(".", 1)[-1]: vars(s) for t, s in self.cache.status(self.cfg.node.name).items()},
+            "pods": {k: {"ip": sb.ip, "netns": sb.netns, "cgroup": str(sb.cgroup)}
+                     for k, sb in self.node.sandboxes.items()},
+        }
+        if self.plan is not None:
+            st["identities"] = dict(self.plan.identities)
+            st["rules"] = dict(self.plan.rules)
+            st["services"] = [{"vip": s.vip, "port": s.port, "backends": len(s.backends),
+                               "proxy_port": s.proxy_port} for s in self.plan.services]
+        if self.datapath is not None and running:
+            st["reason_counts"] = {r.text: n for r, n in self.datapath.reason_counts().items()}
+        path = self.cfg.state_dir / "status.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st, indent=1, default=str))
+        tmp.replace(path)

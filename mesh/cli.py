@@ -1,0 +1,268 @@
+"""The `webb` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from mesh.agent import Agent, AgentConfig, source_version
+from mesh.flows import read_flows
+from mesh.manifests import ManifestError, parse_object, read_documents
+from mesh.runtime.local import LocalNode, NodeConfig, pod_sandbox
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
+console = Console()
+err = Console(stderr=True)
+STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))
+StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state (status, flows, manifests)")]
+
+
+def _status(state: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((state / "status.json").read_text()))
+    except FileNotFoundError:
+        return {}
+
+
+@app.command()
+def agent(
+    state_dir: StateOpt = STATE,
+    manifests: Annotated[Optional[Path], typer.Option(help="watched manifest directory")] = None,
+    node: str = "node1",
+    pod_cidr: str = "10.244.0.0/24",
+    service_cidr: str = "10.96.0.0/16",
+    envoy_admin_port: int = 15000,
+    envoy_concurrency: int = 1,
+    envoy_log_level: str = "warning",
+    lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds")] = 3600.0,
+) -> None:
+    """Run the node agent on this machine (the embedded default)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = AgentConfig(
+        node=NodeConfig(name=node, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
+        manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
+        envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
+    )
+    Agent(cfg).run()
+
+
+def _validate(path: Path) -> None:
+    for f, doc in read_documents(path):
+        try:
+            parse_object(doc, base_dir=f.parent)
+        except ManifestError as e:
+            raise ManifestError(f"{e.where} ({f.name})", e.field, e.problem) from None
+
+
+def _absolute_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
+    if doc.get("kind") == "Pod":
+        for c in (doc.get("spec") or {}).get("containers") or []:
+            for k in ("command", "args"):
+                c[k] = [str((base / a).resolve()) if isinstance(a, str) and a.startswith("./") else a
+                        for a in c.get(k) or []]
+    return doc
+
+
+def _dest(manifests: Path, f: Path) -> Path:
+    return manifests / f.name
+
+
+def wait_converged(state_dir: Path, manifests: Path, timeout_s: float) -> dict[str, Any]:
+    want = source_version(manifests)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = _status(state_dir)
+        if st.get("applied", {}).get("source_version") == want:
+            return st
+        time.sleep(0.05)
+    raise TimeoutError(f"wait for agent: manifests version {want} not applied after {timeout_s}s "
+                       f"(is `webb agent` running? see {state_dir}/status.json)")
+
+
+@app.command()
+def apply(
+    file: Annotated[Path, typer.Option("-f", "--filename", exists=True, help="YAML file or directory")],
+    state_dir: StateOpt = STATE,
+    wait: Annotated[float, typer.Option(help="seconds to wait for the agent to apply (0: don't)")] = 30.0,
+) -> None:
+    """Validate manifests and hand them to the agent's watched directory."""
+    manifests = state_dir / "manifests"
+    try:
+        _validate(file)
+    except ManifestError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    manifests.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in file.iterdir() if p.suffix in (".yaml", ".yml")) if file.is_dir() else [file]
+    for f in files:
+        # store the objects as applied: paths in Pod commands made absolute (like a build
+        # context), since the watched directory is not where the file came from
+        docs = [_absolute_paths(doc, f.parent) for _, doc in read_documents(f)]
+        tmp = manifests / f".{f.name}.tmp"
+        tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        tmp.replace(_dest(manifests, f))
+        console.print(f"{f.name} applied")
+    _after_change(state_dir, manifests, wait)
+
+
+@app.command()
+def delete(
+    file: Annotated[Path, typer.Option("-f", "--filename", help="a file applied before")],
+    state_dir: StateOpt = STATE,
+    wait: float = 30.0,
+) -> None:
+    """Remove manifests applied from FILE (by file name)."""
+    manifests = state_dir / "manifests"
+    files = sorted(p for p in file.iterdir() if p.suffix in (".yaml", ".yml")) if file.is_dir() else [file]
+    for f in files:
+        target = _dest(manifests, f)
+        if target.exists():
+            target.unlink()
+            console.print(f"{f.name} deleted")
+        else:
+            err.print(f"{f.name}: not applied")
+    _after_change(state_dir, manifests, wait)
+
+
+def _after_change(state_dir: Path, manifests: Path, wait: float) -> None:
+    if wait <= 0:
+        return
+    try:
+        st = wait_converged(state_dir, manifests, wait)
+    except TimeoutError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    for e in st.get("errors", []):
+        err.print(f"[yellow]warning:[/] {e}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec(  # noqa: A001 - like kubectl exec
+    ctx: typer.Context,
+    pod: Annotated[str, typer.Argument(help="namespace/name or name (namespace default)")],
+    node: str = "node1",
+    state_dir: StateOpt = STATE,
+) -> None:
+    """Run a command inside a pod (its netns and cgroup): webb exec tiefighter -- curl ..."""
+    key = pod if "/" in pod else f"default/{pod}"
+    cfg = NodeConfig(name=node, state_dir=state_dir)
+    try:
+        sb = pod_sandbox(cfg, key)
+    except LookupError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    proc = LocalNode(cfg).spawn(sb, ctx.args, stdout=None, stderr=None)
+    raise typer.Exit(proc.wait())
+
+
+@app.command()
+def observe(
+    state_dir: StateOpt = STATE,
+    pod: Annotated[Optional[str], typer.Option(help="flows from or to this pod (ns/name or name)")] = None,
+    verdict: Annotated[Optional[str], typer.Option(help="forwarded | denied | dropped")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="L4 | L7")] = None,
+    last: int = 20,
+    output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
+    follow: bool = False,
+    timeout: Annotated[float, typer.Option(help="stop following after this many seconds")] = 60.0,
+) -> None:
+    """Show recent flows (like hubble observe)."""
+    path = state_dir / "flows.jsonl"
+
+    def keep(f: dict[str, Any]) -> bool:
+        if pod:
+            p = pod if "/" in pod else f"default/{pod}"
+            if p not in (f.get("src"), f.get("dst_pod")):
+                return False
+        if verdict and f.get("verdict") != verdict:
+            return False
+        return not (layer and str(f.get("layer", "")).upper() != layer.upper())
+
+    shown = [f for f in read_flows(path) if keep(f)][-last:]
+    _print_flows(shown, output)
+    if follow:
+        deadline = time.monotonic() + timeout
+        seen = len(read_flows(path))
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            flows = read_flows(path)
+            new, seen = flows[seen:] if len(flows) >= seen else flows, len(flows)
+            _print_flows([f for f in new if keep(f)], output, header=False)
+
+
+def _print_flows(flows: list[dict[str, Any]], output: str, header: bool = True) -> None:
+    """One flow per line, like hubble observe: time src -> dst layer VERDICT reason [http] why."""
+    if output == "json":
+        for f in flows:
+            print(json.dumps(f, sort_keys=True))
+        return
+    for f in flows:
+        dst = f.get("service") or f.get("dst") or ""
+        if f.get("dst_pod"):
+            dst += f" ({f['dst_pod']})"
+        colour = {"denied": "red", "dropped": "yellow"}.get(str(f.get("verdict")), "green")
+        line = (f"{time.strftime('%H:%M:%S', time.localtime(float(f.get('time', 0))))} {f.get('src')} -> {dst} "
+                f"{f.get('layer')} [{colour}]{str(f.get('verdict')).upper()}[/] {f.get('reason')}")
+        if f.get("layer") == "L7":
+            line += f" {f.get('method')} {f.get('path')} {f.get('status')}"
+        if f.get("why"):
+            line += f" — {f['why']}"
+        console.print(line, soft_wrap=True, highlight=False)
+
+
+@app.command()
+def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o")] = "text") -> None:
+    """What the agent applied, what Envoy accepted, and every error."""
+    st = _status(state_dir)
+    if not st:
+        err.print(f"no agent status in {state_dir}: is `webb agent` running?")
+        raise typer.Exit(1)
+    if output == "json":
+        print(json.dumps(st, indent=1))
+        return
+    console.print(f"node {st['node']}: {'running' if st.get('running') else 'stopped'} (pid {st.get('pid')})")
+    a = st.get("applied", {})
+    console.print(f"applied plan {a.get('plan_version', '-')} (datapath), Envoy config {a.get('envoy_version', '-')}")
+    for t, s in st.get("envoy", {}).items():
+        line = f"  Envoy {t}: sent {s['sent'] or '-'} acked {s['acked'] or '-'}"
+        if s.get("nacked"):
+            line += f" [red]REJECTED {s['nacked']}: {s['error']}[/]"
+        console.print(line)
+    for k, p in st.get("pods", {}).items():
+        console.print(f"  pod {k} {p['ip']}")
+    if st.get("reason_counts"):
+        console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st["reason_counts"].items()))
+    for e in st.get("errors", []):
+        console.print(f"[yellow]  error: {e}[/]")
+
+
+@app.command()
+def demo(
+    example: Annotated[Path, typer.Argument(help="example directory")] = Path("examples/starwars"),
+    state_dir: StateOpt = STATE,
+) -> None:
+    """Run the Star Wars demo end to end on this machine and check its outcomes."""
+    from mesh.demo import run_starwars
+
+    raise typer.Exit(run_starwars(example, state_dir))
+
+
+def main() -> None:
+    try:
+        app()
+    except (OSError, RuntimeError, ManifestError) as e:
+        err.print(f"[red]error:[/] {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Flows: datapath connect decisions and Envoy access-log entries, joined into one record.
+
+Each flow names source pod, destination, verdict and reason; a denial names the policy
+(and for L7 the rule it failed), so `webb observe` answers "why was this denied".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datapath.maps import FlowEvent, Reason, Verdict
+from mesh.reconcile import NodePlan
+
+MAX_BYTES = 8 << 20  # rotate flows.jsonl past this; one old file kept
+
+
+@dataclass
+class Names:
+    """What the agent knows to name things in flows (refreshed on every plan)."""
+
+    pod_by_cgroup: dict[int, str] = field(default_factory=dict)
+    pod_by_ip: dict[str, str] = field(default_factory=dict)
+    service_by_vip: dict[tuple[str, int], str] = field(default_factory=dict)
+    pod_by_identity: dict[int, list[str]] = field(default_factory=dict)
+    policies_selecting: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    http_rules: dict[str, str] = field(default_factory=dict)  # service -> allowed requests
+
+    @classmethod
+    def of(cls, plan: NodePlan, pod_by_cgroup: dict[int, str]) -> Names:
+        n = cls(pod_by_cgroup=dict(pod_by_cgroup))
+        for ep in plan.endpoints:
+            n.pod_by_ip[ep.ip] = ep.pod
+            n.pod_by_identity.setdefault(ep.identity, []).append(ep.pod)
+        # hosts names are (name, name.ns, ...): the service key is ns/name
+        svc_of_vip = {vip: f"{names[1].split('.')[1]}/{names[0]}" for vip, names in plan.hosts}
+        for s in plan.services:
+            n.service_by_vip[(s.vip, s.port)] = svc_of_vip.get(s.vip, s.vip)
+        n.policies_selecting = dict(plan.selected_by)
+        for h in plan.http:
+            allowed = []
+            for p in h.policies or ():
+                reqs = [f"{r.method or '*'} {r.path or '*'}" for r in p.rules] or ["any request"]
+                allowed.append(f"{p.name} allows {', '.join(reqs)}")
+            n.http_rules[h.name] = "; ".join(allowed)
+        return n
+
+
+def from_event(e: FlowEvent, names: Names) -> dict[str, Any]:
+    src = names.pod_by_cgroup.get(e.cgroup_id, f"cgroup:{e.cgroup_id}")
+    svc = names.service_by_vip.get((e.orig_ip, e.orig_port))
+    dst_pod = names.pod_by_ip.get(e.new_ip)
+    flow: dict[str, Any] = {
+        "time": time.time(), "layer": "L4", "protocol": "TCP", "src": src,
+        "dst": f"{e.orig_ip}:{e.orig_port}", "service": svc, "dst_pod": dst_pod,
+        "verdict": e.verdict.name.lower(), "reason": e.reason.text,
+    }
+    if e.reason == Reason.L7_PROXY:
+        flow["dst_pod"] = None
+        flow["via"] = f"envoy {e.new_ip}:{e.new_port}"
+    if e.verdict == Verdict.DENIED:
+        pols = names.policies_selecting.get(e.dst_identity, ())
+        flow["policy"] = ",".join(pols)
+        flow["why"] = (f"{dst_pod or e.new_ip} is selected by MeshPolicy {', '.join(pols) or '?'} "
+                       f"and no ingress rule allows {src} on port {e.new_port}/TCP")
+    elif e.verdict == Verdict.DROPPED:
+        flow["why"] = f"service {svc or e.orig_ip} has no backend" if e.reason == Reason.NO_BACKEND else e.reason.text
+    return flow
+
+
+def from_access_log(entry: dict[str, Any], names: Names) -> dict[str, Any]:
+    src_ip = str(entry.get("src", "")).rsplit(":", 1)[0]
+    status = int(entry.get("status") or 0)
+    details = str(entry.get("details", ""))
+    denied = details.startswith("rbac_access_denied")
+    flow: dict[str, Any] = {
+        "time": float(entry.get("time") or time.time()), "layer": "L7", "protocol": entry.get("protocol"),
+        "src": names.pod_by_ip.get(src_ip, src_ip), "service": entry.get("service"),
+        "dst_pod": names.pod_by_ip.get(str(entry.get("upstream", "")).rsplit(":", 1)[0]),
+        "method": entry.get("method"), "path": entry.get("path"), "status": status,
+        "verdict": "denied" if denied else "forwarded",
+        "reason": "l7-policy-denied" if denied else "l7-forwarded", "envoy_details": details,
+    }
+    if denied:
+        flow["policy"] = entry.get("policies", "")
+        flow["why"] = (f"no HTTP rule allows {entry.get('method')} {entry.get('path')}: "
+                       f"{names.http_rules.get(str(entry.get('service')), '')}")
+    return flow
+
+
+class FlowLog:
+    """Append-only JSON lines, rotated by size."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, flows: list[dict[str, Any]]) -> None:
+        if not flows:
+            return
+        if self.path.exists() and self.path.stat().st_size > MAX_BYTES:
+            os.replace(self.path, self.path.with_suffix(".jsonl.1"))
+        with open(self.path, "a") as f:
+            for fl in flows:
+                f.write(json.dumps(fl, sort_keys=True) + "\n")
+
+
+class Tail:
+    """Reads lines appended to a file since the last call (handles truncation)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self._partial = ""
+
+    def lines(self) -> Iterator[str]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size < self.offset:
+            self.offset = 0
+        if size == self.offset:
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            data = self._partial + f.read()
+            self.offset = f.tell()
+        *complete, self._partial = data.split("\n")
+        yield from (ln for ln in complete if ln.strip())
+
+
+def read_flows(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in (path.with_suffix(".jsonl.1"), path):
+        if p.exists():
+            for line in p.read_text().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    out.sort(key=lambda f: float(f.get("time") or 0))
+    return out
