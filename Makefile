@@ -1,0 +1,36 @@
+# Webb — one command per concern. Run as root on Debian 12 (bookworm) or newer.
+SHELL := /bin/bash
+PYTHON ?= python3
+CLANG ?= clang
+APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 curl util-linux
+BPF_OBJ := datapath/bpf/sock.bpf.o
+STAMP := build/.deps-stamp
+ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
+
+.PHONY: help deps bpf run test lint clean
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+deps: $(STAMP)  ## install Debian packages and Python dependencies (idempotent)
+$(STAMP): pyproject.toml
+	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS); fi
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@mkdir -p build && touch $@
+
+bpf: $(BPF_OBJ)  ## compile the eBPF programs
+$(BPF_OBJ): datapath/bpf/sock.bpf.c datapath/bpf/webb.h $(STAMP)
+	$(CLANG) -O2 -g -Wall -Werror -target bpf -I$(ARCH_INC) -c $< -o $@
+
+run: deps bpf  ## the Star Wars demo on this machine (root)
+	$(PYTHON) -m mesh.cli demo examples/starwars
+
+test: deps bpf  ## every test: unit, datapath (root, BPF), Envoy, end to end
+	$(PYTHON) -m pytest -q tests
+
+lint: deps  ## ruff and mypy
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy mesh datapath xds
+
+clean:  ## remove build products
+	rm -rf build $(BPF_OBJ) .pytest_cache
