@@ -210,7 +210,7 @@ class RingBuffer:
     """Consumes a BPF_MAP_TYPE_RINGBUF map; ``callback`` gets each record's bytes."""
 
     def __init__(self, ringbuf: Map, callback: Callable[[bytes], None]) -> None:
-        def _cb(_ctx: int | None, data: int | None, size: int) -> int:
+        def _cb(_ctx: int | None, data: int, size: int) -> int:
             callback(ctypes.string_at(data, size))
             return 0
 

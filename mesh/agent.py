@@ -136,7 +136,7 @@ class Agent:
         dp = DatapathState(
             services=list(plan.services),
             endpoints={e.ip: (e.identity, e.enforced) for e in plan.endpoints},
-            cgroups={cid: next(((e.identity, e.enforced) for e in plan.endpoints if e.pod == key))
+            cgroups={cid: next((e.identity, e.enforced) for e in plan.endpoints if e.pod == key)
                      for cid, key in cg.items() if any(e.pod == key for e in plan.endpoints)},
             policy=list(plan.policy),
         )

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -36,7 +36,7 @@ def _status(state: Path) -> dict[str, Any]:
 @app.command()
 def agent(
     state_dir: StateOpt = STATE,
-    manifests: Annotated[Optional[Path], typer.Option(help="watched manifest directory")] = None,
+    manifests: Annotated[Path | None, typer.Option(help="watched manifest directory")] = None,
     node: str = "node1",
     pod_cidr: str = "10.244.0.0/24",
     service_cidr: str = "10.96.0.0/16",
@@ -141,8 +141,8 @@ def _after_change(state_dir: Path, manifests: Path, wait: float) -> None:
     except TimeoutError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
-    for e in st.get("errors", []):
-        err.print(f"[yellow]warning:[/] {e}")
+    for problem in st.get("errors", []):
+        err.print(f"[yellow]warning:[/] {problem}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -167,9 +167,9 @@ def exec(  # noqa: A001 - like kubectl exec
 @app.command()
 def observe(
     state_dir: StateOpt = STATE,
-    pod: Annotated[Optional[str], typer.Option(help="flows from or to this pod (ns/name or name)")] = None,
-    verdict: Annotated[Optional[str], typer.Option(help="forwarded | denied | dropped")] = None,
-    layer: Annotated[Optional[str], typer.Option(help="L4 | L7")] = None,
+    pod: Annotated[str | None, typer.Option(help="flows from or to this pod (ns/name or name)")] = None,
+    verdict: Annotated[str | None, typer.Option(help="forwarded | denied | dropped")] = None,
+    layer: Annotated[str | None, typer.Option(help="L4 | L7")] = None,
     last: int = 20,
     output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
     follow: bool = False,

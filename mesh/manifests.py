@@ -9,8 +9,17 @@ from typing import Any
 import yaml
 
 from mesh.model import (
-    ContainerPort, HttpMatch, IngressRule, MeshPolicy, Namespace, Pod, PortRule, Requirement,
-    Selector, Service, ServicePort,
+    ContainerPort,
+    HttpMatch,
+    IngressRule,
+    MeshPolicy,
+    Namespace,
+    Pod,
+    PortRule,
+    Requirement,
+    Selector,
+    Service,
+    ServicePort,
 )
 
 API_GROUP = "webb.io"
@@ -193,17 +202,17 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj:
             for i, p in enumerate(ctx.seq(c.get("ports"), "spec.containers[0].ports")))
         return Pod(ns, name, labels, tuple(argv), ports, str(spec.get("serviceAccountName") or "default"))
     if kind == "Service":
-        ports = []
+        sports: list[ServicePort] = []
         for i, p in enumerate(ctx.seq(spec.get("ports"), "spec.ports")):
             f = f"spec.ports[{i}]"
             p = ctx.mapping(p, f)
             port = ctx.port(p.get("port"), f"{f}.port")
             tp = p.get("targetPort", port)
             target: int | str = tp if isinstance(tp, str) and not tp.isdigit() else ctx.port(tp, f"{f}.targetPort")
-            ports.append(ServicePort(port, target, ctx.protocol(p.get("protocol"), f"{f}.protocol"), str(p.get("name", ""))))
-        if not ports:
+            sports.append(ServicePort(port, target, ctx.protocol(p.get("protocol"), f"{f}.protocol"), str(p.get("name", ""))))
+        if not sports:
             raise ctx.fail("spec.ports", "a Service needs at least one port")
-        return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(ports),
+        return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(sports),
                        str(spec.get("clusterIP") or ""))
     return _policy(ctx, ns, name, spec)
 
@@ -211,7 +220,7 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj:
 def read_documents(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every YAML document of a file or of a directory's *.yaml / *.yml files, in name order."""
     files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
-    out = []
+    out: list[tuple[Path, dict[str, Any]]] = []
     for f in files:
         try:
             docs = list(yaml.safe_load_all(f.read_text()))

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from datapath.maps import Backend, PolicyEntry, ServiceEntry
-from mesh.model import NAMESPACE_LABEL, ClusterState, MeshPolicy, Pod, Selector, Service
+from mesh.model import NAMESPACE_LABEL, ClusterState, HttpMatch, MeshPolicy, Pod, Selector, Service
 from xds.resources import HttpRule, HttpService, RbacPolicy
 
 IDENTITY_MIN = 256
@@ -86,14 +86,14 @@ def _target_port(pod: Pod, target: int | str) -> int | None:
     return next((p.port for p in pod.ports if p.name == target), None)
 
 
-def _http_rules(matches: Iterable[object]) -> tuple[HttpRule, ...]:
+def _http_rules(matches: Iterable[HttpMatch]) -> tuple[HttpRule, ...]:
     out = []
     for m in matches:
-        headers = []
-        for h in m.headers:  # type: ignore[attr-defined]
+        headers: list[tuple[str, str | None]] = []
+        for h in m.headers:
             name, sep, value = h.partition(":")
             headers.append((name.strip(), value.strip() if sep else None))
-        out.append(HttpRule(m.method, m.path, tuple(headers)))  # type: ignore[attr-defined]
+        out.append(HttpRule(m.method, m.path, tuple(headers)))
     return tuple(out)
 
 
@@ -127,7 +127,7 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
             src_ips = None if srcs is None else tuple(sorted(ip for s in srcs for ip in ips_of_identity[s]))
             port_rules = rule.to_ports or ()
             for d in dsts:
-                targets: list[tuple[int, object]] = []
+                targets: list[tuple[int, tuple[HttpMatch, ...] | None]] = []
                 if not port_rules:
                     targets.append((0, None))
                 for pr in port_rules:
@@ -170,8 +170,8 @@ def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[s
     l7_names = []
     named: list[tuple[str, ServiceEntry]] = []
     http: list[HttpService] = []
-    hosts = []
-    warnings = []
+    hosts: list[tuple[str, tuple[str, ...]]] = []
+    warnings: list[str] = []
     for s in svcs:
         sel = Selector(s.selector)
         members = [p for p in pods if p.namespace == s.namespace and sel.matches(p.label_dict)]

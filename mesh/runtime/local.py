@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from pyroute2 import IPRoute, netns
 
@@ -68,7 +69,7 @@ class Sandbox:
 
 
 def _slug(key: str) -> str:
-    return hashlib.sha1(key.encode()).hexdigest()[:8]
+    return hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:8]
 
 
 def netns_name(node: str, key: str) -> str:
@@ -83,7 +84,7 @@ def pod_sandbox(cfg: NodeConfig, key: str) -> Sandbox:
     return Sandbox(key, "", netns_name(cfg.name, key), cg, cgroups.cgroup_id(cg))
 
 
-class CidrConflict(RuntimeError):
+class CidrConflictError(RuntimeError):
     pass
 
 
@@ -107,7 +108,7 @@ class LocalNode:
                     continue
                 for m in mine:
                     if net.overlaps(m):
-                        raise CidrConflict(
+                        raise CidrConflictError(
                             f"start node {self.config.name}: CIDR {m} overlaps host route {net}; "
                             "choose another --pod-cidr/--service-cidr"
                         )
@@ -141,10 +142,9 @@ class LocalNode:
         with IPRoute() as ipr:
             if ipr.link_lookup(ifname=c.bridge):
                 ipr.link("del", ifname=c.bridge)
-            try:
+            if any(r.get_attr("RTA_DST") == c.service_cidr.split("/")[0] and r["type"] == 6  # RTN_BLACKHOLE
+                   for r in ipr.get_routes(family=2, table=254)):
                 ipr.route("del", dst=c.service_cidr, type="blackhole")
-            except Exception:  # noqa: BLE001 - absent already
-                pass
 
     # ---- pods ----
     def _allocate_ip(self) -> str:
@@ -198,7 +198,8 @@ class LocalNode:
         return Sandbox(key=key, ip=ip, netns=ns, cgroup=cg, cgroup_id=cgroups.cgroup_id(cg))
 
     def spawn(self, sb: Sandbox, argv: Sequence[str], env: dict[str, str] | None = None,
-              workdir: Path | None = None, stdout: object = None, stderr: object = None
+              workdir: Path | None = None, stdout: int | IO[bytes] | None = None,
+              stderr: int | IO[bytes] | None = None
               ) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside the pod: its cgroup first, then its netns (via ip netns exec,
         which also bind-mounts /etc/netns/<pod>/hosts so service names resolve)."""

@@ -1,0 +1,35 @@
+"""The CRD schema accepts the examples and rejects what the parser rejects, at the same field."""
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _schema() -> dict[str, Any]:
+    crd = yaml.safe_load((ROOT / "crds/meshpolicy.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"] == {"status": {}}
+    assert "$ref" not in (ROOT / "crds/meshpolicy.yaml").read_text()  # not allowed in structural schemas
+    return dict(version["schema"]["openAPIV3Schema"])
+
+
+def test_example_policy_is_valid() -> None:
+    jsonschema.validate(yaml.safe_load((ROOT / "examples/starwars/policy.yaml").read_text()), _schema())
+
+
+@pytest.mark.parametrize(("mutate", "path"), [
+    (lambda s: s["ingress"][0]["toPorts"][0]["ports"][0].update(port="eighty"), ["spec", "ingress", 0, "toPorts", 0, "ports", 0, "port"]),
+    (lambda s: s.pop("endpointSelector"), ["spec"]),
+    (lambda s: s["ingress"][0].update(fromEndpoint=[]), ["spec", "ingress", 0]),
+])
+def test_malformed_policy_rejected_at_field(mutate: Any, path: list[Any]) -> None:
+    doc = yaml.safe_load((ROOT / "examples/starwars/policy.yaml").read_text())
+    mutate(doc["spec"])
+    with pytest.raises(jsonschema.ValidationError) as e:
+        jsonschema.validate(doc, _schema())
+    assert list(e.value.absolute_path) == path
