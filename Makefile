@@ -25,7 +25,7 @@ $(BPF_OBJ): datapath/bpf/sock.bpf.c datapath/bpf/webb.h $(STAMP)
 run: deps bpf  ## the Star Wars demo on this machine (root)
 	$(PYTHON) -m mesh.cli demo examples/starwars
 
-test: deps bpf  ## every test: unit, datapath (root, BPF), Envoy, end to end
+test: deps bpf lint  ## lint, then every test: unit, datapath (root, BPF), Envoy, end to end
 	$(PYTHON) -m pytest -q tests
 
 lint: deps  ## ruff and mypy

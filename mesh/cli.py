@@ -247,7 +247,8 @@ def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o"
 
 @app.command()
 def demo(
-    example: Annotated[Path, typer.Argument(help="example directory")] = Path("examples/starwars"),
+    example: Annotated[Path, typer.Argument(help="example directory")] = Path(__file__).resolve().parent.parent
+    / "examples" / "starwars",
     state_dir: StateOpt = STATE,
 ) -> None:
     """Run the Star Wars demo end to end on this machine and check its outcomes."""

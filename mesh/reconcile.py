@@ -133,11 +133,11 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
                 for pr in port_rules:
                     ports = [p for p, proto in pr.ports if proto in ("TCP", "ANY")] or [0]
                     targets.extend((p, pr.http) for p in ports)
-                for port, http in targets:
+                for port, matches in targets:
                     for s in (srcs if srcs is not None else [0]):
                         entries.setdefault((d, s, port), PolicyEntry(d, s, port, rule_id))
-                    rp = RbacPolicy(name, src_ips, _http_rules(http or ()))
-                    (l7 if http is not None else l4)[(d, port)].append(rp)
+                    rp = RbacPolicy(name, src_ips, _http_rules(matches or ()))
+                    (l7 if matches is not None else l4)[(d, port)].append(rp)
 
     enforced = set(selected_by)
     endpoints = tuple(Endpoint(p.key, p.ip, pod_identity[p.key], pod_identity[p.key] in enforced) for p in pods)
