@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Webb: a side
 console = Console()
 err = Console(stderr=True)
 STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "starwars"
 StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state (status, flows, manifests)")]
 
 
@@ -247,8 +248,7 @@ def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o"
 
 @app.command()
 def demo(
-    example: Annotated[Path, typer.Argument(help="example directory")] = Path(__file__).resolve().parent.parent
-    / "examples" / "starwars",
+    example: Annotated[Path, typer.Argument(help="example directory")] = EXAMPLE,
     state_dir: StateOpt = STATE,
 ) -> None:
     """Run the Star Wars demo end to end on this machine and check its outcomes."""
