@@ -175,9 +175,8 @@ class LocalNode:
         if (NETNS_DIR / ns).exists():
             _del_netns(ns)
         subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+        _del_link(host_if)
         with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=host_if):
-                ipr.link("del", ifname=host_if)
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": ns})
             br = ipr.link_lookup(ifname=c.bridge)[0]
             ipr.link("set", index=ipr.link_lookup(ifname=host_if)[0], master=br, state="up")
@@ -234,6 +233,9 @@ class LocalNode:
                 sb.process.kill()
                 sb.process.wait(timeout=3)
         cgroups.remove_tree(sb.cgroup)
+        # delete the veth ourselves: the kernel frees a netns (and the veth in it) lazily,
+        # and a pod made again under the same name must not meet the old pair
+        _del_link(f"wb{_slug(key)}")
         _del_netns(sb.netns)
 
 
@@ -266,6 +268,15 @@ def in_netns(name: str, fn: Callable[[IPRoute], None]) -> None:
     t.join()
     if failure:
         raise failure[0]
+
+
+def _del_link(ifname: str) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.link("del", ifname=ifname)
+        except Exception as e:  # pyroute2 raises NetlinkError
+            if getattr(e, "code", None) not in (errno.ENODEV, errno.ENOENT):
+                raise
 
 
 def _del_netns(name: str) -> None:
