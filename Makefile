@@ -11,7 +11,13 @@ ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
+# the editable install must point at this checkout (another clone may have taken it over)
+INSTALLED_AT = $(shell cd / && $(PYTHON) -c 'import mesh, os; print(os.path.dirname(os.path.dirname(mesh.__file__)))' 2>/dev/null)
+
 deps: $(STAMP)  ## install Debian packages and Python dependencies (idempotent)
+ifneq ($(INSTALLED_AT),$(CURDIR))
+.PHONY: $(STAMP)
+endif
 $(STAMP): pyproject.toml
 	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS); fi
