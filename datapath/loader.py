@@ -9,7 +9,7 @@ from datapath import libbpf
 from datapath.maps import COUNTER_KEY, LAYOUT, DatapathState, FlowEvent, Reason, check_layout
 
 OBJECT_PATH = Path(__file__).parent / "bpf" / "sock.bpf.o"
-PROGRAMS = ("webb_sock4_connect", "webb_sock4_getpeername")
+PROGRAMS = ("webb_sock4_connect", "webb_sock4_sendmsg", "webb_sock4_recvmsg", "webb_sock4_getpeername")
 # make-before-break: a service entry is written after its backends and removed before them
 _WRITE_ORDER = ("webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy", "webb_services")
 

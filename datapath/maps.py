@@ -16,13 +16,16 @@ from datapath.libbpf import BpfObject
 
 IDENTITY_UNKNOWN = 2
 EP_INGRESS_ENFORCED = 1
+EP_AUDIT = 2
 PROTO_TCP = 6
+PROTO_UDP = 17
 
 
 class Verdict(enum.IntEnum):
     FORWARDED = 1
     DENIED = 2
     DROPPED = 3
+    AUDIT = 4
 
 
 class Reason(enum.IntEnum):
@@ -32,6 +35,7 @@ class Reason(enum.IntEnum):
     POLICY_DENIED = 4
     NO_BACKEND = 5
     BACKEND_MISSING = 6
+    POLICY_AUDIT = 7
 
     @property
     def text(self) -> str:
@@ -39,7 +43,7 @@ class Reason(enum.IntEnum):
 
 
 SERVICE_KEY = struct.Struct("=4s2sBx")
-SERVICE_VALUE = struct.Struct("=II4s2s2x")
+SERVICE_VALUE = struct.Struct("=II4s2s2xI")
 BACKEND_KEY = struct.Struct("=II")
 BACKEND_VALUE = struct.Struct("=4s2s2x")
 ENDPOINT_KEY = struct.Struct("=4s")
@@ -96,6 +100,7 @@ class ServiceEntry:
     proxy_ip: str = "0.0.0.0"
     proxy_port: int = 0
     proto: int = PROTO_TCP
+    affinity_timeout_s: int = 0  # ClientIP session affinity; 0 = none
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,8 @@ class DatapathState:
     """Everything the kernel must know; the agent turns a plan into this."""
 
     services: list[ServiceEntry] = field(default_factory=list)
-    endpoints: dict[str, tuple[int, bool]] = field(default_factory=dict)  # ip -> (identity, enforced)
-    cgroups: dict[int, tuple[int, bool]] = field(default_factory=dict)  # cgroup id -> same
+    endpoints: dict[str, tuple[int, int]] = field(default_factory=dict)  # ip -> (identity, EP_* flags)
+    cgroups: dict[int, tuple[int, int]] = field(default_factory=dict)  # cgroup id -> same
     policy: list[PolicyEntry] = field(default_factory=list)
 
     def entries(self) -> dict[str, dict[bytes, bytes]]:
@@ -122,16 +127,16 @@ class DatapathState:
         for s in self.services:
             key = SERVICE_KEY.pack(_ip(s.vip), _port(s.port), s.proto)
             out["webb_services"][key] = SERVICE_VALUE.pack(
-                s.service_id, len(s.backends), _ip(s.proxy_ip), _port(s.proxy_port)
+                s.service_id, len(s.backends), _ip(s.proxy_ip), _port(s.proxy_port), s.affinity_timeout_s
             )
             for slot, be in enumerate(s.backends):
                 out["webb_backends"][BACKEND_KEY.pack(s.service_id, slot)] = BACKEND_VALUE.pack(
                     _ip(be.ip), _port(be.port)
                 )
-        for ip, (ident, enforced) in self.endpoints.items():
-            out["webb_endpoints"][ENDPOINT_KEY.pack(_ip(ip))] = ENDPOINT_VALUE.pack(ident, int(enforced))
-        for cg, (ident, enforced) in self.cgroups.items():
-            out["webb_cgroups"][CGROUP_KEY.pack(cg)] = ENDPOINT_VALUE.pack(ident, int(enforced))
+        for ip, (ident, flags) in self.endpoints.items():
+            out["webb_endpoints"][ENDPOINT_KEY.pack(_ip(ip))] = ENDPOINT_VALUE.pack(ident, flags)
+        for cg, (ident, flags) in self.cgroups.items():
+            out["webb_cgroups"][CGROUP_KEY.pack(cg)] = ENDPOINT_VALUE.pack(ident, flags)
         for p in self.policy:
             out["webb_policy"][POLICY_KEY.pack(p.dst_identity, p.src_identity, p.port, p.proto)] = (
                 POLICY_VALUE.pack(p.rule_id)

@@ -133,6 +133,7 @@ class Agent:
             return
         assert self.datapath is not None
         cg = {sb.cgroup_id: sb.key for sb in self.node.sandboxes.values()}
+        by_pod = {e.pod: e for e in plan.endpoints}
         dp = DatapathState(
             services=list(plan.services),
             endpoints={e.ip: (e.identity, e.enforced) for e in plan.endpoints},

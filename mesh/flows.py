@@ -70,6 +70,10 @@ def from_event(e: FlowEvent, names: Names) -> dict[str, Any]:
                        f"and no ingress rule allows {src} on port {e.new_port}/TCP")
     elif e.verdict == Verdict.DROPPED:
         flow["why"] = f"service {svc or e.orig_ip} has no backend" if e.reason == Reason.NO_BACKEND else e.reason.text
+    elif e.verdict == Verdict.AUDIT:
+        pols = names.policies_selecting.get(e.dst_identity, ())
+        flow["policy"] = ",".join(pols)
+        flow["why"] = f"would be denied by MeshPolicy {', '.join(pols)} (audit mode): no ingress rule allows {src}"
     return flow
 
 
@@ -78,15 +82,17 @@ def from_access_log(entry: dict[str, Any], names: Names) -> dict[str, Any]:
     status = int(entry.get("status") or 0)
     details = str(entry.get("details", ""))
     denied = details.startswith("rbac_access_denied")
+    would_deny = entry.get("shadow") == "denied"
     flow: dict[str, Any] = {
         "time": float(entry.get("time") or time.time()), "layer": "L7", "protocol": entry.get("protocol"),
         "src": names.pod_by_ip.get(src_ip, src_ip), "service": entry.get("service"),
         "dst_pod": names.pod_by_ip.get(str(entry.get("upstream", "")).rsplit(":", 1)[0]),
         "method": entry.get("method"), "path": entry.get("path"), "status": status,
-        "verdict": "denied" if denied else "forwarded",
-        "reason": "l7-policy-denied" if denied else "l7-forwarded", "envoy_details": details,
+        "verdict": "denied" if denied else "audit" if would_deny else "forwarded",
+        "reason": "l7-policy-denied" if denied else "l7-policy-audit" if would_deny else "l7-forwarded",
+        "envoy_details": details,
     }
-    if denied:
+    if denied or would_deny:
         flow["policy"] = entry.get("policies", "")
         flow["why"] = (f"no HTTP rule allows {entry.get('method')} {entry.get('path')}: "
                        f"{names.http_rules.get(str(entry.get('service')), '')}")

@@ -133,8 +133,8 @@ def _policy(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
         raise ctx.fail(f"spec.{sorted(unknown)[0]}", "unknown field; MeshPolicy spec has endpointSelector, "
                        "ingress, description, mode")
     mode = spec.get("mode", "enforce")
-    if mode != "enforce":
-        raise ctx.fail("spec.mode", f"{mode!r}: only 'enforce' is implemented so far")
+    if mode not in ("enforce", "audit"):
+        raise ctx.fail("spec.mode", f"{mode!r}: use enforce (deny what no rule allows) or audit (report, allow)")
     rules = []
     for i, r in enumerate(ctx.seq(spec.get("ingress"), "spec.ingress")):
         f = f"spec.ingress[{i}]"
@@ -213,8 +213,22 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj:
         if not sports:
             raise ctx.fail("spec.ports", "a Service needs at least one port")
         return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(sports),
-                       str(spec.get("clusterIP") or ""))
+                       str(spec.get("clusterIP") or ""), _affinity(ctx, spec))
     return _policy(ctx, ns, name, spec)
+
+
+def _affinity(ctx: _Ctx, spec: dict[str, Any]) -> int:
+    kind = spec.get("sessionAffinity", "None")
+    if kind not in ("None", "ClientIP"):
+        raise ctx.fail("spec.sessionAffinity", f"{kind!r}: use None or ClientIP")
+    if kind == "None":
+        return 0
+    cfg = ctx.mapping(ctx.mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
+                      "spec.sessionAffinityConfig.clientIP")
+    timeout = cfg.get("timeoutSeconds", 10800)  # Kubernetes' default: 3 hours
+    if not isinstance(timeout, int) or not 0 < timeout <= 86400:
+        raise ctx.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{timeout!r}: use 1-86400 seconds")
+    return timeout
 
 
 def read_documents(path: Path) -> list[tuple[Path, dict[str, Any]]]:

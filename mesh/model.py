@@ -89,6 +89,7 @@ class Service:
     selector: tuple[tuple[str, str], ...]
     ports: tuple[ServicePort, ...]
     cluster_ip: str = ""
+    affinity_timeout_s: int = 0  # sessionAffinity: ClientIP (timeoutSeconds); 0 = None
 
     @property
     def key(self) -> str:

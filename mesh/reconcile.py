@@ -11,13 +11,14 @@ import hashlib
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from datapath.maps import Backend, PolicyEntry, ServiceEntry
-from mesh.model import NAMESPACE_LABEL, ClusterState, HttpMatch, MeshPolicy, Pod, Selector, Service
+from datapath.maps import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_TCP, PROTO_UDP, Backend, PolicyEntry, ServiceEntry
+from mesh.model import NAMESPACE_LABEL, ClusterState, HttpMatch, MeshPolicy, Pod, Selector, Service, ServicePort
 from xds.resources import HttpRule, HttpService, RbacPolicy
 
 IDENTITY_MIN = 256
+_PROTOS = {"TCP": (PROTO_TCP,), "UDP": (PROTO_UDP,), "ANY": (PROTO_TCP, PROTO_UDP)}
 PROXY_PORT_BASE, PROXY_PORT_COUNT = 15001, 999
 
 
@@ -33,6 +34,11 @@ class Endpoint:
     ip: str
     identity: int
     enforced: bool  # a MeshPolicy selects it: ingress is default-deny
+    audit: bool = False  # ...but only audit-mode policies do: would-deny is reported, allowed
+
+    @property
+    def flags(self) -> int:
+        return (EP_INGRESS_ENFORCED if self.enforced else 0) | (EP_AUDIT if self.audit else 0)
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,9 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
 
     policies = sorted(state.policies, key=lambda p: p.key)
     rule_text: dict[int, str] = {}
-    entries: dict[tuple[int, int, int], PolicyEntry] = {}
+    entries: dict[tuple[int, int, int, int], PolicyEntry] = {}
     selected_by: dict[int, list[str]] = defaultdict(list)
+    enforcing: set[int] = set()  # selected by at least one policy in enforce mode
     # (dst identity, port) -> RBAC policies; port 0 = rules for any port (L4 only)
     l7: dict[tuple[int, int], list[RbacPolicy]] = defaultdict(list)
     l4: dict[tuple[int, int], list[RbacPolicy]] = defaultdict(list)
@@ -119,6 +126,8 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
         dsts = sorted(i for i, lbl in identities.items() if _selects(pol.endpoint_selector, pol.namespace, lbl))
         for d in dsts:
             selected_by[d].append(pol.key)
+            if pol.mode == "enforce":
+                enforcing.add(d)
         for idx, rule in enumerate(pol.ingress):
             rule_id += 1
             name = f"{pol.key}#ingress[{idx}]"
@@ -127,24 +136,27 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
             src_ips = None if srcs is None else tuple(sorted(ip for s in srcs for ip in ips_of_identity[s]))
             port_rules = rule.to_ports or ()
             for d in dsts:
-                targets: list[tuple[int, tuple[HttpMatch, ...] | None]] = []
+                targets: list[tuple[int, int, tuple[HttpMatch, ...] | None]] = []
                 if not port_rules:
-                    targets.append((0, None))
+                    targets += [(0, PROTO_TCP, None), (0, PROTO_UDP, None)]
                 for pr in port_rules:
-                    ports = [p for p, proto in pr.ports if proto in ("TCP", "ANY")] or [0]
-                    targets.extend((p, pr.http) for p in ports)
-                for port, matches in targets:
+                    ports = list(pr.ports) or [(0, "ANY")]
+                    targets.extend((p, n, pr.http) for p, proto in ports for n in _PROTOS[proto])
+                for port, proto_n, matches in targets:
                     for s in (srcs if srcs is not None else [0]):
-                        entries.setdefault((d, s, port), PolicyEntry(d, s, port, rule_id))
-                    rp = RbacPolicy(name, src_ips, _http_rules(matches or ()))
+                        entries.setdefault((d, s, port, proto_n), PolicyEntry(d, s, port, rule_id, proto_n))
+                    if proto_n != PROTO_TCP:
+                        continue
+                    rp = RbacPolicy(name, src_ips, _http_rules(matches or ()), pol.mode == "audit")
                     (l7 if matches is not None else l4)[(d, port)].append(rp)
 
-    enforced = set(selected_by)
-    endpoints = tuple(Endpoint(p.key, p.ip, pod_identity[p.key], pod_identity[p.key] in enforced) for p in pods)
+    endpoints = tuple(Endpoint(p.key, p.ip, pod_identity[p.key], pod_identity[p.key] in selected_by,
+                               pod_identity[p.key] in selected_by and pod_identity[p.key] not in enforcing)
+                      for p in pods)
 
     services, http, hosts, warnings = _services(state.services, pods, pod_identity, l7, l4, node)
     plan_body = (
-        tuple(services), endpoints, tuple(sorted(entries.values(), key=lambda e: (e.dst_identity, e.src_identity, e.port))),
+        tuple(services), endpoints, tuple(sorted(entries.values(), key=lambda e: (e.dst_identity, e.src_identity, e.port, e.proto))),
         tuple(http),
         tuple(sorted((i, _labels_text(tuple(sorted(lbl.items())))) for i, lbl in identities.items())),
         tuple(sorted(rule_text.items())), tuple(hosts),
@@ -162,11 +174,15 @@ def _sources(froms: tuple[Selector, ...] | None, pol: MeshPolicy,
     return sorted(i for i, lbl in identities.items() if any(_selects(s, pol.namespace, lbl) for s in froms))
 
 
+def _port_name(s: Service, p: ServicePort) -> str:
+    return f"{s.key}:{p.port}" if p.protocol != "UDP" else f"{s.key}:{p.port}/UDP"
+
+
 def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[str, int],
               l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
               node: NodeSpec) -> tuple[list[ServiceEntry], list[HttpService], list[tuple[str, tuple[str, ...]]], list[str]]:
     svcs = sorted((s for s in services if s.cluster_ip and s.selector), key=lambda s: s.key)
-    ids = _alloc((f"{s.key}:{p.port}" for s in svcs for p in s.ports), 1, (1 << 31) - 1)
+    ids = _alloc((_port_name(s, p) for s in svcs for p in s.ports), 1, (1 << 31) - 1)
     l7_names = []
     named: list[tuple[str, ServiceEntry]] = []
     http: list[HttpService] = []
@@ -178,10 +194,8 @@ def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[s
         hosts.append((s.cluster_ip, (s.name, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc",
                                      f"{s.name}.{s.namespace}.svc.cluster.local")))
         for sp in s.ports:
-            name = f"{s.key}:{sp.port}"
-            if sp.protocol != "TCP":
-                warnings.append(f"Service {s.key} port {sp.port}/{sp.protocol}: only TCP is load-balanced so far")
-                continue
+            name = _port_name(s, sp)
+            proto = PROTO_UDP if sp.protocol == "UDP" else PROTO_TCP
             backends = []
             for p in members:
                 tp = _target_port(p, sp.target_port)
@@ -191,12 +205,13 @@ def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[s
                 backends.append(Backend(p.ip, tp))
             backends.sort()
             l7_policies: list[RbacPolicy] = []
-            if backends:
+            if backends and proto == PROTO_TCP:
                 first = next(p for p in members if p.ip == backends[0].ip)
                 key = (pod_identity[first.key], backends[0].port)
                 if l7.get(key):
                     l7_policies = l7[key] + l4.get(key, []) + l4.get((key[0], 0), [])
-            entry = ServiceEntry(s.cluster_ip, sp.port, ids[name], tuple(backends))
+            entry = ServiceEntry(s.cluster_ip, sp.port, ids[name], tuple(backends), proto=proto,
+                                 affinity_timeout_s=s.affinity_timeout_s)
             if l7_policies:
                 l7_names.append(name)
                 http.append(HttpService(name, node.proxy_ip, 0, tuple((b.ip, b.port) for b in backends),
@@ -204,6 +219,5 @@ def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[s
             named.append((name, entry))
     ports = _alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
     http = [HttpService(h.name, h.listen_ip, ports[h.name], h.backends, h.policies) for h in http]
-    out = [ServiceEntry(e.vip, e.port, e.service_id, e.backends, node.proxy_ip, ports[n]) if n in ports else e
-           for n, e in named]
+    out = [replace(e, proxy_ip=node.proxy_ip, proxy_port=ports[n]) if n in ports else e for n, e in named]
     return out, http, hosts, warnings

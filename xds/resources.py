@@ -42,6 +42,7 @@ class RbacPolicy:
     name: str  # "namespace/policy#ingress[i]" — reaches the access log and `webb observe`
     source_ips: tuple[str, ...] | None  # None: any source
     rules: tuple[HttpRule, ...]  # empty: any request
+    audit: bool = False  # from a MeshPolicy in audit mode
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,14 @@ def _principal(source_ips: tuple[str, ...] | None) -> rbac_cfg.Principal:
 
 
 def rbac(policies: tuple[RbacPolicy, ...]) -> rbac_filter.RBAC:
+    """ALLOW rules; when every policy is in audit mode they are shadow rules: Envoy records
+    the would-be verdict (access log field ``shadow``) and lets the request through."""
     rules = rbac_cfg.RBAC(action=rbac_cfg.RBAC.ALLOW)
     for p in policies:
         perms = [_permission(r) for r in p.rules] or [rbac_cfg.Permission(any=True)]
         rules.policies[p.name].CopyFrom(rbac_cfg.Policy(permissions=perms, principals=[_principal(p.source_ips)]))
+    if policies and all(p.audit for p in policies):
+        return rbac_filter.RBAC(shadow_rules=rules)
     return rbac_filter.RBAC(rules=rules)
 
 
@@ -113,6 +118,7 @@ def _access_log(path: str, svc: HttpService) -> accesslog_pb2.AccessLog:
         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
         "protocol": "%PROTOCOL%",
         "status": "%RESPONSE_CODE%",
+        "shadow": "%DYNAMIC_METADATA(envoy.filters.http.rbac:shadow_engine_result)%",
         "details": "%RESPONSE_CODE_DETAILS%",
         "duration_ms": "%DURATION%",
     })

@@ -12,6 +12,7 @@
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
+#include <linux/errno.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -54,13 +55,23 @@ struct {
 	__type(value, struct policy_value);
 } webb_policy SEC(".maps");
 
-/* Original destination per socket, so getpeername() shows the VIP. */
+/* Original destination per (socket, rewritten peer), so getpeername() and
+ * recvmsg() show the VIP. Keyed by peer too: one unconnected UDP socket may
+ * talk to several services. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct revnat_key);
+	__type(value, struct orig_dst);
+} webb_revnat SEC(".maps");
+
+/* ClientIP session affinity: a pod is its network namespace. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u64);			/* socket cookie */
-	__type(value, struct orig_dst);
-} webb_revnat SEC(".maps");
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+} webb_affinity SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -82,10 +93,9 @@ static __always_inline void __count(__u32 reason)
 		*n += 1;
 }
 
-static __always_inline void __emit(struct bpf_sock_addr *ctx, __u32 src_identity,
-				   __u32 orig_ip, __u16 orig_port,
-				   __u32 new_ip, __u16 new_port,
-				   __u32 dst_identity, __u8 verdict, __u8 reason)
+static __always_inline void __emit(__u32 src_identity, __u32 orig_ip, __u16 orig_port,
+				   __u32 new_ip, __u16 new_port, __u32 dst_identity,
+				   __u8 proto, __u8 verdict, __u8 reason)
 {
 	struct flow_event *e;
 
@@ -105,21 +115,21 @@ static __always_inline void __emit(struct bpf_sock_addr *ctx, __u32 src_identity
 	e->new_port = new_port;
 	e->verdict = verdict;
 	e->reason = reason;
-	e->proto = IPPROTO_TCP;
+	e->proto = proto;
 	e->pad = 0;
 	bpf_ringbuf_submit(e, 0);
 }
 
-/* Returns 1 if the endpoint at dst_ip accepts src_identity on port. */
+/* Returns 1 if the endpoint accepts src_identity on port/proto. */
 static __always_inline int __policy_allows(__u32 src_identity,
 					   const struct endpoint_value *dst,
-					   __u16 port_host)
+					   __u16 port_host, __u8 proto)
 {
 	struct policy_key k = {
 		.dst_identity = dst->identity,
 		.src_identity = src_identity,
 		.port = port_host,
-		.proto = IPPROTO_TCP,
+		.proto = proto,
 	};
 
 	if (!(dst->flags & WEBB_EP_INGRESS_ENFORCED))
@@ -130,49 +140,91 @@ static __always_inline int __policy_allows(__u32 src_identity,
 	if (bpf_map_lookup_elem(&webb_policy, &k))
 		return 1;
 	k.src_identity = 0;		/* rule from any endpoint */
+	if (bpf_map_lookup_elem(&webb_policy, &k))
+		return 1;
+	k.port = port_host;
 	return bpf_map_lookup_elem(&webb_policy, &k) != NULL;
 }
 
-static __always_inline int __sock4_connect(struct bpf_sock_addr *ctx)
+/* Picks a backend slot: the affinity entry when it is fresh and its slot
+ * still holds the same backend, else uniformly at random. */
+static __always_inline struct backend_value *
+__select_backend(struct bpf_sock_addr *ctx, const struct service_value *svc)
+{
+	struct backend_key bk = { .service_id = svc->service_id };
+	struct affinity_key ak = {};
+	struct affinity_value *av, nav = {};
+	struct backend_value *be;
+	__u64 now = 0;
+
+	if (svc->affinity_timeout_s) {
+		ak.netns_cookie = bpf_get_netns_cookie(ctx);
+		ak.service_id = svc->service_id;
+		now = bpf_ktime_get_ns();
+		av = bpf_map_lookup_elem(&webb_affinity, &ak);
+		if (av && now - av->last_ns < (__u64)svc->affinity_timeout_s * 1000000000ULL &&
+		    av->slot < svc->backend_count) {
+			bk.slot = av->slot;
+			be = bpf_map_lookup_elem(&webb_backends, &bk);
+			if (be && be->ip == av->ip && be->port == av->port) {
+				av->last_ns = now;
+				return be;
+			}
+		}
+	}
+	bk.slot = bpf_get_prandom_u32() % svc->backend_count;
+	be = bpf_map_lookup_elem(&webb_backends, &bk);
+	if (be && svc->affinity_timeout_s) {
+		nav.ip = be->ip;
+		nav.port = be->port;
+		nav.slot = bk.slot;
+		nav.last_ns = now;
+		bpf_map_update_elem(&webb_affinity, &ak, &nav, BPF_ANY);
+	}
+	return be;
+}
+
+/* The one decision for connect4 and sendmsg4: returns 1 to let the call go
+ * on (ctx possibly rewritten), 0 to fail it (retval set for ECONNREFUSED). */
+static __always_inline int __sock4_xlate(struct bpf_sock_addr *ctx, __u8 proto,
+					 int per_datagram)
 {
 	__u32 dst_ip = ctx->user_ip4;
 	__u16 dst_port = (__u16)ctx->user_port;	/* network order in low 16 bits */
 	__u64 cgid = bpf_get_current_cgroup_id();
 	struct endpoint_value *src, *dst;
 	struct service_value *svc;
-	struct backend_value *be;
+	struct backend_value *be = NULL;
 	struct service_key sk = {};
-	struct backend_key bk = {};
 	__u32 src_identity = WEBB_IDENTITY_UNKNOWN;
 	__u32 new_ip = dst_ip;
 	__u16 new_port = dst_port;
 	__u8 verdict = WEBB_VERDICT_FORWARDED;
 	__u8 reason = WEBB_REASON_DIRECT;
 
-	if (ctx->protocol != IPPROTO_TCP)
-		return 1;
 	src = bpf_map_lookup_elem(&webb_cgroups, &cgid);
 	if (src)
 		src_identity = src->identity;
 
 	sk.vip = dst_ip;
 	sk.port = dst_port;
-	sk.proto = IPPROTO_TCP;
+	sk.proto = proto;
 	svc = bpf_map_lookup_elem(&webb_services, &sk);
 	if (svc) {
 		if (svc->backend_count == 0) {
-			__emit(ctx, src_identity, dst_ip, dst_port, 0, 0, 0,
+			__emit(src_identity, dst_ip, dst_port, 0, 0, 0, proto,
 			       WEBB_VERDICT_DROPPED, WEBB_REASON_NO_BACKEND);
+			/* like a closed port, not like a policy denial */
+			bpf_set_retval(-ECONNREFUSED);
 			return 0;
 		}
-		bk.service_id = svc->service_id;
-		bk.slot = bpf_get_prandom_u32() % svc->backend_count;
-		be = bpf_map_lookup_elem(&webb_backends, &bk);
+		be = __select_backend(ctx, svc);
 		if (!be) {
 			/* The agent writes backends before the service entry,
 			 * so a hole here means a bug in the agent: drop loudly. */
-			__emit(ctx, src_identity, dst_ip, dst_port, 0, 0, 0,
+			__emit(src_identity, dst_ip, dst_port, 0, 0, 0, proto,
 			       WEBB_VERDICT_DROPPED, WEBB_REASON_BACKEND_MISSING);
+			bpf_set_retval(-ECONNREFUSED);
 			return 0;
 		}
 		new_ip = be->ip;
@@ -181,34 +233,51 @@ static __always_inline int __sock4_connect(struct bpf_sock_addr *ctx)
 	}
 
 	dst = bpf_map_lookup_elem(&webb_endpoints, &new_ip);
-	if (dst && !__policy_allows(src_identity, dst, bpf_ntohs(new_port))) {
-		__emit(ctx, src_identity, dst_ip, dst_port, new_ip, new_port,
-		       dst->identity, WEBB_VERDICT_DENIED, WEBB_REASON_POLICY_DENIED);
-		return 0;
+	if (dst && !__policy_allows(src_identity, dst, bpf_ntohs(new_port), proto)) {
+		if (!(dst->flags & WEBB_EP_AUDIT)) {
+			__emit(src_identity, dst_ip, dst_port, new_ip, new_port,
+			       dst->identity, proto, WEBB_VERDICT_DENIED,
+			       WEBB_REASON_POLICY_DENIED);
+			return 0;	/* EPERM */
+		}
+		verdict = WEBB_VERDICT_AUDIT;
+		reason = WEBB_REASON_POLICY_AUDIT;
 	}
 
 	if (svc && svc->proxy_port) {
 		new_ip = svc->proxy_ip;
 		new_port = svc->proxy_port;
-		reason = WEBB_REASON_L7_PROXY;
+		if (verdict != WEBB_VERDICT_AUDIT)
+			reason = WEBB_REASON_L7_PROXY;
 	}
 	if (svc) {
+		struct revnat_key rk = {
+			.cookie = bpf_get_socket_cookie(ctx),
+			.ip = new_ip,
+			.port = new_port,
+		};
 		struct orig_dst od = { .ip = dst_ip, .port = dst_port };
-		__u64 cookie = bpf_get_socket_cookie(ctx);
 
-		bpf_map_update_elem(&webb_revnat, &cookie, &od, BPF_ANY);
+		bpf_map_update_elem(&webb_revnat, &rk, &od, BPF_ANY);
 		ctx->user_ip4 = new_ip;
 		ctx->user_port = new_port;
 	}
-	__emit(ctx, src_identity, dst_ip, dst_port, new_ip, new_port,
-	       dst ? dst->identity : 0, verdict, reason);
+	/* sendmsg runs per datagram: report only what is not plain forwarding */
+	if (!per_datagram || verdict != WEBB_VERDICT_FORWARDED)
+		__emit(src_identity, dst_ip, dst_port, new_ip, new_port,
+		       dst ? dst->identity : 0, proto, verdict, reason);
 	return 1;
 }
 
-static __always_inline int __sock4_getpeername(struct bpf_sock_addr *ctx)
+/* Shows the VIP instead of the backend (getpeername, recvmsg source). */
+static __always_inline int __sock4_revnat(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig_dst *od = bpf_map_lookup_elem(&webb_revnat, &cookie);
+	struct revnat_key rk = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.ip = ctx->user_ip4,
+		.port = (__u16)ctx->user_port,
+	};
+	struct orig_dst *od = bpf_map_lookup_elem(&webb_revnat, &rk);
 
 	if (od) {
 		ctx->user_ip4 = od->ip;
@@ -217,14 +286,33 @@ static __always_inline int __sock4_getpeername(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+static __always_inline __u8 __proto(struct bpf_sock_addr *ctx)
+{
+	return ctx->protocol == IPPROTO_UDP ? IPPROTO_UDP : IPPROTO_TCP;
+}
+
 SEC("cgroup/connect4")
 int webb_sock4_connect(struct bpf_sock_addr *ctx)
 {
-	return __sock4_connect(ctx);
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return 1;
+	return __sock4_xlate(ctx, __proto(ctx), 0);
+}
+
+SEC("cgroup/sendmsg4")
+int webb_sock4_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return __sock4_xlate(ctx, IPPROTO_UDP, 1);
+}
+
+SEC("cgroup/recvmsg4")
+int webb_sock4_recvmsg(struct bpf_sock_addr *ctx)
+{
+	return __sock4_revnat(ctx);
 }
 
 SEC("cgroup/getpeername4")
 int webb_sock4_getpeername(struct bpf_sock_addr *ctx)
 {
-	return __sock4_getpeername(ctx);
+	return __sock4_revnat(ctx);
 }

@@ -11,11 +11,13 @@
 #define WEBB_IDENTITY_UNKNOWN	2	/* not a pod of this node (host, world) */
 
 #define WEBB_EP_INGRESS_ENFORCED	1	/* a policy selects this endpoint */
+#define WEBB_EP_AUDIT			2	/* ...in audit mode only: count, allow */
 
 enum {
 	WEBB_VERDICT_FORWARDED = 1,
 	WEBB_VERDICT_DENIED = 2,
 	WEBB_VERDICT_DROPPED = 3,
+	WEBB_VERDICT_AUDIT = 4,		/* would be denied; allowed (audit mode) */
 };
 
 enum {
@@ -25,6 +27,7 @@ enum {
 	WEBB_REASON_POLICY_DENIED = 4,	/* no L3/L4 rule allows it */
 	WEBB_REASON_NO_BACKEND = 5,	/* service has no ready backend */
 	WEBB_REASON_BACKEND_MISSING = 6,/* backend slot absent: agent bug */
+	WEBB_REASON_POLICY_AUDIT = 7,	/* no rule allows it; audit mode let it pass */
 	WEBB_REASON_MAX = 8,
 };
 
@@ -41,6 +44,7 @@ struct service_value {
 	__u32 proxy_ip;		/* network order; node Envoy for L7 services */
 	__u16 proxy_port;	/* network order; 0 = L4 only */
 	__u16 pad;
+	__u32 affinity_timeout_s;	/* ClientIP affinity; 0 = none */
 };
 
 struct backend_key {
@@ -69,6 +73,26 @@ struct policy_key {
 
 struct policy_value {
 	__u32 rule_id;		/* index into the agent's rule table, for reports */
+};
+
+struct revnat_key {
+	__u64 cookie;		/* socket cookie */
+	__u32 ip;		/* rewritten peer, network order */
+	__u16 port;		/* network order */
+	__u16 pad;
+};
+
+struct affinity_key {
+	__u64 netns_cookie;	/* the client pod */
+	__u32 service_id;
+	__u32 pad;
+};
+
+struct affinity_value {
+	__u64 last_ns;
+	__u32 ip;
+	__u16 port;
+	__u16 slot;
 };
 
 struct orig_dst {

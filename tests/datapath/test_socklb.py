@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from datapath.loader import Datapath
-from datapath.maps import Backend, DatapathState, PolicyEntry, Reason, ServiceEntry, Verdict
+from datapath.maps import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_UDP, Backend, DatapathState, PolicyEntry, Reason, ServiceEntry, Verdict
 from mesh.runtime.local import LocalNode, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -50,12 +50,13 @@ def dp(node: LocalNode) -> Iterator[Datapath]:
 
 
 def _state(a: Sandbox, b: Sandbox, c: Sandbox, enforced: bool = False, allow: bool = True,
-           backends: tuple[Backend, ...] | None = None) -> DatapathState:
+           backends: tuple[Backend, ...] | None = None, audit: bool = False, affinity: int = 0) -> DatapathState:
     be = backends if backends is not None else (Backend(a.ip, 8080), Backend(b.ip, 8080))
+    flags = (EP_INGRESS_ENFORCED if enforced else 0) | (EP_AUDIT if audit else 0)
     return DatapathState(
-        services=[ServiceEntry(VIP, 80, 7, be)],
-        endpoints={a.ip: (SERVER_ID, enforced), b.ip: (SERVER_ID, enforced), c.ip: (CLIENT_ID, False)},
-        cgroups={a.cgroup_id: (SERVER_ID, enforced), b.cgroup_id: (SERVER_ID, enforced), c.cgroup_id: (CLIENT_ID, False)},
+        services=[ServiceEntry(VIP, 80, 7, be, affinity_timeout_s=affinity)],
+        endpoints={a.ip: (SERVER_ID, flags), b.ip: (SERVER_ID, flags), c.ip: (CLIENT_ID, 0)},
+        cgroups={a.cgroup_id: (SERVER_ID, flags), b.cgroup_id: (SERVER_ID, flags), c.cgroup_id: (CLIENT_ID, 0)},
         policy=[PolicyEntry(SERVER_ID, CLIENT_ID, 8080, 1)] if allow else [],
     )
 
@@ -113,12 +114,32 @@ def test_policy_denies_at_connect_with_reason(node: LocalNode, pods: tuple, dp: 
     assert _connect(node, c).returncode == 0
 
 
-def test_no_backend_is_dropped_with_reason(node: LocalNode, pods: tuple, dp: Datapath) -> None:
+def test_no_backend_is_refused_with_reason(node: LocalNode, pods: tuple, dp: Datapath) -> None:
     a, b, c = pods
     dp.apply(_state(a, b, c, backends=()))
     r = _connect(node, c)
-    assert r.returncode != 0
+    assert "ConnectionRefusedError" in r.stderr, r.stderr  # ECONNREFUSED, like a closed port
     assert any(e.reason == Reason.NO_BACKEND for e in dp.poll_events(100))
+
+
+def test_audit_mode_counts_would_deny_and_allows(node: LocalNode, pods: tuple, dp: Datapath) -> None:
+    a, b, c = pods
+    _wait_listening(node, c, [a.ip, b.ip])
+    dp.apply(_state(a, b, c, enforced=True, allow=False, audit=True))
+    before = dp.reason_counts()[Reason.POLICY_AUDIT]
+    assert _connect(node, c).returncode == 0
+    assert dp.reason_counts()[Reason.POLICY_AUDIT] == before + 1
+    assert any(e.verdict == Verdict.AUDIT for e in dp.poll_events(100))
+
+
+def test_client_ip_affinity_sticks_to_one_backend(node: LocalNode, pods: tuple, dp: Datapath) -> None:
+    a, b, c = pods
+    _wait_listening(node, c, [a.ip, b.ip])
+    dp.apply(_state(a, b, c, affinity=60))
+    answers = {_connect(node, c).stdout.split("\n")[1] for _ in range(12)}
+    assert len(answers) == 1, answers  # 12 random picks over 2 backends would differ (p = 2^-11)
+    dp.apply(_state(a, b, c, affinity=60, backends=(Backend(b.ip, 8080),)))
+    assert _connect(node, c).stdout.split("\n")[1] == "B"  # a stale affinity entry is not followed
 
 
 def test_unrewritten_vip_is_blackholed(node: LocalNode, pods: tuple) -> None:
@@ -136,3 +157,32 @@ def test_apply_is_idempotent_and_removes_stale_entries(node: LocalNode, pods: tu
     assert dp.apply(st) == 0
     dp.apply(DatapathState())
     assert all(not list(m.keys()) for n, m in dp.maps.items() if n != "webb_reason_counts")
+
+
+UDP_SERVER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 5353)); s.settimeout(30)
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    try: data, peer = s.recvfrom(100)
+    except TimeoutError: break
+    s.sendto(sys.argv[1].encode() + data, peer)
+"""
+UDP_CLIENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+for _ in range(20):  # the server may still be starting: bounded retries
+    s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+    try:
+        data, peer = s.recvfrom(100); print(peer[0], peer[1], data.decode()); break
+    except TimeoutError: continue
+"""
+
+
+def test_udp_sendmsg_rewritten_and_reply_comes_from_vip(node: LocalNode, dp: Datapath) -> None:
+    srv = node.ensure_pod("default/dns", [sys.executable, "-c", UDP_SERVER, "A"])
+    cli = node.ensure_pod("default/udp-client", ["sleep", "60"])
+    dp.apply(DatapathState(services=[ServiceEntry(VIP, 53, 9, (Backend(srv.ip, 5353),), proto=PROTO_UDP)]))
+    p = node.spawn(cli, [sys.executable, "-c", UDP_CLIENT, VIP, "53"], stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=20)
+    assert out.decode().strip() == f"{VIP} 53 Aping"  # recvmsg4 shows the VIP as the source

@@ -119,3 +119,23 @@ def test_nack_keeps_last_good_config_and_is_not_resent(plane: tuple[SnapshotCach
     time.sleep(1.0)
     assert envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == stats  # not resent
     assert "update_rejected: 1" in stats
+
+
+def test_audit_mode_policy_lets_requests_through_and_logs_would_deny(
+        plane: tuple[SnapshotCache, Envoy], backend: int, tmp_path: Path) -> None:
+    cache, _ = plane
+    listen = _free_port()
+    log = tmp_path / "access.jsonl"
+    svc = r.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
+                        (r.RbacPolicy("default/p#ingress[0]", ("127.0.0.1",), (r.HttpRule("POST", "/ok"),), audit=True),))
+    snap = Snapshot.of(r.build([svc], str(log)))
+    cache.set_snapshot(NODE, snap)
+    assert cache.wait_acked(NODE, snap, 10)
+    assert _call(listen, "PUT", "/other") == (200, "PUT ok\n")
+    assert _call(listen, "POST", "/ok") == (200, "POST ok\n")
+    deadline = time.monotonic() + 5
+    while not log.exists() or log.read_text().count("\n") < 2:
+        assert time.monotonic() < deadline, "access log not written"
+        time.sleep(0.05)
+    lines = log.read_text().splitlines()
+    assert '"shadow":"denied"' in lines[0] and '"shadow":"allowed"' in lines[1]
