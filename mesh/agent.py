@@ -136,9 +136,8 @@ class Agent:
         by_pod = {e.pod: e for e in plan.endpoints}
         dp = DatapathState(
             services=list(plan.services),
-            endpoints={e.ip: (e.identity, e.enforced) for e in plan.endpoints},
-            cgroups={cid: next((e.identity, e.enforced) for e in plan.endpoints if e.pod == key)
-                     for cid, key in cg.items() if any(e.pod == key for e in plan.endpoints)},
+            endpoints={e.ip: (e.identity, e.flags) for e in plan.endpoints},
+            cgroups={cid: (by_pod[key].identity, by_pod[key].flags) for cid, key in cg.items() if key in by_pod},
             policy=list(plan.policy),
         )
         changed = self.datapath.apply(dp)
