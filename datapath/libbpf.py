@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,6 +56,14 @@ _sig("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _vp, _vp)
 _sig("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _vp)
 _sig("bpf_map_get_next_key", ctypes.c_int, ctypes.c_int, _vp, _vp)
 _sig("libbpf_num_possible_cpus", ctypes.c_int)
+_sig("bpf_map__set_pin_path", ctypes.c_int, _vp, ctypes.c_char_p)
+_sig("bpf_obj_get", ctypes.c_int, ctypes.c_char_p)
+_sig("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _vp, ctypes.POINTER(ctypes.c_uint32))
+_sig("bpf_link__open", _vp, ctypes.c_char_p)
+_sig("bpf_link__update_program", ctypes.c_int, _vp, _vp)
+_sig("bpf_link__fd", ctypes.c_int, _vp)
+_sig("libbpf_probe_bpf_prog_type", ctypes.c_int, ctypes.c_int, _vp)
+_sig("libbpf_probe_bpf_map_type", ctypes.c_int, ctypes.c_int, _vp)
 _sig("ring_buffer__new", _vp, ctypes.c_int, _RINGBUF_CB, _vp, _vp)
 _sig("ring_buffer__poll", ctypes.c_int, _vp, ctypes.c_int)
 _sig("ring_buffer__free", None, _vp)
@@ -78,16 +87,65 @@ def num_possible_cpus() -> int:
     return n
 
 
-class Map:
-    """A loaded BPF map; keys and values are raw bytes of the C layout."""
+def obj_get(path: str) -> int:
+    """An fd for a pinned map, program or link."""
+    fd = int(_lib.bpf_obj_get(path.encode()))
+    if fd < 0:
+        raise _fail(f"open pinned object {path}", fd)
+    return fd
 
-    def __init__(self, ptr: int, name: str) -> None:
+
+def obj_info(fd: int, size: int = 96) -> bytes:
+    """Raw ``struct bpf_map_info`` / ``bpf_link_info`` of an fd (first ``size`` bytes)."""
+    buf = ctypes.create_string_buffer(size)
+    n = ctypes.c_uint32(size)
+    rc = _lib.bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(n))
+    if rc < 0:
+        raise _fail(f"get info of BPF fd {fd}", rc)
+    return buf.raw[: n.value]
+
+
+def probe_prog_type(prog_type: int) -> bool:
+    return int(_lib.libbpf_probe_bpf_prog_type(prog_type, None)) == 1
+
+
+def probe_map_type(map_type: int) -> bool:
+    return int(_lib.libbpf_probe_bpf_map_type(map_type, None)) == 1
+
+
+class Map:
+    """A BPF map (of a loaded object, or a pinned one); keys and values are raw bytes."""
+
+    def __init__(self, ptr: int | None, name: str, fd: int | None = None) -> None:
         self.name = name
         self._ptr = ptr
-        self.fd = int(_lib.bpf_map__fd(ptr))
-        self.key_size = int(_lib.bpf_map__key_size(ptr))
-        self.value_size = int(_lib.bpf_map__value_size(ptr))
-        self.percpu = int(_lib.bpf_map__type(ptr)) in _PERCPU_TYPES
+        self._owned_fd = fd
+        if ptr is not None:
+            self.fd = int(_lib.bpf_map__fd(ptr))
+            self.key_size = int(_lib.bpf_map__key_size(ptr))
+            self.value_size = int(_lib.bpf_map__value_size(ptr))
+            self.percpu = int(_lib.bpf_map__type(ptr)) in _PERCPU_TYPES
+        else:
+            assert fd is not None
+            # struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, ...
+            mtype, _id, ksz, vsz = struct.unpack_from("=IIII", obj_info(fd))
+            self.fd, self.key_size, self.value_size = fd, ksz, vsz
+            self.percpu = mtype in _PERCPU_TYPES
+
+    @classmethod
+    def pinned(cls, path: str, name: str) -> Map:
+        return cls(None, name, obj_get(path))
+
+    def set_pin_path(self, path: str) -> None:
+        """Before load: reuse the map pinned at ``path`` if compatible, else pin there."""
+        rc = _lib.bpf_map__set_pin_path(self._ptr, path.encode())
+        if rc < 0:
+            raise _fail(f"set pin path of map {self.name} to {path}", rc)
+
+    def close(self) -> None:
+        if self._owned_fd is not None:
+            os.close(self._owned_fd)
+            self._owned_fd = None
 
     def _value_buf(self) -> ctypes.Array[ctypes.c_char]:
         size = self.value_size
@@ -138,11 +196,29 @@ class Map:
 
 
 class Link:
-    """An attachment of a program (to a cgroup); destroyed on close."""
+    """An attachment of a program (to a cgroup). ``destroy`` drops this process's
+    reference; a pinned link stays attached until its pin is removed too."""
 
     def __init__(self, ptr: int, what: str) -> None:
         self._ptr: int | None = ptr
         self.what = what
+
+    @classmethod
+    def open_pinned(cls, path: str) -> Link:
+        ptr = _lib.bpf_link__open(path.encode())
+        if not ptr:
+            raise _fail(f"open pinned link {path}")
+        return cls(ptr, path)
+
+    @property
+    def fd(self) -> int:
+        return int(_lib.bpf_link__fd(self._ptr))
+
+    def update_program(self, prog: Program) -> None:
+        """Atomically replace the attached program: no moment without one."""
+        rc = _lib.bpf_link__update_program(self._ptr, prog._ptr)
+        if rc < 0:
+            raise _fail(f"update link {self.what} to program {prog.name}", rc)
 
     def pin(self, path: str) -> None:
         rc = _lib.bpf_link__pin(self._ptr, path.encode())

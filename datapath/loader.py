@@ -1,41 +1,140 @@
-"""Loads the socket programs, attaches them to a cgroup and keeps their maps in sync."""
+"""Loads the socket programs, attaches them to a cgroup, pins everything, keeps maps in sync.
+
+Restart-proof: maps and links are pinned under ``<bpffs>/webb/<node>/``. A pinned link keeps
+its program attached when the agent dies (even by SIGKILL), so established connections are
+untouched and new ones keep being translated with the last state. A restarted agent whose
+BPF object is the same (sha256 in ``webb_meta``) adopts the pins without loading anything; a
+different object is loaded reusing the pinned maps and swapped into the links atomically.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 from datapath import libbpf
-from datapath.maps import COUNTER_KEY, LAYOUT, DatapathState, FlowEvent, Reason, check_layout
+from datapath.maps import COUNTER_KEY, LAYOUT, STATE_MAPS, DatapathState, FlowEvent, Reason, check_layout
 
 OBJECT_PATH = Path(__file__).parent / "bpf" / "sock.bpf.o"
+BPFFS = Path("/sys/fs/bpf")
 PROGRAMS = ("webb_sock4_connect", "webb_sock4_sendmsg", "webb_sock4_recvmsg", "webb_sock4_getpeername")
+MAPS = (*LAYOUT, "webb_events")
 # make-before-break: a service entry is written after its backends and removed before them
 _WRITE_ORDER = ("webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy", "webb_services")
+assert set(_WRITE_ORDER) == set(STATE_MAPS)
+
+
+def ensure_bpffs() -> None:
+    with open("/proc/mounts") as f:
+        if any(line.split()[1] == str(BPFFS) and line.split()[2] == "bpf" for line in f):
+            return
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+
+
+def pin_dir_for(node: str) -> Path:
+    return BPFFS / "webb" / node
+
+
+def _link_cgroup_id(link_fd: int) -> int:
+    # struct bpf_link_info: type, id, prog_id (u32 each), then the union at offset 16:
+    # cgroup.cgroup_id (u64). 0 once the cgroup is gone (a defunct link).
+    info = libbpf.obj_info(link_fd)
+    return int(struct.unpack_from("=Q", info, 16)[0]) if len(info) >= 24 else 0
 
 
 class Datapath:
-    """Owns one loaded copy of the socket programs attached to ``cgroup_path``."""
+    """The socket programs attached to ``cgroup_path``; ``adopted`` tells whether this instance
+    took over pinned state instead of loading."""
 
-    def __init__(self, cgroup_path: str, object_path: Path = OBJECT_PATH) -> None:
+    def __init__(self, cgroup_path: str, pin_dir: Path, object_path: Path = OBJECT_PATH) -> None:
         if not object_path.exists():
             raise FileNotFoundError(f"load datapath: {object_path} is missing; build it with 'make bpf'")
+        ensure_bpffs()
         self.cgroup_path = cgroup_path
-        self._obj = libbpf.BpfObject(str(object_path))
+        self.pin_dir = pin_dir
+        self.digest = hashlib.sha256(object_path.read_bytes()).digest()
+        self._obj: libbpf.BpfObject | None = None
         self._links: list[libbpf.Link] = []
         self._ring: libbpf.RingBuffer | None = None
         self._pending: list[FlowEvent] = []
+        self.maps: dict[str, libbpf.Map] = {}
         try:
-            self._obj.load()
-            check_layout(self._obj)
-            self.maps = {name: self._obj.map(name) for name in LAYOUT}
-            for prog in PROGRAMS:
-                self._links.append(self._obj.program(prog).attach_cgroup(cgroup_path))
-            self._ring = libbpf.RingBuffer(self._obj.map("webb_events"), self._on_event)
+            self.adopted = self._adopt()
+            if not self.adopted:
+                self._load(object_path)
+            check_layout(self.maps)
+            self._ring = libbpf.RingBuffer(self.maps["webb_events"], self._on_event)
         except BaseException:
             self.close()
             raise
 
+    # ---- start ----
+    def _adopt(self) -> bool:
+        """Take over pinned maps when the pinned links run this very object on this cgroup."""
+        links = [self.pin_dir / f"link_{p}" for p in PROGRAMS]
+        if not (self.pin_dir / "webb_meta").exists() or not all(p.exists() for p in links):
+            return False
+        meta = libbpf.Map.pinned(str(self.pin_dir / "webb_meta"), "webb_meta")
+        try:
+            if meta.lookup(COUNTER_KEY.pack(0)) != self.digest:
+                return False
+        finally:
+            meta.close()
+        want_cg = os.stat(self.cgroup_path).st_ino
+        for p in links:
+            fd = libbpf.obj_get(str(p))
+            try:
+                if _link_cgroup_id(fd) != want_cg:
+                    return False
+            finally:
+                os.close(fd)
+        self.maps = {n: libbpf.Map.pinned(str(self.pin_dir / n), n) for n in MAPS}
+        return True
+
+    def _load(self, object_path: Path) -> None:
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in (1, 2):
+            obj = libbpf.BpfObject(str(object_path))
+            for n in MAPS:
+                obj.map(n).set_pin_path(str(self.pin_dir / n))
+            try:
+                obj.load()
+                break
+            except OSError:
+                obj.close()
+                if attempt == 2:
+                    raise
+                # pinned maps of an incompatible layout: start them afresh (the agent
+                # rewrites their content from the plan right after)
+                for n in MAPS:
+                    (self.pin_dir / n).unlink(missing_ok=True)
+        self._obj = obj
+        self.maps = {n: obj.map(n) for n in MAPS}
+        want_cg = os.stat(self.cgroup_path).st_ino
+        for name in PROGRAMS:
+            prog = obj.program(name)
+            pin = self.pin_dir / f"link_{name}"
+            link = None
+            if pin.exists():
+                link = libbpf.Link.open_pinned(str(pin))
+                if _link_cgroup_id(link.fd) == want_cg:
+                    link.update_program(prog)  # atomic swap: never a moment unattached
+                else:
+                    link.destroy()
+                    pin.unlink()
+                    link = None
+            if link is None:
+                link = prog.attach_cgroup(self.cgroup_path)
+                link.pin(str(pin))
+            self._links.append(link)
+        self.maps["webb_meta"].update(COUNTER_KEY.pack(0), self.digest)
+
+    # ---- run ----
     def _on_event(self, raw: bytes) -> None:
         self._pending.append(FlowEvent.decode(raw))
 
@@ -70,11 +169,32 @@ class Datapath:
             out[reason] = sum(v for (v,) in struct.iter_unpack("=Q", raw))
         return out
 
-    def close(self) -> None:
+    # ---- stop ----
+    def close(self, unpin: bool = False) -> None:
+        """Release this process's handles. The programs stay attached (pinned) unless
+        ``unpin``: then they are detached and every pin is removed."""
         if self._ring is not None:
             self._ring.close()
             self._ring = None
         for link in self._links:
             link.destroy()
         self._links.clear()
-        self._obj.close()
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        if unpin:
+            cleanup(self.pin_dir)
+
+
+def cleanup(pin_dir: Path) -> list[str]:
+    """Detach and unpin everything under ``pin_dir`` (a link goes with its last reference)."""
+    removed = sorted(p.name for p in pin_dir.iterdir()) if pin_dir.exists() else []
+    shutil.rmtree(pin_dir, ignore_errors=True)
+    try:
+        pin_dir.parent.rmdir()
+    except OSError:
+        pass
+    return removed

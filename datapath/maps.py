@@ -12,7 +12,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from datapath.libbpf import BpfObject
+from datapath.libbpf import Map
 
 IDENTITY_UNKNOWN = 2
 EP_INGRESS_ENFORCED = 1
@@ -61,12 +61,14 @@ LAYOUT = {
     "webb_cgroups": (CGROUP_KEY, ENDPOINT_VALUE),
     "webb_policy": (POLICY_KEY, POLICY_VALUE),
     "webb_reason_counts": (COUNTER_KEY, struct.Struct("=Q")),
+    "webb_meta": (COUNTER_KEY, struct.Struct("=32s")),
 }
+STATE_MAPS = ("webb_services", "webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy")
 
 
-def check_layout(obj: BpfObject) -> None:
+def check_layout(maps: dict[str, Map]) -> None:
     for name, (key, value) in LAYOUT.items():
-        m = obj.map(name)
+        m = maps[name]
         if (m.key_size, m.value_size) != (key.size, value.size):
             raise RuntimeError(
                 f"check map {name}: object has key/value {m.key_size}/{m.value_size} bytes, "
@@ -123,7 +125,7 @@ class DatapathState:
 
     def entries(self) -> dict[str, dict[bytes, bytes]]:
         """Encoded map contents, map name -> key -> value."""
-        out: dict[str, dict[bytes, bytes]] = {n: {} for n in LAYOUT if n != "webb_reason_counts"}
+        out: dict[str, dict[bytes, bytes]] = {n: {} for n in STATE_MAPS}
         for s in self.services:
             key = SERVICE_KEY.pack(_ip(s.vip), _port(s.port), s.proto)
             out["webb_services"][key] = SERVICE_VALUE.pack(

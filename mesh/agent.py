@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from datapath.loader import Datapath
+from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState
 from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
 from mesh.model import ClusterState
@@ -88,7 +88,8 @@ class Agent:
         try:
             self.envoy.start()
             self.envoy.wait_ready()
-            self.datapath = Datapath(str(self.cfg.node.pods_cgroup))
+            self.datapath = Datapath(str(self.cfg.node.pods_cgroup), pin_dir_for(self.cfg.node.name))
+            log.info("datapath %s", "adopted from pins" if self.datapath.adopted else "loaded and pinned")
             tail = Tail(self.access_log)
             tail.offset = self.access_log.stat().st_size if self.access_log.exists() else 0
             self._write_status()
@@ -107,7 +108,7 @@ class Agent:
 
     def _shutdown(self, xds: XdsServer) -> None:
         if self.datapath is not None:
-            self.datapath.close()
+            self.datapath.close(unpin=True)
         self.envoy.stop()
         xds.stop()
         self.node.teardown()
@@ -177,8 +178,10 @@ class Agent:
             "node": self.cfg.node.name, "running": running, "pid": os.getpid(), "updated": time.time(),
             "applied": self.applied, "errors": self.errors,
             "envoy": {t.rsplit(".", 1)[-1]: vars(s) for t, s in self.cache.status(self.cfg.node.name).items()},
-            "pods": {k: {"ip": sb.ip, "netns": sb.netns, "cgroup": str(sb.cgroup)}
+            "pods": {k: {"ip": sb.ip, "netns": sb.netns, "cgroup": str(sb.cgroup), "adopted": sb.adopted}
                      for k, sb in self.node.sandboxes.items()},
+            "envoy_pid": self.envoy.proc.pid if getattr(self, "envoy", None) and self.envoy.proc else None,
+            "datapath_adopted": self.datapath.adopted if getattr(self, "datapath", None) else None,
         }
         if self.plan is not None:
             st["identities"] = dict(self.plan.identities)

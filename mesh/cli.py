@@ -14,6 +14,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from datapath.loader import cleanup, pin_dir_for
 from mesh.agent import Agent, AgentConfig, source_version
 from mesh.flows import read_flows
 from mesh.manifests import ManifestError, parse_object, read_documents
@@ -244,6 +245,29 @@ def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o"
         console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st["reason_counts"].items()))
     for e in st.get("errors", []):
         console.print(f"[yellow]  error: {e}[/]")
+
+
+datapath_app = typer.Typer(help="The node's eBPF datapath.", no_args_is_help=True)
+node_app = typer.Typer(help="The local node (bridge, pods).", no_args_is_help=True)
+app.add_typer(datapath_app, name="datapath")
+app.add_typer(node_app, name="node")
+
+
+@datapath_app.command("cleanup")
+def datapath_cleanup(node: str = "node1") -> None:
+    """Detach the programs and remove every pin of NODE (the agent must not be running)."""
+    removed = cleanup(pin_dir_for(node))
+    console.print(f"removed {len(removed)} pins of node {node}" + (f": {', '.join(removed)}" if removed else ""))
+
+
+@node_app.command("cleanup")
+def node_cleanup(node: str = "node1", state_dir: StateOpt = STATE, bridge: str = "webb0",
+                 service_cidr: str = "10.96.0.0/16") -> None:
+    """Remove what a killed agent left: pods (their processes, netns, cgroups), bridge, pins."""
+    n = LocalNode(NodeConfig(name=node, bridge=bridge, service_cidr=service_cidr, state_dir=state_dir))
+    n.teardown()
+    removed = cleanup(pin_dir_for(node))
+    console.print(f"node {node} removed ({len(removed)} BPF pins)")
 
 
 @app.command()

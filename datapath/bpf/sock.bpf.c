@@ -80,6 +80,15 @@ struct {
 	__type(value, __u64);
 } webb_reason_counts SEC(".maps");
 
+/* Digest of the object whose programs the pinned links run: a restarted
+ * agent with the same object adopts everything without loading anything. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct webb_meta);
+} webb_meta SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);

@@ -95,6 +95,10 @@ struct affinity_value {
 	__u16 slot;
 };
 
+struct webb_meta {
+	__u8 digest[32];	/* sha256 of the BPF object file */
+};
+
 struct orig_dst {
 	__u32 ip;
 	__u16 port;

@@ -66,6 +66,7 @@ class Sandbox:
     cgroup_id: int
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    adopted: bool = False  # left running by a previous agent; its process is not our child
 
 
 def _slug(key: str) -> str:
@@ -127,6 +128,22 @@ class LocalNode:
             _blackhole(ipr, c.service_cidr)
         c.pods_cgroup.mkdir(parents=True, exist_ok=True)
         (c.state_dir / "pods").mkdir(parents=True, exist_ok=True)
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Take over pods a previous runtime of this node left running (an agent that was
+        killed): their netns, IP, cgroup and processes stay as they are."""
+        c = self.config
+        for cg in sorted(p for p in c.pods_cgroup.iterdir() if p.is_dir()):
+            key = cg.name.replace("_", "/", 1)  # namespaces are DNS labels: no "_" in them
+            ns = netns_name(c.name, key)
+            ips = _netns_ips(ns) if (NETNS_DIR / ns).exists() else []
+            if not ips or not cgroups.procs(cg):
+                cgroups.remove_tree(cg)
+                _del_link(f"wb{_slug(key)}")
+                _del_netns(ns)
+                continue
+            self.sandboxes[key] = Sandbox(key, ips[0], ns, cg, cgroups.cgroup_id(cg), adopted=True)
 
     def teardown(self) -> None:
         for key in list(self.sandboxes):
@@ -161,11 +178,17 @@ class LocalNode:
         if sb is None:
             sb = self._make_sandbox(key)
             self.sandboxes[key] = sb
-        if command and (sb.process is None or sb.process.poll() is not None):
+        if command and not self._running(sb):
             sb.log = self.config.state_dir / "pods" / f"{key.replace('/', '_')}.log"
             with open(sb.log, "ab") as out:
                 sb.process = self.spawn(sb, command, env=env, workdir=workdir, stdout=out)
         return sb
+
+    @staticmethod
+    def _running(sb: Sandbox) -> bool:
+        if sb.process is not None:
+            return sb.process.poll() is None
+        return sb.adopted and bool(cgroups.procs(sb.cgroup))
 
     def _make_sandbox(self, key: str) -> Sandbox:
         c = self.config
@@ -198,7 +221,7 @@ class LocalNode:
 
     def spawn(self, sb: Sandbox, argv: Sequence[str], env: dict[str, str] | None = None,
               workdir: Path | None = None, stdout: int | IO[bytes] | None = None,
-              stderr: int | IO[bytes] | None = None
+              stderr: int | IO[bytes] | None = None, stdin: int | IO[bytes] | None = subprocess.DEVNULL
               ) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside the pod: its cgroup first, then its netns (via ip netns exec,
         which also bind-mounts /etc/netns/<pod>/hosts so service names resolve)."""
@@ -209,7 +232,7 @@ class LocalNode:
         return subprocess.Popen(
             ["sh", "-c", enter, "sh", str(sb.cgroup / "cgroup.procs"), sb.netns, *argv],
             env=full_env, cwd=workdir,
-            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr if stderr is not None else subprocess.STDOUT,
+            stdin=stdin, stdout=stdout, stderr=stderr if stderr is not None else subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -268,6 +291,12 @@ def in_netns(name: str, fn: Callable[[IPRoute], None]) -> None:
     t.join()
     if failure:
         raise failure[0]
+
+
+def _netns_ips(ns: str) -> list[str]:
+    ips: list[str] = []
+    in_netns(ns, lambda ipr: ips.extend(a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2, label="eth0")))
+    return ips
 
 
 def _del_link(ifname: str) -> None:

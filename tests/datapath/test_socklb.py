@@ -9,8 +9,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from datapath.loader import Datapath
-from datapath.maps import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_UDP, Backend, DatapathState, PolicyEntry, Reason, ServiceEntry, Verdict
+from datapath.loader import Datapath, pin_dir_for
+from datapath.maps import (
+    EP_AUDIT,
+    EP_INGRESS_ENFORCED,
+    PROTO_UDP,
+    STATE_MAPS,
+    Backend,
+    DatapathState,
+    PolicyEntry,
+    Reason,
+    ServiceEntry,
+    Verdict,
+)
 from mesh.runtime.local import LocalNode, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -44,9 +55,10 @@ def pods(node: LocalNode) -> Iterator[tuple[Sandbox, Sandbox, Sandbox]]:
 
 @pytest.fixture
 def dp(node: LocalNode) -> Iterator[Datapath]:
-    d = Datapath(str(node.config.pods_cgroup))
+    d = Datapath(str(node.config.pods_cgroup), pin_dir_for(node.config.name))
     yield d
-    d.close()
+    d.close(unpin=True)
+    assert not pin_dir_for(node.config.name).exists()
 
 
 def _state(a: Sandbox, b: Sandbox, c: Sandbox, enforced: bool = False, allow: bool = True,
@@ -156,7 +168,7 @@ def test_apply_is_idempotent_and_removes_stale_entries(node: LocalNode, pods: tu
     assert dp.apply(st) > 0
     assert dp.apply(st) == 0
     dp.apply(DatapathState())
-    assert all(not list(m.keys()) for n, m in dp.maps.items() if n != "webb_reason_counts")
+    assert all(not list(dp.maps[n].keys()) for n in STATE_MAPS)
 
 
 UDP_SERVER = """
