@@ -70,6 +70,8 @@ class Agent:
         self.errors: list[str] = []
         self._stop = False
         self._seen_version = ""
+        self.envoy: Envoy | None = None
+        self.datapath: Datapath | None = None
 
     # ---- lifecycle ----
     def run(self) -> None:
@@ -84,7 +86,6 @@ class Agent:
         self.envoy = Envoy(EnvoyConfig(self.cfg.node.name, xds.port, self.cfg.envoy_admin_port,
                                        self.cfg.state_dir / "envoy", self.cfg.envoy_concurrency,
                                        self.cfg.envoy_log_level))
-        self.datapath: Datapath | None = None
         try:
             self.envoy.start()
             self.envoy.wait_ready()
@@ -109,7 +110,8 @@ class Agent:
     def _shutdown(self, xds: XdsServer) -> None:
         if self.datapath is not None:
             self.datapath.close(unpin=True)
-        self.envoy.stop()
+        if self.envoy is not None:
+            self.envoy.stop()
         xds.stop()
         self.node.teardown()
         self._write_status(running=False)
@@ -180,8 +182,8 @@ class Agent:
             "envoy": {t.rsplit(".", 1)[-1]: vars(s) for t, s in self.cache.status(self.cfg.node.name).items()},
             "pods": {k: {"ip": sb.ip, "netns": sb.netns, "cgroup": str(sb.cgroup), "adopted": sb.adopted}
                      for k, sb in self.node.sandboxes.items()},
-            "envoy_pid": self.envoy.proc.pid if getattr(self, "envoy", None) and self.envoy.proc else None,
-            "datapath_adopted": self.datapath.adopted if getattr(self, "datapath", None) else None,
+            "envoy_pid": self.envoy.proc.pid if self.envoy is not None and self.envoy.proc else None,
+            "datapath_adopted": self.datapath.adopted if self.datapath is not None else None,
         }
         if self.plan is not None:
             st["identities"] = dict(self.plan.identities)
