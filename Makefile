@@ -7,7 +7,7 @@ BPF_OBJ := datapath/bpf/sock.bpf.o
 STAMP := build/.deps-stamp
 ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help deps bpf run test lint clean
+.PHONY: help deps bpf run test lint bench clean
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
@@ -34,9 +34,12 @@ run: deps bpf  ## the Star Wars demo on this machine (root)
 test: deps bpf lint  ## lint, then every test: unit, datapath (root, BPF), Envoy, end to end
 	$(PYTHON) -m pytest -q tests
 
+bench: deps bpf  ## benchmarks (root): a table, and bench/results.json with every figure of the run
+	$(PYTHON) -m bench.run
+
 lint: deps  ## ruff and mypy
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m mypy mesh datapath xds
+	$(PYTHON) -m mypy mesh datapath xds bench
 
 clean:  ## remove build products
 	rm -rf build $(BPF_OBJ) .pytest_cache

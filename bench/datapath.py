@@ -1,0 +1,94 @@
+"""Datapath bench on the host kernel: direct (no hook) vs through the socket LB, side by side.
+
+"direct": a client in the client pod's netns but in a cgroup outside the node's pods cgroup,
+so no program runs, connecting to the server pod's IP. "socklb": the same client in the pod's
+cgroup (connect4 attached) connecting to the Service VIP. Rounds alternate the two, so drift
+of the machine hits both alike. Ratios are socklb / direct (lower is better, 1.0 = no cost).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from datapath.loader import Datapath, pin_dir_for
+from datapath.maps import Backend, DatapathState, ServiceEntry
+from mesh.runtime.local import LocalNode, NodeConfig, Sandbox
+
+WORKLOAD = Path(__file__).resolve().parent / "workload.py"
+VIP = "10.96.210.10"
+ROUNDS = 5
+
+
+def _run(node: LocalNode, sb: Sandbox, *args: object) -> list[int]:
+    p = node.spawn(sb, [sys.executable, str(WORKLOAD), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=120)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench client {args}: {err.decode()[-500:]}")
+    return list(json.loads(out))
+
+
+def _pct(xs: list[int], q: float) -> float:
+    xs = sorted(xs)
+    return float(xs[min(len(xs) - 1, int(q * len(xs)))])
+
+
+def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
+    tmp = Path(tempfile.mkdtemp(prefix="webb-bench-"))
+    node = LocalNode(NodeConfig(name="bench", bridge="webbb0", pod_cidr="10.244.210.0/24", state_dir=tmp))
+    node.setup()
+    dp = None
+    try:
+        srv = node.ensure_pod("bench/server", [sys.executable, str(WORKLOAD), "server"])
+        cli = node.ensure_pod("bench/client", ["sleep", "600"])
+        unhooked = node.config.cgroup / "unhooked"
+        unhooked.mkdir(exist_ok=True)
+        direct = replace(cli, cgroup=unhooked)
+        dp = Datapath(str(node.config.pods_cgroup), pin_dir_for("bench"))
+        dp.apply(DatapathState(services=[ServiceEntry(VIP, 80, 1, (Backend(srv.ip, 9000),)),
+                                         ServiceEntry(VIP, 81, 2, (Backend(srv.ip, 9001),))]))
+        _run(node, direct, "connect", srv.ip, 9000, 50, 0)  # server up?
+        variants = {"direct": (direct, srv.ip, 9000, 9001), "socklb": (cli, VIP, 80, 81)}
+        conn: dict[str, list[int]] = {v: [] for v in variants}
+        rr: dict[tuple[str, int], list[int]] = {}
+        tput: dict[tuple[str, int], list[float]] = {}
+        sizes = (64, 1024, 16384, 262144)
+        for _ in range(ROUNDS):
+            for v, (sb, host, rr_port, sink_port) in variants.items():
+                conn[v] += _run(node, sb, "connect", host, rr_port, 2000, 0)
+                for size in (64, 1024):
+                    rr.setdefault((v, size), []).extend(_run(node, sb, "rr", host, rr_port, 5000, size))
+                for size in sizes:
+                    total = (8 << 20) if size < 1024 else (128 << 20)
+                    ns, sent = _run(node, sb, "stream", host, sink_port, total, size)
+                    tput.setdefault((v, size), []).append(sent / ns * 1e3)  # MB/s
+        res: dict[str, float] = {}
+        rows: list[tuple[str, str, str, str]] = []
+
+        def add(name: str, what: str, d: float, s: float, unit: str) -> None:
+            res[name] = round(s / d, 3)
+            rows.append((what, f"{d:.1f} {unit}", f"{s:.1f} {unit}", f"{s / d:.3f}"))
+
+        add("datapath.connect_ratio", "connect() p50", _pct(conn["direct"], .5) / 1e3, _pct(conn["socklb"], .5) / 1e3, "µs")
+        res["datapath.connect_direct_p50_us"] = round(_pct(conn["direct"], .5) / 1e3, 2)
+        add("datapath.connect_p99_ratio", "connect() p99", _pct(conn["direct"], .99) / 1e3,
+            _pct(conn["socklb"], .99) / 1e3, "µs")
+        for size, tag in ((64, ""), (1024, "_1k")):
+            for q, qn in ((.5, "p50"), (.99, "p99")):
+                add(f"datapath.socklb_rr{tag}_{qn}_ratio", f"RR {size} B {qn}", _pct(rr[("direct", size)], q) / 1e3,
+                    _pct(rr[("socklb", size)], q) / 1e3, "µs")
+        for size in sizes:
+            add(f"datapath.socklb_tput_{size}_ratio", f"stream {size} B writes", statistics.median(tput[("direct", size)]),
+                statistics.median(tput[("socklb", size)]), "MB/s")
+        counts = dp.reason_counts()
+        res["datapath.bench_connects_translated"] = float(sum(counts.values()))
+        return res, rows
+    finally:
+        if dp is not None:
+            dp.close(unpin=True)
+        node.teardown()
