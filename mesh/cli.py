@@ -247,6 +247,21 @@ def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o"
         console.print(f"[yellow]  error: {e}[/]")
 
 
+@app.command()
+def doctor(output: Annotated[str, typer.Option("-o", help="table | json")] = "table") -> None:
+    """Probe the kernel for what the datapath needs; exit 1 if something required is missing."""
+    from datapath import probes
+
+    results = probes.run()
+    if output == "json":
+        print(json.dumps([vars(p) for p in results], indent=1))
+    else:
+        for p in results:
+            mark = "[green]ok     [/]" if p.ok else ("[red]MISSING[/]" if p.required else "[yellow]absent [/]")
+            console.print(f"{mark} {p.name}: {p.detail}", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if all(p.ok or not p.required for p in results) else 1)
+
+
 datapath_app = typer.Typer(help="The node's eBPF datapath.", no_args_is_help=True)
 node_app = typer.Typer(help="The local node (bridge, pods).", no_args_is_help=True)
 app.add_typer(datapath_app, name="datapath")

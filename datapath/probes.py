@@ -1,0 +1,73 @@
+"""Kernel feature probes for `webb doctor`: what the datapath needs and whether this kernel has it."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from datapath import libbpf
+
+# enum bpf_prog_type / bpf_map_type values (UAPI, stable)
+PROG_TYPES = {"cgroup_sock_addr (connect/sendmsg/recvmsg/getpeername)": 18, "sock_ops": 13, "sk_msg": 16}
+MAP_TYPES = {"hash": 1, "array": 2, "percpu_array": 6, "lru_hash": 9, "sockhash": 18, "ringbuf": 27}
+SOL_TCP_ULP = 31  # TCP_ULP
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def _ktls() -> Probe:
+    """kTLS: the TLS ULP can be set on a connected TCP socket (loopback)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()
+    try:
+        cli.setsockopt(socket.IPPROTO_TCP, SOL_TCP_ULP, b"tls")
+        return Probe("kTLS (TCP_ULP tls)", True, "available", required=False)
+    except OSError as e:
+        why = "CONFIG_TLS not set (module absent)" if e.errno == errno.ENOENT else e.strerror
+        return Probe("kTLS (TCP_ULP tls)", False, f"{why}: the mTLS tunnel falls back to user-space TLS",
+                     required=False)
+    finally:
+        for s in (cli, peer, srv):
+            s.close()
+
+
+def _cgroup2() -> Probe:
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return Probe("cgroup v2 mount", True, parts[1])
+    return Probe("cgroup v2 mount", False, "no cgroup2 mount: mount -t cgroup2 none /sys/fs/cgroup/unified")
+
+
+def _bpffs() -> Probe:
+    with open("/proc/mounts") as f:
+        mounts = [ln.split()[1] for ln in f if ln.split()[2:3] == ["bpf"]]
+    if mounts:
+        return Probe("bpffs", True, ", ".join(mounts))
+    return Probe("bpffs", True, "not mounted yet; the agent mounts it at /sys/fs/bpf", required=False)
+
+
+def run() -> list[Probe]:
+    btf = Path("/sys/kernel/btf/vmlinux")
+    out = [Probe("BTF (/sys/kernel/btf/vmlinux)", btf.exists(),
+                 "present" if btf.exists() else "absent: CO-RE tools will not work (Webb's programs do not need it)",
+                 required=False), _cgroup2(), _bpffs()]
+    for name, t in PROG_TYPES.items():
+        ok = libbpf.probe_prog_type(t)
+        out.append(Probe(f"program type {name}", ok, "supported" if ok else "missing",
+                         required=name.startswith("cgroup_sock_addr")))
+    for name, t in MAP_TYPES.items():
+        ok = libbpf.probe_map_type(t)
+        out.append(Probe(f"map type {name}", ok, "supported" if ok else "missing", required=name != "sockhash"))
+    out.append(_ktls())
+    return out
