@@ -62,6 +62,7 @@ class Datapath:
         self._links: list[libbpf.Link] = []
         self._ring: libbpf.RingBuffer | None = None
         self._pending: list[FlowEvent] = []
+        self.received = 0  # events read from the ring buffer by this instance
         self.maps: dict[str, libbpf.Map] = {}
         try:
             self.adopted = self._adopt()
@@ -69,6 +70,7 @@ class Datapath:
                 self._load(object_path)
             check_layout(self.maps)
             self._ring = libbpf.RingBuffer(self.maps["webb_events"], self._on_event)
+            self._counted_at_start = sum(self.reason_counts().values())
         except BaseException:
             self.close()
             raise
@@ -136,7 +138,13 @@ class Datapath:
 
     # ---- run ----
     def _on_event(self, raw: bytes) -> None:
+        self.received += 1
         self._pending.append(FlowEvent.decode(raw))
+
+    def events_lost(self) -> int:
+        """Decisions counted in the kernel but not read (yet, or ever: the ring buffer was
+        full). Every counted decision emits one event; counting starts with this instance."""
+        return sum(self.reason_counts().values()) - self._counted_at_start - self.received
 
     def apply(self, state: DatapathState) -> int:
         """Make the maps hold exactly ``state``; returns the number of entries changed."""

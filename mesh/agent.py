@@ -192,6 +192,8 @@ class Agent:
                                "proxy_port": s.proxy_port} for s in self.plan.services]
         if self.datapath is not None and running:
             st["reason_counts"] = {r.text: n for r, n in self.datapath.reason_counts().items()}
+            st["events_received"] = self.datapath.received
+            st["events_lost"] = self.datapath.events_lost()
         path = self.cfg.state_dir / "status.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(st, indent=1, default=str))
