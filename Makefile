@@ -2,12 +2,12 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 CLANG ?= clang
-APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 curl util-linux
+APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 curl util-linux qemu-system-x86 kmod cpio busybox-static
 BPF_OBJ := datapath/bpf/sock.bpf.o
 STAMP := build/.deps-stamp
 ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help deps bpf run test lint bench clean
+.PHONY: help deps bpf run test test-vm lint bench clean
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
@@ -33,6 +33,9 @@ run: deps bpf  ## the Star Wars demo on this machine (root)
 
 test: deps bpf lint  ## lint, then every test: unit, datapath (root, BPF), Envoy, end to end
 	$(PYTHON) -m pytest -q tests
+
+test-vm: deps bpf  ## the datapath suite under Debian's 6.1 kernel in qemu (image cached in /var/cache/webb)
+	$(PYTHON) -m tests.vm.run -- $(PYTHON) -m pytest -q -p no:cacheprovider tests/datapath
 
 bench: deps bpf  ## benchmarks (root): a table, and bench/results.json with every figure of the run
 	$(PYTHON) -m bench.run
