@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 CLANG ?= clang
-APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 curl util-linux qemu-system-x86 kmod cpio busybox-static
+APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 curl util-linux bpftool qemu-system-x86 kmod cpio busybox-static
 BPF_OBJ := datapath/bpf/sock.bpf.o
 STAMP := build/.deps-stamp
 ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu

@@ -67,6 +67,35 @@ def _storm(node: LocalNode, cli: Sandbox, dp: Datapath, count: int = 100_000) ->
             "datapath.storm_events_received": float(got)}
 
 
+def _prog_stats(cgroup: Path) -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) per program attached to ``cgroup``, from the kernel's bpf_stats
+    (bpftool only reads them here; nothing is loaded with it)."""
+    attached = json.loads(subprocess.run(["bpftool", "cgroup", "show", str(cgroup), "-j"], check=True,
+                                         capture_output=True, text=True).stdout or "[]")
+    out = {}
+    for a in attached:
+        info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(a["id"]), "-j"], check=True,
+                                         capture_output=True, text=True).stdout)
+        out[info.get("name", str(a["id"]))] = (int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0)))
+    return out
+
+
+def _hook_cost(node: LocalNode, cli: Sandbox) -> dict[str, float]:
+    """Mean time the connect4 program itself runs per connect(), measured by the kernel."""
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = stats.read_text().strip()
+    stats.write_text("1")
+    try:
+        t0 = _prog_stats(node.config.pods_cgroup)
+        _run(node, cli, "connect", VIP, 80, 20000, 0)
+        t1 = _prog_stats(node.config.pods_cgroup)
+    finally:
+        stats.write_text(before)
+    name = next(n for n in t1 if n.startswith("webb_sock4_conn"))  # names are cut at 15 chars
+    ns, cnt = t1[name][0] - t0[name][0], t1[name][1] - t0[name][1]
+    return {"datapath.connect4_prog_ns": round(ns / cnt, 1), "datapath.connect4_prog_runs": float(cnt)}
+
+
 def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
     tmp = Path(tempfile.mkdtemp(prefix="webb-bench-"))
     node = LocalNode(NodeConfig(name="bench", bridge="webbb0", pod_cidr="10.244.210.0/24", state_dir=tmp))
@@ -114,6 +143,11 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
         for size in sizes:
             add(f"datapath.socklb_tput_{size}_ratio", f"stream {size} B writes", statistics.median(tput[("direct", size)]),
                 statistics.median(tput[("socklb", size)]), "MB/s")
+        res.update(_hook_cost(node, cli))
+        direct_ns = res["datapath.connect_direct_p50_us"] * 1e3
+        res["datapath.connect_ratio_kernel"] = round((direct_ns + res["datapath.connect4_prog_ns"]) / direct_ns, 4)
+        rows.append(("connect4 program run time (bpf_stats)", f"{direct_ns / 1e3:.1f} µs connect()",
+                     f"+{res['datapath.connect4_prog_ns']:.0f} ns", f"{res['datapath.connect_ratio_kernel']:.4f}"))
         res.update(_storm(node, cli, dp))
         rows.append(("event storm (refused connects)", "", f"{res['datapath.storm_connects_per_s']:.0f} /s",
                      f"lost {res['datapath.storm_events_lost']:.0f}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -31,11 +32,21 @@ def procs(path: Path) -> list[int]:
         return []
 
 
+def populated(path: Path) -> bool:
+    """True while any task, a dying one included, still belongs to the subtree."""
+    try:
+        return "populated 1" in (path / "cgroup.events").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def remove_tree(path: Path, grace_s: float = 3.0) -> None:
     """Stop every process of a cgroup subtree this node created, then remove it.
 
     Processes get SIGTERM, then SIGKILL after ``grace_s``; only processes inside the
-    subtree (started by the runtime into it) are signalled.
+    subtree (started by the runtime into it) are signalled. The wait is on the kernel's
+    ``populated`` flag, not on cgroup.procs: an exited task whose parent has not reaped
+    it yet (pods adopted from a killed agent are not our children) still pins the cgroup.
     """
     if not path.exists():
         return
@@ -49,10 +60,20 @@ def remove_tree(path: Path, grace_s: float = 3.0) -> None:
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(procs(g) for g in groups):
+        while time.monotonic() < deadline and populated(path):
             time.sleep(0.02)
+        if not populated(path):
+            break
+    deadline = time.monotonic() + 10 * grace_s
     for g in groups:
-        try:
-            g.rmdir()
-        except FileNotFoundError:
-            pass
+        while True:
+            try:
+                g.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise OSError(e.errno, f"remove cgroup {g}: {e.strerror} (processes: {procs(g) or 'exited, not reaped'})"
+                                  ) from None
+                time.sleep(0.05)

@@ -146,8 +146,21 @@ class LocalNode:
             self.sandboxes[key] = Sandbox(key, ips[0], ns, cg, cgroups.cgroup_id(cg), adopted=True)
 
     def teardown(self) -> None:
+        """Remove every pod, then the node; one failure does not stop the rest."""
+        errors: list[str] = []
         for key in list(self.sandboxes):
-            self.remove_pod(key)
+            try:
+                self.remove_pod(key)
+            except OSError as e:
+                errors.append(str(e))
+        try:
+            self._teardown_node()
+        except OSError as e:
+            errors.append(str(e))
+        if errors:
+            raise OSError(f"tear down node {self.config.name}: " + "; ".join(errors))
+
+    def _teardown_node(self) -> None:
         c = self.config
         cgroups.remove_tree(c.cgroup)
         try:
@@ -255,11 +268,13 @@ class LocalNode:
             except subprocess.TimeoutExpired:
                 sb.process.kill()
                 sb.process.wait(timeout=3)
-        cgroups.remove_tree(sb.cgroup)
-        # delete the veth ourselves: the kernel frees a netns (and the veth in it) lazily,
-        # and a pod made again under the same name must not meet the old pair
-        _del_link(f"wb{_slug(key)}")
-        _del_netns(sb.netns)
+        try:
+            cgroups.remove_tree(sb.cgroup)
+        finally:
+            # delete the veth ourselves: the kernel frees a netns (and the veth in it) lazily,
+            # and a pod made again under the same name must not meet the old pair
+            _del_link(f"wb{_slug(key)}")
+            _del_netns(sb.netns)
 
 
 def _blackhole(ipr: IPRoute, cidr: str) -> None:

@@ -49,7 +49,6 @@ def qemu(img: Path, job: Path) -> list[str]:
 def boot(argv: list[str], timeout_s: float) -> int:
     img = image()
     pybin = Path(os.path.realpath(sys.executable)).parent
-    # not under /tmp: the guest mounts a fresh tmpfs there
     (CACHE / "jobs").mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="job-", suffix=".sh", dir=CACHE / "jobs")
     job = Path(name)
