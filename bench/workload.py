@@ -6,6 +6,7 @@ client MODE HOST PORT COUNT SIZE: prints one JSON object of measurements in nano
 
 import json
 import socket
+import struct
 import sys
 import threading
 import time
@@ -52,11 +53,13 @@ def _recv_exact(s: socket.socket, n: int) -> None:
 
 def connect(host: str, port: int, count: int) -> list[int]:
     out = []
+    linger0 = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT, no ephemeral port exhaustion
     for _ in range(count):
         s = socket.socket()
         t0 = time.perf_counter_ns()
         s.connect((host, port))
         out.append(time.perf_counter_ns() - t0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
         s.close()
     return out
 
