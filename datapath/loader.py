@@ -21,7 +21,7 @@ from datapath.maps import COUNTER_KEY, LAYOUT, STATE_MAPS, DatapathState, FlowEv
 
 OBJECT_PATH = Path(__file__).parent / "bpf" / "sock.bpf.o"
 BPFFS = Path("/sys/fs/bpf")
-PROGRAMS = ("webb_sock4_connect", "webb_sock4_sendmsg", "webb_sock4_recvmsg", "webb_sock4_getpeername")
+PROGRAMS = tuple(f"webb_sock{f}_{hook}" for f in (4, 6) for hook in ("connect", "sendmsg", "recvmsg", "getpeername"))
 MAPS = (*LAYOUT, "webb_events")
 # make-before-break: a service entry is written after its backends and removed before them
 _WRITE_ORDER = ("webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy", "webb_services")

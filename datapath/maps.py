@@ -42,17 +42,17 @@ class Reason(enum.IntEnum):
         return self.name.lower().replace("_", "-")
 
 
-SERVICE_KEY = struct.Struct("=4s2sBx")
-SERVICE_VALUE = struct.Struct("=II4s2s2xI")
+SERVICE_KEY = struct.Struct("=16s2sBx")
+SERVICE_VALUE = struct.Struct("=II16s2s2xI")
 BACKEND_KEY = struct.Struct("=II")
-BACKEND_VALUE = struct.Struct("=4s2s2x")
-ENDPOINT_KEY = struct.Struct("=4s")
+BACKEND_VALUE = struct.Struct("=16s2s2x")
+ENDPOINT_KEY = struct.Struct("=16s")
 CGROUP_KEY = struct.Struct("=Q")
 ENDPOINT_VALUE = struct.Struct("=II")
 POLICY_KEY = struct.Struct("=IIHBx")
 POLICY_VALUE = struct.Struct("=I")
 COUNTER_KEY = struct.Struct("=I")
-FLOW_EVENT = struct.Struct("=QQII4s4s2s2sBBBx")
+FLOW_EVENT = struct.Struct("=QQII16s16s2s2sBBBB")
 
 LAYOUT = {
     "webb_services": (SERVICE_KEY, SERVICE_VALUE),
@@ -78,7 +78,16 @@ def check_layout(maps: dict[str, Map]) -> None:
 
 
 def _ip(addr: str) -> bytes:
-    return ipaddress.IPv4Address(addr).packed
+    """The maps' one address form: IPv6, with IPv4 as IPv4-mapped (::ffff:a.b.c.d)."""
+    ip = ipaddress.ip_address(addr)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return bytes(10) + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+def _addr_text(raw: bytes) -> str:
+    ip = ipaddress.IPv6Address(raw)
+    return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
 
 
 def _port(port: int) -> bytes:
@@ -99,7 +108,7 @@ class ServiceEntry:
     port: int
     service_id: int
     backends: tuple[Backend, ...]
-    proxy_ip: str = "0.0.0.0"
+    proxy_ip: str = "0.0.0.0"  # same family as the VIP
     proxy_port: int = 0
     proto: int = PROTO_TCP
     affinity_timeout_s: int = 0  # ClientIP session affinity; 0 = none
@@ -162,12 +171,12 @@ class FlowEvent:
 
     @classmethod
     def decode(cls, raw: bytes) -> FlowEvent:
-        ts, cg, src, dst, oip, nip, oport, nport, verdict, reason, proto = FLOW_EVENT.unpack(
+        ts, cg, src, dst, oip, nip, oport, nport, verdict, reason, proto, _family = FLOW_EVENT.unpack(
             raw[: FLOW_EVENT.size]
         )
         return cls(
             ts, cg, src, dst,
-            str(ipaddress.IPv4Address(oip)), int.from_bytes(oport, "big"),
-            str(ipaddress.IPv4Address(nip)), int.from_bytes(nport, "big"),
+            _addr_text(oip), int.from_bytes(oport, "big"),
+            _addr_text(nip), int.from_bytes(nport, "big"),
             Verdict(verdict), Reason(reason), proto,
         )

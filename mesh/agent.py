@@ -60,7 +60,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.node = LocalNode(cfg.node)
-        self.source = StandaloneSource(cfg.manifests, cfg.node.service_cidr)
+        self.source = StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
         self.cache = SnapshotCache()
         self.flows = FlowLog(cfg.state_dir / "flows.jsonl")
         self.access_log = cfg.state_dir / "envoy-access.jsonl"
@@ -121,7 +121,7 @@ class Agent:
         self._seen_version = version
         state = self.source.load()
         state = self._run_pods(state)
-        plan = reconcile(state, NodeSpec(self.cfg.node.name, self.cfg.node.gateway))
+        plan = reconcile(state, NodeSpec(self.cfg.node.name, self.cfg.node.gateway, self.cfg.node.gateway6))
         for sb in self.node.sandboxes.values():
             self.node.write_hosts(sb, {vip: list(names) for vip, names in plan.hosts})
         snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log)))
@@ -139,7 +139,7 @@ class Agent:
         by_pod = {e.pod: e for e in plan.endpoints}
         dp = DatapathState(
             services=list(plan.services),
-            endpoints={e.ip: (e.identity, e.flags) for e in plan.endpoints},
+            endpoints={ip: (e.identity, e.flags) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip},
             cgroups={cid: (by_pod[key].identity, by_pod[key].flags) for cid, key in cg.items() if key in by_pod},
             policy=list(plan.policy),
         )
@@ -160,7 +160,7 @@ class Agent:
         pods = []
         for p in sorted(state.pods, key=lambda p: p.key):
             sb = self.node.ensure_pod(p.key, p.command, env={"POD_NAME": p.name, "POD_NAMESPACE": p.namespace})
-            pods.append(replace(p, ip=sb.ip, node=self.cfg.node.name))
+            pods.append(replace(p, ip=sb.ip, ip6=sb.ip6, node=self.cfg.node.name))
         return replace(state, pods=tuple(pods))
 
     # ---- observability ----
@@ -180,7 +180,7 @@ class Agent:
             "node": self.cfg.node.name, "running": running, "pid": os.getpid(), "updated": time.time(),
             "applied": self.applied, "errors": self.errors,
             "envoy": {t.rsplit(".", 1)[-1]: vars(s) for t, s in self.cache.status(self.cfg.node.name).items()},
-            "pods": {k: {"ip": sb.ip, "netns": sb.netns, "cgroup": str(sb.cgroup), "adopted": sb.adopted}
+            "pods": {k: {"ip": sb.ip, "ip6": sb.ip6, "netns": sb.netns, "cgroup": str(sb.cgroup), "adopted": sb.adopted}
                      for k, sb in self.node.sandboxes.items()},
             "envoy_pid": self.envoy.proc.pid if self.envoy is not None and self.envoy.proc else None,
             "datapath_adopted": self.datapath.adopted if self.datapath is not None else None,

@@ -35,10 +35,12 @@ class Outcome:
         return f"refused at connect (curl exit {self.exit_code}: {self.body.strip()})"
 
 
-def request(node: NodeConfig, pod: str, method: str, path: str) -> Outcome:
+def request(node: NodeConfig, pod: str, method: str, path: str, family: int = 0) -> Outcome:
+    """curl from a pod to the deathstar by name; ``family`` 4 or 6 forces that address family."""
     sb = pod_sandbox(node, f"default/{pod}")
+    force = [f"-{family}"] if family else []
     proc = LocalNode(node).spawn(
-        sb, ["curl", "-sS", "--max-time", "5", "-X", method, "-w", "\n%{http_code}", URL + path],
+        sb, ["curl", "-sS", *force, "--max-time", "5", "-X", method, "-w", "\n%{http_code}", URL + path],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, errout = proc.communicate(timeout=15)
     if proc.returncode != 0:

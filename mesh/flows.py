@@ -36,6 +36,8 @@ class Names:
         n = cls(pod_by_cgroup=dict(pod_by_cgroup))
         for ep in plan.endpoints:
             n.pod_by_ip[ep.ip] = ep.pod
+            if ep.ip6:
+                n.pod_by_ip[ep.ip6] = ep.pod
             n.pod_by_identity.setdefault(ep.identity, []).append(ep.pod)
         # hosts names are (name, name.ns, ...): the service key is ns/name
         svc_of_vip = {vip: f"{names[1].split('.')[1]}/{names[0]}" for vip, names in plan.hosts}
@@ -77,8 +79,13 @@ def from_event(e: FlowEvent, names: Names) -> dict[str, Any]:
     return flow
 
 
+def _host(addr_port: object) -> str:
+    """"10.0.0.1:80" or "[fd00::1]:80" -> the address."""
+    return str(addr_port or "").rsplit(":", 1)[0].strip("[]")
+
+
 def from_access_log(entry: dict[str, Any], names: Names) -> dict[str, Any]:
-    src_ip = str(entry.get("src", "")).rsplit(":", 1)[0]
+    src_ip = _host(entry.get("src"))
     status = int(entry.get("status") or 0)
     details = str(entry.get("details", ""))
     denied = details.startswith("rbac_access_denied")
@@ -86,7 +93,7 @@ def from_access_log(entry: dict[str, Any], names: Names) -> dict[str, Any]:
     flow: dict[str, Any] = {
         "time": float(entry.get("time") or time.time()), "layer": "L7", "protocol": entry.get("protocol"),
         "src": names.pod_by_ip.get(src_ip, src_ip), "service": entry.get("service"),
-        "dst_pod": names.pod_by_ip.get(str(entry.get("upstream", "")).rsplit(":", 1)[0]),
+        "dst_pod": names.pod_by_ip.get(_host(entry.get("upstream"))),
         "method": entry.get("method"), "path": entry.get("path"), "status": status,
         "verdict": "denied" if denied else "audit" if would_deny else "forwarded",
         "reason": "l7-policy-denied" if denied else "l7-policy-audit" if would_deny else "l7-forwarded",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -212,9 +213,30 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj:
             sports.append(ServicePort(port, target, ctx.protocol(p.get("protocol"), f"{f}.protocol"), str(p.get("name", ""))))
         if not sports:
             raise ctx.fail("spec.ports", "a Service needs at least one port")
+        v4, v6 = _cluster_ips(ctx, spec)
         return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(sports),
-                       str(spec.get("clusterIP") or ""), _affinity(ctx, spec))
+                       cluster_ip=v4, cluster_ip6=v6, affinity_timeout_s=_affinity(ctx, spec))
     return _policy(ctx, ns, name, spec)
+
+
+def _cluster_ips(ctx: _Ctx, spec: dict[str, Any]) -> tuple[str, str]:
+    """(IPv4, IPv6) VIPs from spec.clusterIP / spec.clusterIPs; "" where not given."""
+    ips = [str(x) for x in ctx.seq(spec.get("clusterIPs"), "spec.clusterIPs")]
+    if spec.get("clusterIP"):
+        ips.insert(0, str(spec["clusterIP"]))
+    v4 = v6 = ""
+    for i, ip in enumerate(ips):
+        if ip == "None":
+            raise ctx.fail("spec.clusterIP", "headless services are not load-balanced; they are not supported yet")
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            raise ctx.fail(f"spec.clusterIPs[{i}]" if i else "spec.clusterIP", f"{ip!r} is not an IP address") from None
+        if addr.version == 4:
+            v4 = v4 or ip
+        else:
+            v6 = v6 or ip
+    return v4, v6
 
 
 def _affinity(ctx: _Ctx, spec: dict[str, Any]) -> int:

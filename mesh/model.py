@@ -64,6 +64,7 @@ class Pod:
     service_account: str = "default"
     ip: str = ""  # status.podIP: from the runtime (standalone) or the API (cluster)
     node: str = ""
+    ip6: str = ""  # the IPv6 of status.podIPs (dual stack); "" when single-stack
 
     @property
     def key(self) -> str:
@@ -90,6 +91,7 @@ class Service:
     ports: tuple[ServicePort, ...]
     cluster_ip: str = ""
     affinity_timeout_s: int = 0  # sessionAffinity: ClientIP (timeoutSeconds); 0 = None
+    cluster_ip6: str = ""  # the IPv6 of spec.clusterIPs (dual stack)
 
     @property
     def key(self) -> str:

@@ -26,6 +26,7 @@ PROXY_PORT_BASE, PROXY_PORT_COUNT = 15001, 999
 class NodeSpec:
     name: str
     proxy_ip: str  # where the node Envoy listens (the bridge gateway)
+    proxy_ip6: str = ""  # ...and its IPv6 (dual stack)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Endpoint:
     identity: int
     enforced: bool  # a MeshPolicy selects it: ingress is default-deny
     audit: bool = False  # ...but only audit-mode policies do: would-deny is reported, allowed
+    ip6: str = ""
 
     @property
     def flags(self) -> int:
@@ -111,7 +113,7 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
     identities = {pod_identity[k]: dict(id_labels[k]) for k in pod_identity}
     ips_of_identity: dict[int, list[str]] = defaultdict(list)
     for p in pods:
-        ips_of_identity[pod_identity[p.key]].append(p.ip)
+        ips_of_identity[pod_identity[p.key]] += [ip for ip in (p.ip, p.ip6) if ip]
 
     policies = sorted(state.policies, key=lambda p: p.key)
     rule_text: dict[int, str] = {}
@@ -151,7 +153,7 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
                     (l7 if matches is not None else l4)[(d, port)].append(rp)
 
     endpoints = tuple(Endpoint(p.key, p.ip, pod_identity[p.key], pod_identity[p.key] in selected_by,
-                               pod_identity[p.key] in selected_by and pod_identity[p.key] not in enforcing)
+                               pod_identity[p.key] in selected_by and pod_identity[p.key] not in enforcing, p.ip6)
                       for p in pods)
 
     services, http, hosts, warnings = _services(state.services, pods, pod_identity, l7, l4, node)
@@ -181,8 +183,11 @@ def _port_name(s: Service, p: ServicePort) -> str:
 def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[str, int],
               l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
               node: NodeSpec) -> tuple[list[ServiceEntry], list[HttpService], list[tuple[str, tuple[str, ...]]], list[str]]:
+    """Per service port: an IPv4 entry, an IPv6 entry when dual-stack, and for a port an HTTP rule
+    covers one Envoy listener (both families) with the RBAC of its backends."""
     svcs = sorted((s for s in services if s.cluster_ip and s.selector), key=lambda s: s.key)
-    ids = _alloc((_port_name(s, p) for s in svcs for p in s.ports), 1, (1 << 31) - 1)
+    ids = _alloc((n for s in svcs for p in s.ports for n in (_port_name(s, p), _port_name(s, p) + "@v6")),
+                 1, (1 << 31) - 1)
     l7_names = []
     named: list[tuple[str, ServiceEntry]] = []
     http: list[HttpService] = []
@@ -191,33 +196,39 @@ def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[s
     for s in svcs:
         sel = Selector(s.selector)
         members = [p for p in pods if p.namespace == s.namespace and sel.matches(p.label_dict)]
-        hosts.append((s.cluster_ip, (s.name, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc",
-                                     f"{s.name}.{s.namespace}.svc.cluster.local")))
+        dns = (s.name, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc", f"{s.name}.{s.namespace}.svc.cluster.local")
+        hosts.append((s.cluster_ip, dns))
+        if s.cluster_ip6:
+            hosts.append((s.cluster_ip6, dns))
         for sp in s.ports:
             name = _port_name(s, sp)
             proto = PROTO_UDP if sp.protocol == "UDP" else PROTO_TCP
-            backends = []
+            targets: list[tuple[Pod, int]] = []
             for p in members:
                 tp = _target_port(p, sp.target_port)
                 if tp is None:
                     warnings.append(f"Service {s.key} port {sp.port}: pod {p.key} has no port named {sp.target_port!r}")
                     continue
-                backends.append(Backend(p.ip, tp))
-            backends.sort()
+                targets.append((p, tp))
+            targets.sort(key=lambda t: (t[0].ip, t[1]))
+            backends = tuple(Backend(p.ip, tp) for p, tp in targets)
             l7_policies: list[RbacPolicy] = []
-            if backends and proto == PROTO_TCP:
-                first = next(p for p in members if p.ip == backends[0].ip)
-                key = (pod_identity[first.key], backends[0].port)
+            if targets and proto == PROTO_TCP:
+                key = (pod_identity[targets[0][0].key], targets[0][1])
                 if l7.get(key):
                     l7_policies = l7[key] + l4.get(key, []) + l4.get((key[0], 0), [])
-            entry = ServiceEntry(s.cluster_ip, sp.port, ids[name], tuple(backends), proto=proto,
-                                 affinity_timeout_s=s.affinity_timeout_s)
+            v4 = ServiceEntry(s.cluster_ip, sp.port, ids[name], backends, proto=proto,
+                              affinity_timeout_s=s.affinity_timeout_s)
+            named.append((name, v4))
+            if s.cluster_ip6:
+                backends6 = tuple(Backend(p.ip6, tp) for p, tp in targets if p.ip6)
+                named.append((name, replace(v4, vip=s.cluster_ip6, service_id=ids[name + "@v6"], backends=backends6)))
             if l7_policies:
                 l7_names.append(name)
                 http.append(HttpService(name, node.proxy_ip, 0, tuple((b.ip, b.port) for b in backends),
-                                        tuple(l7_policies)))
-            named.append((name, entry))
+                                        tuple(l7_policies), listen_ip6=node.proxy_ip6 if s.cluster_ip6 else ""))
     ports = _alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
-    http = [HttpService(h.name, h.listen_ip, ports[h.name], h.backends, h.policies) for h in http]
-    out = [replace(e, proxy_ip=node.proxy_ip, proxy_port=ports[n]) if n in ports else e for n, e in named]
+    http = [replace(h, listen_port=ports[h.name]) for h in http]
+    out = [replace(e, proxy_ip=node.proxy_ip6 if ":" in e.vip else node.proxy_ip, proxy_port=ports[n])
+           if n in ports else e for n, e in named]
     return out, http, hosts, warnings

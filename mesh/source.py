@@ -22,16 +22,22 @@ def _key(o: Obj) -> tuple[str, str, str]:
     return (type(o).__name__, o.namespace, o.name)
 
 
-def allocate_vips(services: list[Service], service_cidr: str) -> list[Service]:
-    net = ipaddress.IPv4Network(service_cidr)
-    size = net.num_addresses - 2
-    used = {s.cluster_ip for s in services if s.cluster_ip}
+def allocate_vips(services: list[Service], service_cidr: str, service_cidr6: str = "") -> list[Service]:
+    """VIPs by name hash (linear probing in name order); IPv6 too when a v6 CIDR is given."""
+    out = _allocate(services, service_cidr, "cluster_ip", "spec.clusterIP")
+    return _allocate(out, service_cidr6, "cluster_ip6", "spec.clusterIPs") if service_cidr6 else out
+
+
+def _allocate(services: list[Service], cidr: str, attr: str, field: str) -> list[Service]:
+    net = ipaddress.ip_network(cidr)
+    size = min(net.num_addresses, 1 << 20) - 2
+    used = {getattr(s, attr) for s in services if getattr(s, attr)}
     out = []
     for s in sorted(services, key=lambda s: s.key):
-        if s.cluster_ip:
-            if ipaddress.IPv4Address(s.cluster_ip) not in net:
-                raise ManifestError(f"Service {s.key}", "spec.clusterIP",
-                                    f"{s.cluster_ip} is outside the service CIDR {service_cidr}")
+        have = getattr(s, attr)
+        if have:
+            if ipaddress.ip_address(have) not in net:
+                raise ManifestError(f"Service {s.key}", field, f"{have} is outside the service CIDR {cidr}")
             out.append(s)
             continue
         n = zlib.crc32(s.key.encode()) % size
@@ -41,17 +47,25 @@ def allocate_vips(services: list[Service], service_cidr: str) -> list[Service]:
                 break
             n += 1
         used.add(ip)
-        out.append(replace(s, cluster_ip=ip))
+        out.append(replace(s, cluster_ip=ip) if attr == "cluster_ip" else replace(s, cluster_ip6=ip))
     return out
 
 
 class StandaloneSource:
-    def __init__(self, directory: Path, service_cidr: str) -> None:
+    def __init__(self, directory: Path, service_cidr: str, service_cidr6: str = "") -> None:
         self.directory = directory
         self.service_cidr = service_cidr
+        self.service_cidr6 = service_cidr6
         self._last_good: dict[tuple[str, str, str], Obj] = {}
         self._file_of: dict[tuple[str, str, str], Path] = {}
         self.errors: list[str] = []
+
+    def _check_vips(self, s: Service) -> str | None:
+        for ip, cidr, field in ((s.cluster_ip, self.service_cidr, "spec.clusterIP"),
+                                (s.cluster_ip6, self.service_cidr6, "spec.clusterIPs")):
+            if ip and cidr and ipaddress.ip_address(ip) not in ipaddress.ip_network(cidr):
+                return str(ManifestError(f"Service {s.key}", field, f"{ip} is outside the service CIDR {cidr}"))
+        return None
 
     def load(self) -> ClusterState:
         objs: dict[tuple[str, str, str], Obj] = {}
@@ -76,17 +90,19 @@ class StandaloneSource:
                     if prev is not None:
                         objs[guess] = prev
                     continue
+                problem = self._check_vips(o) if isinstance(o, Service) else None
+                if problem:
+                    prev = self._last_good.get(_key(o))
+                    errors.append(f"{problem} ({f.name}){'; keeping the previous version' if prev else ''}")
+                    if prev is not None:
+                        objs[_key(o)] = prev
+                    continue
                 objs[_key(o)] = o
                 self._file_of[_key(o)] = path
         self._last_good = dict(objs)
         self.errors = errors
-        services = [o for o in objs.values() if isinstance(o, Service)]
-        try:
-            services = allocate_vips(services, self.service_cidr)
-        except ManifestError as e:
-            errors.append(str(e))
-            services = [s for s in services if not s.cluster_ip]
-            services = allocate_vips(services, self.service_cidr)
+        services = allocate_vips([o for o in objs.values() if isinstance(o, Service)],
+                                 self.service_cidr, self.service_cidr6)
         return ClusterState(
             namespaces=tuple(o for o in objs.values() if isinstance(o, Namespace)),
             pods=tuple(o for o in objs.values() if isinstance(o, Pod)),

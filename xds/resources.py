@@ -54,6 +54,7 @@ class HttpService:
     listen_port: int
     backends: tuple[tuple[str, int], ...]
     policies: tuple[RbacPolicy, ...] | None  # None: no L7 policy (allow all)
+    listen_ip6: str = ""  # the same listener on the node's IPv6 too (dual stack)
 
 
 def _any(msg: object) -> any_pb2.Any:
@@ -89,8 +90,8 @@ def _permission(rule: HttpRule) -> rbac_cfg.Permission:
 def _principal(source_ips: tuple[str, ...] | None) -> rbac_cfg.Principal:
     if source_ips is None:
         return rbac_cfg.Principal(any=True)
-    ids = [rbac_cfg.Principal(direct_remote_ip=address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=32)))
-           for ip in source_ips]
+    ids = [rbac_cfg.Principal(direct_remote_ip=address_pb2.CidrRange(
+        address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=128 if ":" in ip else 32))) for ip in source_ips]
     return rbac_cfg.Principal(or_ids=rbac_cfg.Principal.Set(ids=ids))
 
 
@@ -167,10 +168,13 @@ def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
         access_log=[_access_log(access_log_path, svc)],
         local_reply_config=_local_reply(),
     )
+    extra = [listener_pb2.AdditionalAddress(address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
+        address=svc.listen_ip6, port_value=svc.listen_port)))] if svc.listen_ip6 else []
     return listener_pb2.Listener(
         name=svc.name,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
             address=svc.listen_ip, port_value=svc.listen_port)),
+        additional_addresses=extra,
         filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
             name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))])],
     )

@@ -37,7 +37,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, WEBB_MAX_ENDPOINTS);
-	__type(key, __u32);			/* pod IPv4, network order */
+	__type(key, struct webb_addr);		/* pod IP */
 	__type(value, struct endpoint_value);
 } webb_endpoints SEC(".maps");
 
@@ -102,9 +102,10 @@ static __always_inline void __count(__u32 reason)
 		*n += 1;
 }
 
-static __always_inline void __emit(__u32 src_identity, __u32 orig_ip, __u16 orig_port,
-				   __u32 new_ip, __u16 new_port, __u32 dst_identity,
-				   __u8 proto, __u8 verdict, __u8 reason)
+static __always_inline void __emit(__u32 src_identity, const struct webb_addr *orig,
+				   __u16 orig_port, const struct webb_addr *new, __u16 new_port,
+				   __u32 dst_identity, __u8 proto, __u8 family, __u8 verdict,
+				   __u8 reason)
 {
 	struct flow_event *e;
 
@@ -118,15 +119,52 @@ static __always_inline void __emit(__u32 src_identity, __u32 orig_ip, __u16 orig
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->src_identity = src_identity;
 	e->dst_identity = dst_identity;
-	e->orig_ip = orig_ip;
-	e->new_ip = new_ip;
+	e->orig = *orig;
+	e->new = *new;
 	e->orig_port = orig_port;
 	e->new_port = new_port;
 	e->verdict = verdict;
 	e->reason = reason;
 	e->proto = proto;
-	e->pad = 0;
+	e->family = family;
 	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int __addr_eq(const struct webb_addr *a, const struct webb_addr *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
+/* The destination of the call, in the one address form of the maps. The ctx
+ * fields of the other family are off limits to the verifier: family is a
+ * compile-time constant at every call site, so the other branch is gone. */
+static __always_inline void __ctx_get(struct bpf_sock_addr *ctx, int family, struct webb_addr *a)
+{
+	if (family == 4) {
+		a->w[0] = 0;
+		a->w[1] = 0;
+		a->w[2] = bpf_htonl(0xffff);
+		a->w[3] = ctx->user_ip4;
+	} else {
+		a->w[0] = ctx->user_ip6[0];
+		a->w[1] = ctx->user_ip6[1];
+		a->w[2] = ctx->user_ip6[2];
+		a->w[3] = ctx->user_ip6[3];
+	}
+}
+
+static __always_inline void __ctx_set(struct bpf_sock_addr *ctx, int family,
+				      const struct webb_addr *a, __u16 port)
+{
+	if (family == 4) {
+		ctx->user_ip4 = a->w[3];
+	} else {
+		ctx->user_ip6[0] = a->w[0];
+		ctx->user_ip6[1] = a->w[1];
+		ctx->user_ip6[2] = a->w[2];
+		ctx->user_ip6[3] = a->w[3];
+	}
+	ctx->user_port = port;
 }
 
 /* Returns 1 if the endpoint accepts src_identity on port/proto. */
@@ -175,7 +213,7 @@ __select_backend(struct bpf_sock_addr *ctx, const struct service_value *svc)
 		    av->slot < svc->backend_count) {
 			bk.slot = av->slot;
 			be = bpf_map_lookup_elem(&webb_backends, &bk);
-			if (be && be->ip == av->ip && be->port == av->port) {
+			if (be && __addr_eq(&be->addr, &av->addr) && be->port == av->port) {
 				av->last_ns = now;
 				return be;
 			}
@@ -184,7 +222,7 @@ __select_backend(struct bpf_sock_addr *ctx, const struct service_value *svc)
 	bk.slot = bpf_get_prandom_u32() % svc->backend_count;
 	be = bpf_map_lookup_elem(&webb_backends, &bk);
 	if (be && svc->affinity_timeout_s) {
-		nav.ip = be->ip;
+		nav.addr = be->addr;
 		nav.port = be->port;
 		nav.slot = bk.slot;
 		nav.last_ns = now;
@@ -193,12 +231,13 @@ __select_backend(struct bpf_sock_addr *ctx, const struct service_value *svc)
 	return be;
 }
 
-/* The one decision for connect4 and sendmsg4: returns 1 to let the call go
- * on (ctx possibly rewritten), 0 to fail it (retval set for ECONNREFUSED). */
-static __always_inline int __sock4_xlate(struct bpf_sock_addr *ctx, __u8 proto,
-					 int per_datagram)
+/* The one decision for connect and sendmsg, both families: returns 1 to let the
+ * call go on (ctx possibly rewritten), 0 to fail it (ECONNREFUSED via retval,
+ * else EPERM). */
+static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, __u8 proto,
+					int per_datagram)
 {
-	__u32 dst_ip = ctx->user_ip4;
+	struct webb_addr dst_addr, new_addr;
 	__u16 dst_port = (__u16)ctx->user_port;	/* network order in low 16 bits */
 	__u64 cgid = bpf_get_current_cgroup_id();
 	struct endpoint_value *src, *dst;
@@ -206,22 +245,23 @@ static __always_inline int __sock4_xlate(struct bpf_sock_addr *ctx, __u8 proto,
 	struct backend_value *be = NULL;
 	struct service_key sk = {};
 	__u32 src_identity = WEBB_IDENTITY_UNKNOWN;
-	__u32 new_ip = dst_ip;
 	__u16 new_port = dst_port;
 	__u8 verdict = WEBB_VERDICT_FORWARDED;
 	__u8 reason = WEBB_REASON_DIRECT;
 
+	__ctx_get(ctx, family, &dst_addr);
+	new_addr = dst_addr;
 	src = bpf_map_lookup_elem(&webb_cgroups, &cgid);
 	if (src)
 		src_identity = src->identity;
 
-	sk.vip = dst_ip;
+	sk.vip = dst_addr;
 	sk.port = dst_port;
 	sk.proto = proto;
 	svc = bpf_map_lookup_elem(&webb_services, &sk);
 	if (svc) {
 		if (svc->backend_count == 0) {
-			__emit(src_identity, dst_ip, dst_port, 0, 0, 0, proto,
+			__emit(src_identity, &dst_addr, dst_port, &dst_addr, 0, 0, proto, family,
 			       WEBB_VERDICT_DROPPED, WEBB_REASON_NO_BACKEND);
 			/* like a closed port, not like a policy denial */
 			bpf_set_retval(-ECONNREFUSED);
@@ -231,21 +271,21 @@ static __always_inline int __sock4_xlate(struct bpf_sock_addr *ctx, __u8 proto,
 		if (!be) {
 			/* The agent writes backends before the service entry,
 			 * so a hole here means a bug in the agent: drop loudly. */
-			__emit(src_identity, dst_ip, dst_port, 0, 0, 0, proto,
+			__emit(src_identity, &dst_addr, dst_port, &dst_addr, 0, 0, proto, family,
 			       WEBB_VERDICT_DROPPED, WEBB_REASON_BACKEND_MISSING);
 			bpf_set_retval(-ECONNREFUSED);
 			return 0;
 		}
-		new_ip = be->ip;
+		new_addr = be->addr;
 		new_port = be->port;
 		reason = WEBB_REASON_SERVICE;
 	}
 
-	dst = bpf_map_lookup_elem(&webb_endpoints, &new_ip);
+	dst = bpf_map_lookup_elem(&webb_endpoints, &new_addr);
 	if (dst && !__policy_allows(src_identity, dst, bpf_ntohs(new_port), proto)) {
 		if (!(dst->flags & WEBB_EP_AUDIT)) {
-			__emit(src_identity, dst_ip, dst_port, new_ip, new_port,
-			       dst->identity, proto, WEBB_VERDICT_DENIED,
+			__emit(src_identity, &dst_addr, dst_port, &new_addr, new_port,
+			       dst->identity, proto, family, WEBB_VERDICT_DENIED,
 			       WEBB_REASON_POLICY_DENIED);
 			return 0;	/* EPERM */
 		}
@@ -254,7 +294,7 @@ static __always_inline int __sock4_xlate(struct bpf_sock_addr *ctx, __u8 proto,
 	}
 
 	if (svc && svc->proxy_port) {
-		new_ip = svc->proxy_ip;
+		new_addr = svc->proxy;
 		new_port = svc->proxy_port;
 		if (verdict != WEBB_VERDICT_AUDIT)
 			reason = WEBB_REASON_L7_PROXY;
@@ -262,66 +302,90 @@ static __always_inline int __sock4_xlate(struct bpf_sock_addr *ctx, __u8 proto,
 	if (svc) {
 		struct revnat_key rk = {
 			.cookie = bpf_get_socket_cookie(ctx),
-			.ip = new_ip,
+			.addr = new_addr,
 			.port = new_port,
 		};
-		struct orig_dst od = { .ip = dst_ip, .port = dst_port };
+		struct orig_dst od = { .addr = dst_addr, .port = dst_port };
 
 		bpf_map_update_elem(&webb_revnat, &rk, &od, BPF_ANY);
-		ctx->user_ip4 = new_ip;
-		ctx->user_port = new_port;
+		__ctx_set(ctx, family, &new_addr, new_port);
 	}
 	/* sendmsg runs per datagram: report only what is not plain forwarding */
 	if (!per_datagram || verdict != WEBB_VERDICT_FORWARDED)
-		__emit(src_identity, dst_ip, dst_port, new_ip, new_port,
-		       dst ? dst->identity : 0, proto, verdict, reason);
+		__emit(src_identity, &dst_addr, dst_port, &new_addr, new_port,
+		       dst ? dst->identity : 0, proto, family, verdict, reason);
 	return 1;
 }
 
 /* Shows the VIP instead of the backend (getpeername, recvmsg source). */
-static __always_inline int __sock4_revnat(struct bpf_sock_addr *ctx)
+static __always_inline int __sock_revnat(struct bpf_sock_addr *ctx, int family)
 {
 	struct revnat_key rk = {
 		.cookie = bpf_get_socket_cookie(ctx),
-		.ip = ctx->user_ip4,
 		.port = (__u16)ctx->user_port,
 	};
-	struct orig_dst *od = bpf_map_lookup_elem(&webb_revnat, &rk);
+	struct orig_dst *od;
 
-	if (od) {
-		ctx->user_ip4 = od->ip;
-		ctx->user_port = od->port;
-	}
+	__ctx_get(ctx, family, &rk.addr);
+	od = bpf_map_lookup_elem(&webb_revnat, &rk);
+	if (od)
+		__ctx_set(ctx, family, &od->addr, od->port);
 	return 1;
 }
 
-static __always_inline __u8 __proto(struct bpf_sock_addr *ctx)
+static __always_inline int __sock_connect(struct bpf_sock_addr *ctx, int family)
 {
-	return ctx->protocol == IPPROTO_UDP ? IPPROTO_UDP : IPPROTO_TCP;
+	if (ctx->protocol == IPPROTO_TCP)
+		return __sock_xlate(ctx, family, IPPROTO_TCP, 0);
+	if (ctx->protocol == IPPROTO_UDP)
+		return __sock_xlate(ctx, family, IPPROTO_UDP, 0);
+	return 1;
 }
 
 SEC("cgroup/connect4")
 int webb_sock4_connect(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
-		return 1;
-	return __sock4_xlate(ctx, __proto(ctx), 0);
+	return __sock_connect(ctx, 4);
+}
+
+SEC("cgroup/connect6")
+int webb_sock6_connect(struct bpf_sock_addr *ctx)
+{
+	return __sock_connect(ctx, 6);
 }
 
 SEC("cgroup/sendmsg4")
 int webb_sock4_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return __sock4_xlate(ctx, IPPROTO_UDP, 1);
+	return __sock_xlate(ctx, 4, IPPROTO_UDP, 1);
+}
+
+SEC("cgroup/sendmsg6")
+int webb_sock6_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return __sock_xlate(ctx, 6, IPPROTO_UDP, 1);
 }
 
 SEC("cgroup/recvmsg4")
 int webb_sock4_recvmsg(struct bpf_sock_addr *ctx)
 {
-	return __sock4_revnat(ctx);
+	return __sock_revnat(ctx, 4);
+}
+
+SEC("cgroup/recvmsg6")
+int webb_sock6_recvmsg(struct bpf_sock_addr *ctx)
+{
+	return __sock_revnat(ctx, 6);
 }
 
 SEC("cgroup/getpeername4")
 int webb_sock4_getpeername(struct bpf_sock_addr *ctx)
 {
-	return __sock4_revnat(ctx);
+	return __sock_revnat(ctx, 4);
+}
+
+SEC("cgroup/getpeername6")
+int webb_sock6_getpeername(struct bpf_sock_addr *ctx)
+{
+	return __sock_revnat(ctx, 6);
 }

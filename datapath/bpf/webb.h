@@ -31,8 +31,14 @@ enum {
 	WEBB_REASON_MAX = 8,
 };
 
+/* One address type for both families: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d),
+ * so every map serves IPv4 and IPv6 and Python packs addresses one way. */
+struct webb_addr {
+	__u32 w[4];		/* network order */
+};
+
 struct service_key {
-	__u32 vip;		/* network order */
+	struct webb_addr vip;
 	__u16 port;		/* network order */
 	__u8 proto;
 	__u8 pad;
@@ -41,7 +47,7 @@ struct service_key {
 struct service_value {
 	__u32 service_id;
 	__u32 backend_count;
-	__u32 proxy_ip;		/* network order; node Envoy for L7 services */
+	struct webb_addr proxy;	/* node Envoy for L7 services (same family as the VIP) */
 	__u16 proxy_port;	/* network order; 0 = L4 only */
 	__u16 pad;
 	__u32 affinity_timeout_s;	/* ClientIP affinity; 0 = none */
@@ -53,7 +59,7 @@ struct backend_key {
 };
 
 struct backend_value {
-	__u32 ip;		/* network order */
+	struct webb_addr addr;
 	__u16 port;		/* network order */
 	__u16 pad;
 };
@@ -77,9 +83,10 @@ struct policy_value {
 
 struct revnat_key {
 	__u64 cookie;		/* socket cookie */
-	__u32 ip;		/* rewritten peer, network order */
+	struct webb_addr addr;	/* rewritten peer */
 	__u16 port;		/* network order */
 	__u16 pad;
+	__u32 pad2;
 };
 
 struct affinity_key {
@@ -90,9 +97,10 @@ struct affinity_key {
 
 struct affinity_value {
 	__u64 last_ns;
-	__u32 ip;
+	struct webb_addr addr;
 	__u16 port;
 	__u16 slot;
+	__u32 pad;
 };
 
 struct webb_meta {
@@ -100,7 +108,7 @@ struct webb_meta {
 };
 
 struct orig_dst {
-	__u32 ip;
+	struct webb_addr addr;
 	__u16 port;
 	__u16 pad;
 };
@@ -110,14 +118,14 @@ struct flow_event {
 	__u64 cgroup_id;
 	__u32 src_identity;
 	__u32 dst_identity;
-	__u32 orig_ip;
-	__u32 new_ip;
+	struct webb_addr orig;
+	struct webb_addr new;
 	__u16 orig_port;
 	__u16 new_port;
 	__u8 verdict;
 	__u8 reason;
 	__u8 proto;
-	__u8 pad;
+	__u8 family;		/* 4 or 6 */
 };
 
 #endif

@@ -37,12 +37,22 @@ class Deathstar(http.server.BaseHTTPRequestHandler):
         print(f"{self.client_address[0]} {fmt % args}", flush=True)
 
 
+class DualStackServer(http.server.ThreadingHTTPServer):
+    """IPv6 socket that also accepts IPv4 (v4-mapped): the pods are dual-stack."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=80)
     ap.add_argument("--lifetime", type=float, default=3600.0)
     a = ap.parse_args()
-    srv = http.server.ThreadingHTTPServer(("0.0.0.0", a.port), Deathstar)
+    srv = DualStackServer(("::", a.port), Deathstar)
     threading.Timer(a.lifetime, srv.shutdown).start()
     srv.serve_forever()
 

@@ -2,8 +2,8 @@
 
 The node is the host network namespace: bridge ``webb0`` holds the gateway address (where
 the node Envoy listens), every pod gets a veth into it and one address from the pod CIDR.
-Pods get no default route, so they reach only the pod CIDR; the service CIDR is a
-blackhole in the host and in every pod (DESIGN safety rule): a VIP the datapath did not
+Pods are dual-stack (an IPv6 ULA next to the IPv4) and get no default route, so they reach
+only the pod CIDRs; the service CIDRs are blackholes in the host and in every pod (DESIGN safety rule): a VIP the datapath did not
 rewrite fails at once instead of leaving the machine.
 """
 
@@ -27,6 +27,7 @@ from pyroute2 import IPRoute, netns
 from mesh.runtime import cgroups
 
 NETNS_DIR = Path("/var/run/netns")
+IFA_F_NODAD = 0x02
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class NodeConfig:
     bridge: str = "webb0"
     pod_cidr: str = "10.244.0.0/24"
     service_cidr: str = "10.96.0.0/16"
+    pod_cidr6: str = "fd00:10:244::/64"  # ULA; a pod's IPv6 has the host index of its IPv4
+    service_cidr6: str = "fd00:10:96::/112"
     state_dir: Path = Path("/run/webb")
 
     @property
@@ -44,6 +47,15 @@ class NodeConfig:
     @property
     def prefixlen(self) -> int:
         return ipaddress.IPv4Network(self.pod_cidr).prefixlen
+
+    @property
+    def gateway6(self) -> str:
+        return str(ipaddress.IPv6Network(self.pod_cidr6)[1])
+
+    def ip6_of(self, ip4: str) -> str:
+        """The pod's IPv6: same host index as its IPv4 (10.244.0.5 -> fd00:10:244::5)."""
+        net4, net6 = ipaddress.IPv4Network(self.pod_cidr), ipaddress.IPv6Network(self.pod_cidr6)
+        return str(net6[int(ipaddress.IPv4Address(ip4)) - int(net4.network_address)])
 
     @property
     def cgroup(self) -> Path:
@@ -67,6 +79,7 @@ class Sandbox:
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     adopted: bool = False  # left running by a previous agent; its process is not our child
+    ip6: str = ""
 
 
 def _slug(key: str) -> str:
@@ -97,18 +110,20 @@ class LocalNode:
     # ---- node ----
     def check_cidrs(self) -> None:
         """Refuse CIDRs that overlap a route the host already has (other than our own)."""
-        mine = {ipaddress.IPv4Network(self.config.pod_cidr), ipaddress.IPv4Network(self.config.service_cidr)}
+        c = self.config
+        mine = {ipaddress.ip_network(n) for n in (c.pod_cidr, c.service_cidr, c.pod_cidr6, c.service_cidr6)}
         with IPRoute() as ipr:
             br = ipr.link_lookup(ifname=self.config.bridge)
-            for r in ipr.get_routes(family=2, table=254):
-                dst = r.get_attr("RTA_DST") or "0.0.0.0"
-                net = ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False)
-                if net.prefixlen == 0 or net in mine:
+            routes = [*ipr.get_routes(family=2, table=254), *ipr.get_routes(family=10, table=254)]
+            for r in routes:
+                dst = r.get_attr("RTA_DST") or ("0.0.0.0" if r["family"] == 2 else "::")
+                net = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
+                if net.prefixlen == 0 or net in mine or net.is_link_local:
                     continue
                 if br and r.get_attr("RTA_OIF") in br:
                     continue
                 for m in mine:
-                    if net.overlaps(m):
+                    if net.version == m.version and net.overlaps(m):
                         raise CidrConflictError(
                             f"start node {self.config.name}: CIDR {m} overlaps host route {net}; "
                             "choose another --pod-cidr/--service-cidr"
@@ -121,11 +136,14 @@ class LocalNode:
             if not ipr.link_lookup(ifname=c.bridge):
                 ipr.link("add", ifname=c.bridge, kind="bridge")
             br = ipr.link_lookup(ifname=c.bridge)[0]
-            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=br, family=2)}
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=br)}
             if c.gateway not in have:
                 ipr.addr("add", index=br, address=c.gateway, prefixlen=c.prefixlen)
+            if c.gateway6 not in have:
+                ipr.addr("add", index=br, address=c.gateway6, prefixlen=64, flags=IFA_F_NODAD)
             ipr.link("set", index=br, state="up")
             _blackhole(ipr, c.service_cidr)
+            _blackhole(ipr, c.service_cidr6)
         c.pods_cgroup.mkdir(parents=True, exist_ok=True)
         (c.state_dir / "pods").mkdir(parents=True, exist_ok=True)
         self._adopt()
@@ -143,7 +161,8 @@ class LocalNode:
                 _del_link(f"wb{_slug(key)}")
                 _del_netns(ns)
                 continue
-            self.sandboxes[key] = Sandbox(key, ips[0], ns, cg, cgroups.cgroup_id(cg), adopted=True)
+            self.sandboxes[key] = Sandbox(key, ips[0], ns, cg, cgroups.cgroup_id(cg), adopted=True,
+                                          ip6=c.ip6_of(ips[0]))
 
     def teardown(self) -> None:
         """Remove every pod, then the node; one failure does not stop the rest."""
@@ -172,9 +191,10 @@ class LocalNode:
         with IPRoute() as ipr:
             if ipr.link_lookup(ifname=c.bridge):
                 ipr.link("del", ifname=c.bridge)
-            if any(r.get_attr("RTA_DST") == c.service_cidr.split("/")[0] and r["type"] == 6  # RTN_BLACKHOLE
-                   for r in ipr.get_routes(family=2, table=254)):
-                ipr.route("del", dst=c.service_cidr, type="blackhole")
+            for cidr, family in ((c.service_cidr, 2), (c.service_cidr6, 10)):
+                if any(r.get_attr("RTA_DST") == cidr.split("/")[0] and r["type"] == 6  # RTN_BLACKHOLE
+                       for r in ipr.get_routes(family=family, table=254)):
+                    ipr.route("del", dst=cidr, type="blackhole")
 
     # ---- pods ----
     def _allocate_ip(self) -> str:
@@ -220,17 +240,20 @@ class LocalNode:
         def configure(nsr: IPRoute) -> None:
             # blackhole first: nothing in this pod may reach a VIP unrewritten
             _blackhole(nsr, c.service_cidr)
+            _blackhole(nsr, c.service_cidr6)
             lo = nsr.link_lookup(ifname="lo")[0]
             nsr.link("set", index=lo, state="up")
             idx = nsr.link_lookup(ifname=peer_if)[0]
             nsr.link("set", index=idx, ifname="eth0")
             nsr.addr("add", index=idx, address=ip, prefixlen=c.prefixlen)
+            # no DAD: the address is ours alone, and usable at once
+            nsr.addr("add", index=idx, address=c.ip6_of(ip), prefixlen=64, flags=IFA_F_NODAD)
             nsr.link("set", index=idx, state="up")
 
         in_netns(ns, configure)
         cg = c.pods_cgroup / key.replace("/", "_")
         cg.mkdir(parents=True, exist_ok=True)
-        return Sandbox(key=key, ip=ip, netns=ns, cgroup=cg, cgroup_id=cgroups.cgroup_id(cg))
+        return Sandbox(key=key, ip=ip, netns=ns, cgroup=cg, cgroup_id=cgroups.cgroup_id(cg), ip6=c.ip6_of(ip))
 
     def spawn(self, sb: Sandbox, argv: Sequence[str], env: dict[str, str] | None = None,
               workdir: Path | None = None, stdout: int | IO[bytes] | None = None,

@@ -13,6 +13,7 @@ from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import (
     EP_AUDIT,
     EP_INGRESS_ENFORCED,
+    LAYOUT,
     PROTO_UDP,
     STATE_MAPS,
     Backend,
@@ -36,7 +37,7 @@ print(s.getpeername()[0], s.getpeername()[1]); print(s.recv(100).decode())
 """
 SERVER = """
 import socket, sys, time
-srv = socket.create_server(("0.0.0.0", 8080)); srv.settimeout(30)
+srv = socket.create_server(("::", 8080), family=socket.AF_INET6, dualstack_ipv6=True); srv.settimeout(30)
 end = time.monotonic() + 30
 while time.monotonic() < end:
     try: c, _ = srv.accept()
@@ -89,7 +90,8 @@ def _wait_listening(node: LocalNode, c: Sandbox, ips: list[str]) -> None:
 
 def test_layout_matches_btf(dp: Datapath) -> None:
     # Datapath() already ran check_layout; every map is there with the sizes Python uses
-    assert dp.maps["webb_services"].key_size == 8
+    for name, (key, value) in LAYOUT.items():
+        assert (dp.maps[name].key_size, dp.maps[name].value_size) == (key.size, value.size)
 
 
 def test_vip_rewritten_to_both_backends_and_peer_is_vip(node: LocalNode, pods: tuple, dp: Datapath) -> None:
@@ -198,3 +200,32 @@ def test_udp_sendmsg_rewritten_and_reply_comes_from_vip(node: LocalNode, dp: Dat
     p = node.spawn(cli, [sys.executable, "-c", UDP_CLIENT, VIP, "53"], stdout=subprocess.PIPE)
     out, _ = p.communicate(timeout=20)
     assert out.decode().strip() == f"{VIP} 53 Aping"  # recvmsg4 shows the VIP as the source
+
+
+VIP6 = "fd00:10:96::c8:10"
+CLIENT6 = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+print(s.getpeername()[0], s.getpeername()[1]); print(s.recv(100).decode())
+"""
+
+
+def test_ipv6_vip_rewritten_policy_applies(node: LocalNode, pods: tuple, dp: Datapath) -> None:
+    a, b, c = pods
+    _wait_listening(node, c, [a.ip])
+    st = DatapathState(
+        services=[ServiceEntry(VIP6, 80, 8, (Backend(a.ip6, 8080),))],
+        endpoints={a.ip6: (SERVER_ID, 0), c.ip6: (CLIENT_ID, 0)},
+        cgroups={c.cgroup_id: (CLIENT_ID, 0)},
+    )
+    dp.apply(st)
+    r = _connect(node, c, VIP6, 80)
+    assert r.returncode == 0, r.stderr
+    peer, answer = r.stdout.split("\n")[:2]
+    assert (peer, answer) == (f"{VIP6} 80", "A")  # getpeername6 shows the VIP
+    events = [e for e in dp.poll_events(100) if e.orig_ip == VIP6]
+    assert events and events[0].new_ip == a.ip6 and events[0].reason == Reason.SERVICE
+    st.endpoints[a.ip6] = (SERVER_ID, EP_INGRESS_ENFORCED)  # selected, nothing allowed
+    dp.apply(st)
+    assert "PermissionError" in _connect(node, c, VIP6, 80).stderr
+    assert any(e.verdict == Verdict.DENIED and e.new_ip == a.ip6 for e in dp.poll_events(100))
