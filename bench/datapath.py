@@ -2,8 +2,10 @@
 
 "direct": a client in the client pod's netns but in a cgroup outside the node's pods cgroup,
 so no program runs, connecting to the server pod's IP. "socklb": the same client in the pod's
-cgroup (connect4 attached) connecting to the Service VIP. Rounds alternate the two, so drift
-of the machine hits both alike. Ratios are socklb / direct (lower is better, 1.0 = no cost).
+cgroup (connect4 attached) connecting to the Service VIP. "sockmap": the same with same-node
+acceleration on (sockops + SOCKHASH + sk_msg). Rounds alternate the variants, so drift of the
+machine hits all alike. Ratios are variant / direct (for latency lower is better, for
+throughput higher; 1.0 = same as without the mesh).
 """
 
 from __future__ import annotations
@@ -109,15 +111,18 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
         direct = replace(cli, cgroup=unhooked)
         dp = Datapath(str(node.config.pods_cgroup), pin_dir_for("bench"))
         dp.apply(DatapathState(services=[ServiceEntry(VIP, 80, 1, (Backend(srv.ip, 9000),)),
-                                         ServiceEntry(VIP, 81, 2, (Backend(srv.ip, 9001),))]))
+                                         ServiceEntry(VIP, 81, 2, (Backend(srv.ip, 9001),))],
+                               endpoints={srv.ip: (300, 0), cli.ip: (301, 0)}))  # pods: sockmap needs both ends
         _run(node, direct, "connect", srv.ip, 9000, 50, 0)  # server up?
-        variants = {"direct": (direct, srv.ip, 9000, 9001), "socklb": (cli, VIP, 80, 81)}
+        variants = {"direct": (direct, srv.ip, 9000, 9001), "socklb": (cli, VIP, 80, 81), "sockmap": (cli, VIP, 80, 81)}
         conn: dict[str, list[int]] = {v: [] for v in variants}
         rr: dict[tuple[str, int], list[int]] = {}
         tput: dict[tuple[str, int], list[float]] = {}
         sizes = (64, 1024, 16384, 262144)
+        redirected0 = dp.accel_counts()["redirected"]
         for _ in range(ROUNDS):
             for v, (sb, host, rr_port, sink_port) in variants.items():
+                dp.set_acceleration(v == "sockmap")
                 conn[v] += _run(node, sb, "connect", host, rr_port, 2000, 0)
                 for size in (64, 1024):
                     rr.setdefault((v, size), []).extend(_run(node, sb, "rr", host, rr_port, 5000, size))
@@ -125,12 +130,21 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
                     total = (8 << 20) if size < 1024 else (128 << 20)
                     ns, sent = _run(node, sb, "stream", host, sink_port, total, size)
                     tput.setdefault((v, size), []).append(sent / ns * 1e3)  # MB/s
-        res: dict[str, float] = {}
+        dp.set_acceleration(False)
+        res: dict[str, float] = {"datapath.sockmap_redirected_msgs": float(dp.accel_counts()["redirected"] - redirected0)}
         rows: list[tuple[str, str, str, str]] = []
 
         def add(name: str, what: str, d: float, s: float, unit: str) -> None:
             res[name] = round(s / d, 3)
             rows.append((what, f"{d:.1f} {unit}", f"{s:.1f} {unit}", f"{s / d:.3f}"))
+
+        for size, tag in ((64, ""), (1024, "_1k")):
+            for q, qn in ((.5, "p50"), (.99, "p99")):
+                add(f"datapath.sockmap_rr{tag}_{qn}_ratio", f"sockmap RR {size} B {qn}",
+                    _pct(rr[("direct", size)], q) / 1e3, _pct(rr[("sockmap", size)], q) / 1e3, "µs")
+        for size in sizes:
+            add(f"datapath.sockmap_tput_{size}_ratio", f"sockmap stream {size} B writes",
+                statistics.median(tput[("direct", size)]), statistics.median(tput[("sockmap", size)]), "MB/s")
 
         add("datapath.connect_ratio", "connect() p50", _pct(conn["direct"], .5) / 1e3, _pct(conn["socklb"], .5) / 1e3, "µs")
         res["datapath.connect_direct_p50_us"] = round(_pct(conn["direct"], .5) / 1e3, 2)

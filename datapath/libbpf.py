@@ -62,6 +62,7 @@ _sig("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _vp, ctypes.POINTER(c
 _sig("bpf_link__open", _vp, ctypes.c_char_p)
 _sig("bpf_link__update_program", ctypes.c_int, _vp, _vp)
 _sig("bpf_link__fd", ctypes.c_int, _vp)
+_sig("bpf_prog_attach", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint)
 _sig("libbpf_probe_bpf_prog_type", ctypes.c_int, ctypes.c_int, _vp)
 _sig("libbpf_probe_bpf_map_type", ctypes.c_int, ctypes.c_int, _vp)
 _sig("ring_buffer__new", _vp, ctypes.c_int, _RINGBUF_CB, _vp, _vp)
@@ -69,6 +70,7 @@ _sig("ring_buffer__poll", ctypes.c_int, _vp, ctypes.c_int)
 _sig("ring_buffer__free", None, _vp)
 
 BPF_ANY = 0
+BPF_SK_MSG_VERDICT = 7  # enum bpf_attach_type
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
@@ -235,6 +237,12 @@ class Program:
     def __init__(self, ptr: int, name: str) -> None:
         self._ptr = ptr
         self.name = name
+
+    def attach_to_map(self, m: Map, attach_type: int) -> None:
+        """Attach to a sockmap/sockhash: the map holds the program from then on."""
+        rc = _lib.bpf_prog_attach(_lib.bpf_program__fd(self._ptr), m.fd, attach_type, 0)
+        if rc < 0:
+            raise _fail(f"attach program {self.name} to map {m.name}", rc)
 
     def attach_cgroup(self, cgroup_path: str) -> Link:
         fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)

@@ -17,11 +17,22 @@ import subprocess
 from pathlib import Path
 
 from datapath import libbpf
-from datapath.maps import COUNTER_KEY, LAYOUT, STATE_MAPS, DatapathState, FlowEvent, Reason, check_layout
+from datapath.maps import (
+    ACCEL_COUNTERS,
+    CONFIG_SOCKMAP,
+    COUNTER_KEY,
+    LAYOUT,
+    STATE_MAPS,
+    DatapathState,
+    FlowEvent,
+    Reason,
+    check_layout,
+)
 
 OBJECT_PATH = Path(__file__).parent / "bpf" / "sock.bpf.o"
 BPFFS = Path("/sys/fs/bpf")
-PROGRAMS = tuple(f"webb_sock{f}_{hook}" for f in (4, 6) for hook in ("connect", "sendmsg", "recvmsg", "getpeername"))
+PROGRAMS = (*(f"webb_sock{f}_{hook}" for f in (4, 6) for hook in ("connect", "sendmsg", "recvmsg", "getpeername")),
+            "webb_sockops")
 MAPS = (*LAYOUT, "webb_events")
 # make-before-break: a service entry is written after its backends and removed before them
 _WRITE_ORDER = ("webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy", "webb_services")
@@ -134,6 +145,8 @@ class Datapath:
                 link = prog.attach_cgroup(self.cgroup_path)
                 link.pin(str(pin))
             self._links.append(link)
+        # sk_msg lives in the (pinned) sockhash, not in a link: it survives with the map
+        obj.program("webb_sk_msg").attach_to_map(self.maps["webb_sockhash"], libbpf.BPF_SK_MSG_VERDICT)
         self.maps["webb_meta"].update(COUNTER_KEY.pack(0), self.digest)
 
     # ---- run ----
@@ -168,6 +181,20 @@ class Datapath:
             self._ring.poll(timeout_ms)
         events, self._pending = self._pending, []
         return events
+
+    def set_acceleration(self, on: bool) -> None:
+        """Same-node sockmap acceleration on/off (the agent only turns it on after a self-test)."""
+        self.maps["webb_config"].update(COUNTER_KEY.pack(0), struct.pack("=I", CONFIG_SOCKMAP if on else 0))
+
+    @property
+    def acceleration(self) -> bool:
+        raw = self.maps["webb_config"].lookup(COUNTER_KEY.pack(0)) or bytes(4)
+        return bool(struct.unpack("=I", raw)[0] & CONFIG_SOCKMAP)
+
+    def accel_counts(self) -> dict[str, int]:
+        m = self.maps["webb_accel_counts"]
+        return {name: sum(v for (v,) in struct.iter_unpack("=Q", m.lookup(COUNTER_KEY.pack(i)) or b""))
+                for i, name in enumerate(ACCEL_COUNTERS)}
 
     def reason_counts(self) -> dict[Reason, int]:
         m = self.maps["webb_reason_counts"]

@@ -62,7 +62,12 @@ LAYOUT = {
     "webb_policy": (POLICY_KEY, POLICY_VALUE),
     "webb_reason_counts": (COUNTER_KEY, struct.Struct("=Q")),
     "webb_meta": (COUNTER_KEY, struct.Struct("=32s")),
+    "webb_config": (COUNTER_KEY, struct.Struct("=I")),
+    "webb_accel_counts": (COUNTER_KEY, struct.Struct("=Q")),
+    "webb_sockhash": (struct.Struct("=16s16s2s2sI"), struct.Struct("=Q")),
 }
+CONFIG_SOCKMAP = 1
+ACCEL_COUNTERS = ("sockets", "redirected", "passed")
 STATE_MAPS = ("webb_services", "webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState
+from mesh.accel import SYSTEM_NAMESPACE, Accelerator
 from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
 from mesh.model import ClusterState
 from mesh.reconcile import NodePlan, NodeSpec, reconcile
@@ -42,6 +43,8 @@ class AgentConfig:
     envoy_log_level: str = "warning"
     lifetime_s: float = 3600.0  # the agent stops by itself after this (local demo, tests)
     ack_timeout_s: float = 10.0
+    sockmap: bool = False  # same-node acceleration: opt-in, and only after its self-test passed
+    canary_interval_s: float = 30.0  # how often the accelerated path is re-checked
 
     @property
     def state_dir(self) -> Path:
@@ -72,6 +75,8 @@ class Agent:
         self._seen_version = ""
         self.envoy: Envoy | None = None
         self.datapath: Datapath | None = None
+        self.accel: Accelerator | None = None
+        self._next_canary = 0.0
 
     # ---- lifecycle ----
     def run(self) -> None:
@@ -91,6 +96,9 @@ class Agent:
             self.envoy.wait_ready()
             self.datapath = Datapath(str(self.cfg.node.pods_cgroup), pin_dir_for(self.cfg.node.name))
             log.info("datapath %s", "adopted from pins" if self.datapath.adopted else "loaded and pinned")
+            self.datapath.set_acceleration(False)  # on again only after this run's self-test
+            if self.cfg.sockmap:
+                self._start_accel()
             tail = Tail(self.access_log)
             tail.offset = self.access_log.stat().st_size if self.access_log.exists() else 0
             self._write_status()
@@ -99,6 +107,11 @@ class Agent:
                 if version != self._seen_version:
                     self.sync(version)
                 self.envoy.check()
+                if self.accel is not None and time.monotonic() > self._next_canary:
+                    self._next_canary = time.monotonic() + self.cfg.canary_interval_s
+                    st = self.accel.canary()
+                    if not st.enabled:
+                        log.warning("sockmap acceleration %s", st.reason)
                 self._collect(tail)
                 self._write_status()
         finally:
@@ -107,7 +120,18 @@ class Agent:
     def _request_stop(self) -> None:
         self._stop = True
 
+    def _start_accel(self) -> None:
+        assert self.datapath is not None
+        self.accel = Accelerator(self.node, self.datapath)
+        self.datapath.apply(DatapathState(endpoints=self.accel.start_pods()))
+        st = self.accel.self_test()
+        log.log(logging.INFO if st.enabled else logging.WARNING, "sockmap acceleration: %s (%.1f s)",
+                st.reason, st.last_run_s)
+        self._next_canary = time.monotonic() + self.cfg.canary_interval_s
+
     def _shutdown(self, xds: XdsServer) -> None:
+        if self.accel is not None:
+            self.accel.stop()
         if self.datapath is not None:
             self.datapath.close(unpin=True)
         if self.envoy is not None:
@@ -139,7 +163,8 @@ class Agent:
         by_pod = {e.pod: e for e in plan.endpoints}
         dp = DatapathState(
             services=list(plan.services),
-            endpoints={ip: (e.identity, e.flags) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip},
+            endpoints={**(self.accel.endpoints() if self.accel else {}),
+                       **{ip: (e.identity, e.flags) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip}},
             cgroups={cid: (by_pod[key].identity, by_pod[key].flags) for cid, key in cg.items() if key in by_pod},
             policy=list(plan.policy),
         )
@@ -155,7 +180,7 @@ class Agent:
     def _run_pods(self, state: ClusterState) -> ClusterState:
         wanted = {p.key: p for p in state.pods}
         for key in list(self.node.sandboxes):
-            if key not in wanted:
+            if key not in wanted and not key.startswith(SYSTEM_NAMESPACE + "/"):
                 self.node.remove_pod(key)
         pods = []
         for p in sorted(state.pods, key=lambda p: p.key):
@@ -190,7 +215,9 @@ class Agent:
             st["rules"] = dict(self.plan.rules)
             st["services"] = [{"vip": s.vip, "port": s.port, "backends": len(s.backends),
                                "proxy_port": s.proxy_port} for s in self.plan.services]
+        st["sockmap"] = vars(self.accel.status) if self.accel else {"enabled": False, "reason": "not requested (--sockmap)"}
         if self.datapath is not None and running:
+            st["sockmap"]["counts"] = self.datapath.accel_counts()
             st["reason_counts"] = {r.text: n for r, n in self.datapath.reason_counts().items()}
             st["events_received"] = self.datapath.received
             st["events_lost"] = self.datapath.events_lost()

@@ -46,6 +46,7 @@ def agent(
     envoy_concurrency: int = 1,
     envoy_log_level: str = "warning",
     lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds")] = 3600.0,
+    sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
 ) -> None:
     """Run the node agent on this machine (the embedded default)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -53,6 +54,7 @@ def agent(
         node=NodeConfig(name=node, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
+        sockmap=sockmap,
     )
     Agent(cfg).run()
 
@@ -241,6 +243,8 @@ def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o"
         console.print(line)
     for k, p in st.get("pods", {}).items():
         console.print(f"  pod {k} {p['ip']}")
+    sm = st.get("sockmap", {})
+    console.print(f"  sockmap acceleration: {'on' if sm.get('enabled') else 'off'} ({sm.get('reason', '-')})")
     if st.get("reason_counts"):
         console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st["reason_counts"].items()))
     for e in st.get("errors", []):

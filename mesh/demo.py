@@ -88,7 +88,7 @@ def _apply(state_dir: Path, f: Path) -> None:
                    check=True, cwd=ROOT)
 
 
-def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0) -> int:
+def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agent_args: tuple[str, ...] = ()) -> int:
     example = example.resolve()
     manifests = state_dir / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0) -> i
     console.print("[bold]Starting the Webb agent (node1: bridge webb0, pods as network namespaces)[/]")
     agent = subprocess.Popen(
         ["setpriv", "--pdeathsig", "SIGTERM", "--", sys.executable, "-m", "mesh.cli", "agent",
-         "--state-dir", str(state_dir), "--lifetime", str(lifetime_s)],
+         "--state-dir", str(state_dir), "--lifetime", str(lifetime_s), *agent_args],
         cwd=ROOT, stdout=open(state_dir / "agent.log", "ab"), stderr=subprocess.STDOUT,
     )
     try:

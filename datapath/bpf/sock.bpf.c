@@ -80,6 +80,29 @@ struct {
 	__type(value, __u64);
 } webb_reason_counts SEC(".maps");
 
+/* Same-node acceleration (opt-in, see __sockops): sockets of pod-to-pod
+ * connections of this node, so sk_msg can hand bytes to the peer socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+} webb_sockhash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct webb_config);
+} webb_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEBB_ACCEL_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} webb_accel_counts SEC(".maps");
+
 /* Digest of the object whose programs the pinned links run: a restarted
  * agent with the same object adopts everything without loading anything. */
 struct {
@@ -388,4 +411,90 @@ SEC("cgroup/getpeername6")
 int webb_sock6_getpeername(struct bpf_sock_addr *ctx)
 {
 	return __sock_revnat(ctx, 6);
+}
+
+/* ---- same-node acceleration: sockops + SOCKHASH + sk_msg ----
+ *
+ * Opt-in and guarded: Cilium removed this path in 1.14 after stalls, so the
+ * agent turns WEBB_CONFIG_SOCKMAP on only after a stress self-test passed on
+ * the running kernel, and off again when its canary stalls. With the flag
+ * off, sockops adds nothing and sk_msg passes every message to the normal
+ * path, so sockets already in the hash simply stop being accelerated.
+ */
+static __always_inline int __accel_on(void)
+{
+	__u32 zero = 0;
+	struct webb_config *c = bpf_map_lookup_elem(&webb_config, &zero);
+
+	return c && (c->flags & WEBB_CONFIG_SOCKMAP);
+}
+
+static __always_inline void __accel_count(__u32 what)
+{
+	__u64 *n = bpf_map_lookup_elem(&webb_accel_counts, &what);
+
+	if (n)
+		*n += 1;
+}
+
+/* The kernel gives local_port in host order and remote_port in network
+ * order, placed differently across versions; OR-ing both halves takes the
+ * port from wherever it is. */
+static __always_inline __u16 __remote_port(__u32 p)
+{
+	return (__u16)((p >> 16) | (p & 0xffff));
+}
+
+static __always_inline void __addr4(struct webb_addr *a, __u32 ip4)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0xffff);
+	a->w[3] = ip4;
+}
+
+SEC("sockops")
+int webb_sockops(struct bpf_sock_ops *skops)
+{
+	struct sock_key k = {};
+
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	if (skops->family != 2 /* AF_INET */ || !__accel_on())
+		return 1;
+	__addr4(&k.local, skops->local_ip4);
+	__addr4(&k.remote, skops->remote_ip4);
+	/* both ends must be pods of this node: anything else leaves the host */
+	if (!bpf_map_lookup_elem(&webb_endpoints, &k.local) ||
+	    !bpf_map_lookup_elem(&webb_endpoints, &k.remote))
+		return 1;
+	k.local_port = bpf_htons((__u16)skops->local_port);
+	k.remote_port = __remote_port(skops->remote_port);
+	if (bpf_sock_hash_update(skops, &webb_sockhash, &k, BPF_NOEXIST) == 0)
+		__accel_count(WEBB_ACCEL_SOCKETS);
+	return 1;
+}
+
+SEC("sk_msg")
+int webb_sk_msg(struct sk_msg_md *msg)
+{
+	struct sock_key peer = {};
+
+	if (!__accel_on()) {
+		__accel_count(WEBB_ACCEL_PASSED);
+		return SK_PASS;
+	}
+	/* the peer socket sees our remote end as its local one */
+	__addr4(&peer.local, msg->remote_ip4);
+	__addr4(&peer.remote, msg->local_ip4);
+	peer.local_port = __remote_port(msg->remote_port);
+	peer.remote_port = bpf_htons((__u16)msg->local_port);
+	/* no peer in the hash: the message takes the normal path (SK_PASS
+	 * without a redirect), it is never dropped */
+	if (bpf_msg_redirect_hash(msg, &webb_sockhash, &peer, BPF_F_INGRESS) == SK_PASS)
+		__accel_count(WEBB_ACCEL_REDIRECTED);
+	else
+		__accel_count(WEBB_ACCEL_PASSED);
+	return SK_PASS;
 }

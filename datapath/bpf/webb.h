@@ -103,6 +103,28 @@ struct affinity_value {
 	__u32 pad;
 };
 
+/* A TCP socket between two pods of this node, as seen from that socket. */
+struct sock_key {
+	struct webb_addr local;
+	struct webb_addr remote;
+	__u16 local_port;	/* network order */
+	__u16 remote_port;	/* network order */
+	__u32 pad;
+};
+
+#define WEBB_CONFIG_SOCKMAP	1	/* same-node acceleration on (self-test passed) */
+
+struct webb_config {
+	__u32 flags;
+};
+
+enum {
+	WEBB_ACCEL_SOCKETS = 0,		/* sockets added to the sockhash */
+	WEBB_ACCEL_REDIRECTED = 1,	/* messages redirected to the peer socket */
+	WEBB_ACCEL_PASSED = 2,		/* messages left to the normal path */
+	WEBB_ACCEL_MAX = 4,
+};
+
 struct webb_meta {
 	__u8 digest[32];	/* sha256 of the BPF object file */
 };

@@ -21,10 +21,14 @@ def _webb(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-def test_starwars_outcomes_with_and_without_policy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sockmap", [False, True], ids=["plain", "sockmap"])
+def test_starwars_outcomes_with_and_without_policy(tmp_path: Path, sockmap: bool) -> None:
     state = tmp_path / "state"
     # run_starwars checks all six outcomes (three without the policy, three with it)
-    assert run_starwars(ROOT / "examples/starwars", state) == 0
+    assert run_starwars(ROOT / "examples/starwars", state, agent_args=("--sockmap",) if sockmap else ()) == 0
+    if sockmap:  # it ran accelerated (status now says off: the agent has stopped)
+        assert "sockmap acceleration: self-test passed" in (state / "agent.log").read_text()
+        assert json.loads((state / "status.json").read_text())["sockmap"]["enabled"] is False
 
     # everything it made is gone: pods' netns, bridge, cgroups, Envoy
     assert leftovers("webb-node1-") == []
