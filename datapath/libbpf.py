@@ -62,6 +62,10 @@ _sig("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _vp, ctypes.POINTER(c
 _sig("bpf_link__open", _vp, ctypes.c_char_p)
 _sig("bpf_link__update_program", ctypes.c_int, _vp, _vp)
 _sig("bpf_link__fd", ctypes.c_int, _vp)
+_sig("bpf_object__btf", _vp, _vp)
+_sig("btf__type_cnt", ctypes.c_uint32, _vp)
+_sig("btf__type_by_id", _vp, _vp, ctypes.c_uint32)
+_sig("btf__name_by_offset", ctypes.c_char_p, _vp, ctypes.c_uint32)
 _sig("bpf_prog_attach", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint)
 _sig("libbpf_probe_bpf_prog_type", ctypes.c_int, ctypes.c_int, _vp)
 _sig("libbpf_probe_bpf_map_type", ctypes.c_int, ctypes.c_int, _vp)
@@ -288,6 +292,39 @@ class BpfObject:
         if self._ptr:
             _lib.bpf_object__close(self._ptr)
             self._ptr = None
+
+
+BTF_KIND_STRUCT = 4
+
+
+def btf_structs(path: str) -> dict[str, tuple[int, dict[str, int]]]:
+    """Every struct in an object file's BTF: name -> (size, member name -> byte offset).
+
+    Reads ``struct btf_type`` (name_off, info, size) and the ``struct btf_member`` array
+    (name_off, type, offset in bits) that follows it: UAPI layouts, no kernel needed.
+    """
+    obj = BpfObject(path)
+    try:
+        btf = _lib.bpf_object__btf(obj._ptr)
+        if not btf:
+            raise OSError(2, f"read BTF of {path}: the object has none (compile with -g)")
+        out: dict[str, tuple[int, dict[str, int]]] = {}
+        for type_id in range(1, int(_lib.btf__type_cnt(btf))):
+            t = _lib.btf__type_by_id(btf, type_id)
+            name_off, info, size = struct.unpack("=III", ctypes.string_at(t, 12))
+            if (info >> 24) & 0x1F != BTF_KIND_STRUCT:
+                continue
+            vlen, kflag = info & 0xFFFF, info >> 31
+            members = {}
+            raw = ctypes.string_at(t + 12, 12 * vlen)
+            for i in range(vlen):
+                m_name, _m_type, m_off = struct.unpack_from("=III", raw, 12 * i)
+                bits = m_off & 0xFFFFFF if kflag else m_off
+                members[(_lib.btf__name_by_offset(btf, m_name) or b"").decode()] = bits // 8
+            out[(_lib.btf__name_by_offset(btf, name_off) or b"").decode()] = (size, members)
+        return out
+    finally:
+        obj.close()
 
 
 class RingBuffer:

@@ -26,6 +26,7 @@ from datapath.maps import (
     DatapathState,
     FlowEvent,
     Reason,
+    check_btf,
     check_layout,
 )
 
@@ -66,6 +67,7 @@ class Datapath:
         if not object_path.exists():
             raise FileNotFoundError(f"load datapath: {object_path} is missing; build it with 'make bpf'")
         ensure_bpffs()
+        check_btf(libbpf.btf_structs(str(object_path)))  # every shared struct, member by member
         self.cgroup_path = cgroup_path
         self.pin_dir = pin_dir
         self.digest = hashlib.sha256(object_path.read_bytes()).digest()

@@ -42,17 +42,45 @@ class Reason(enum.IntEnum):
         return self.name.lower().replace("_", "-")
 
 
-SERVICE_KEY = struct.Struct("=16s2sBx")
-SERVICE_VALUE = struct.Struct("=II16s2s2xI")
-BACKEND_KEY = struct.Struct("=II")
-BACKEND_VALUE = struct.Struct("=16s2s2x")
-ENDPOINT_KEY = struct.Struct("=16s")
+class Layout(struct.Struct):
+    """A ``struct`` format built from named fields, checked member by member against the C
+    struct of the same name in the BPF object's BTF (``check_btf``)."""
+
+    def __init__(self, c_name: str, *fields: tuple[str, str]) -> None:
+        super().__init__("=" + "".join(f for _, f in fields))
+        self.c_name = c_name
+        self.fields = fields
+
+    def offsets(self) -> dict[str, int]:
+        out, prefix = {}, "="
+        for name, fmt in self.fields:
+            out[name] = struct.calcsize(prefix)
+            prefix += fmt
+        return out
+
+
+ADDR = "16s"  # struct webb_addr: IPv6, IPv4 as IPv4-mapped
+SERVICE_KEY = Layout("service_key", ("vip", ADDR), ("port", "2s"), ("proto", "B"), ("pad", "x"))
+SERVICE_VALUE = Layout("service_value", ("service_id", "I"), ("backend_count", "I"), ("proxy", ADDR),
+                       ("proxy_port", "2s"), ("pad", "2x"), ("affinity_timeout_s", "I"))
+BACKEND_KEY = Layout("backend_key", ("service_id", "I"), ("slot", "I"))
+BACKEND_VALUE = Layout("backend_value", ("addr", ADDR), ("port", "2s"), ("pad", "2x"))
+ENDPOINT_KEY = Layout("webb_addr", ("w", ADDR))
 CGROUP_KEY = struct.Struct("=Q")
-ENDPOINT_VALUE = struct.Struct("=II")
-POLICY_KEY = struct.Struct("=IIHBx")
-POLICY_VALUE = struct.Struct("=I")
+ENDPOINT_VALUE = Layout("endpoint_value", ("identity", "I"), ("flags", "I"))
+POLICY_KEY = Layout("policy_key", ("dst_identity", "I"), ("src_identity", "I"), ("port", "H"), ("proto", "B"),
+                    ("pad", "x"))
+POLICY_VALUE = Layout("policy_value", ("rule_id", "I"))
 COUNTER_KEY = struct.Struct("=I")
-FLOW_EVENT = struct.Struct("=QQII16s16s2s2sBBBB")
+FLOW_EVENT = Layout("flow_event", ("ts_ns", "Q"), ("cgroup_id", "Q"), ("src_identity", "I"), ("dst_identity", "I"),
+                    ("orig", ADDR), ("new", ADDR), ("orig_port", "2s"), ("new_port", "2s"), ("verdict", "B"),
+                    ("reason", "B"), ("proto", "B"), ("family", "B"))
+SOCK_KEY = Layout("sock_key", ("local", ADDR), ("remote", ADDR), ("local_port", "2s"), ("remote_port", "2s"),
+                  ("pad", "4x"))
+META_VALUE = Layout("webb_meta", ("digest", "32s"))
+CONFIG_VALUE = Layout("webb_config", ("flags", "I"))
+BTF_CHECKED = (SERVICE_KEY, SERVICE_VALUE, BACKEND_KEY, BACKEND_VALUE, ENDPOINT_KEY, ENDPOINT_VALUE, POLICY_KEY,
+               POLICY_VALUE, FLOW_EVENT, SOCK_KEY, META_VALUE, CONFIG_VALUE)
 
 LAYOUT = {
     "webb_services": (SERVICE_KEY, SERVICE_VALUE),
@@ -61,14 +89,27 @@ LAYOUT = {
     "webb_cgroups": (CGROUP_KEY, ENDPOINT_VALUE),
     "webb_policy": (POLICY_KEY, POLICY_VALUE),
     "webb_reason_counts": (COUNTER_KEY, struct.Struct("=Q")),
-    "webb_meta": (COUNTER_KEY, struct.Struct("=32s")),
-    "webb_config": (COUNTER_KEY, struct.Struct("=I")),
+    "webb_meta": (COUNTER_KEY, META_VALUE),
+    "webb_config": (COUNTER_KEY, CONFIG_VALUE),
     "webb_accel_counts": (COUNTER_KEY, struct.Struct("=Q")),
-    "webb_sockhash": (struct.Struct("=16s16s2s2sI"), struct.Struct("=Q")),
+    "webb_sockhash": (SOCK_KEY, struct.Struct("=Q")),
 }
 CONFIG_SOCKMAP = 1
 ACCEL_COUNTERS = ("sockets", "redirected", "passed")
 STATE_MAPS = ("webb_services", "webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy")
+
+
+def check_btf(members: dict[str, tuple[int, dict[str, int]]]) -> None:
+    """``members``: C struct name -> (size, member -> byte offset), read from the object's BTF."""
+    for lay in BTF_CHECKED:
+        if lay.c_name not in members:
+            raise RuntimeError(f"check layout {lay.c_name}: not in the BPF object's BTF; rebuild with 'make bpf'")
+        size, offs = members[lay.c_name]
+        if size != lay.size or offs != lay.offsets():
+            raise RuntimeError(
+                f"check layout {lay.c_name}: C has size {size} members {offs}, datapath/maps.py has size "
+                f"{lay.size} members {lay.offsets()}; change datapath/bpf/webb.h and datapath/maps.py together"
+            )
 
 
 def check_layout(maps: dict[str, Map]) -> None:

@@ -117,6 +117,11 @@ struct {
 	__uint(max_entries, 1 << 20);
 } webb_events SEC(".maps");
 
+/* flow_event is only ever a ring-buffer record, never a map type: this unused
+ * pointer puts it into the object's BTF, where the loader checks it against
+ * Python's layout like every other shared struct. */
+struct flow_event *webb_flow_event_btf __attribute__((unused));
+
 static __always_inline void __count(__u32 reason)
 {
 	__u64 *n = bpf_map_lookup_elem(&webb_reason_counts, &reason);
