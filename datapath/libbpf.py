@@ -66,6 +66,8 @@ _sig("bpf_object__btf", _vp, _vp)
 _sig("btf__type_cnt", ctypes.c_uint32, _vp)
 _sig("btf__type_by_id", _vp, _vp, ctypes.c_uint32)
 _sig("btf__name_by_offset", ctypes.c_char_p, _vp, ctypes.c_uint32)
+_sig("bpf_prog_query", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32),
+     ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32))
 _sig("bpf_prog_attach", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint)
 _sig("libbpf_probe_bpf_prog_type", ctypes.c_int, ctypes.c_int, _vp)
 _sig("libbpf_probe_bpf_map_type", ctypes.c_int, ctypes.c_int, _vp)
@@ -109,6 +111,19 @@ def obj_info(fd: int, size: int = 96) -> bytes:
     if rc < 0:
         raise _fail(f"get info of BPF fd {fd}", rc)
     return buf.raw[: n.value]
+
+
+def attached_count(cgroup_path: str, attach_type: int) -> int:
+    """How many programs are attached to a cgroup for one attach type (BPF_PROG_QUERY)."""
+    fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags, cnt = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        rc = _lib.bpf_prog_query(fd, attach_type, 0, ctypes.byref(flags), None, ctypes.byref(cnt))
+        if rc < 0:
+            raise _fail(f"query programs of {cgroup_path}", rc)
+        return int(cnt.value)
+    finally:
+        os.close(fd)
 
 
 def probe_prog_type(prog_type: int) -> bool:

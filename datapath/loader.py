@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 from datapath import libbpf
@@ -223,15 +224,28 @@ class Datapath:
             self._obj.close()
             self._obj = None
         if unpin:
-            cleanup(self.pin_dir)
+            cleanup(self.pin_dir, self.cgroup_path)
 
 
-def cleanup(pin_dir: Path) -> list[str]:
-    """Detach and unpin everything under ``pin_dir`` (a link goes with its last reference)."""
+# enum bpf_attach_type of every program in PROGRAMS (cgroup connect/sendmsg/recvmsg/getpeername, sockops)
+ATTACH_TYPES = (10, 11, 14, 15, 19, 20, 29, 30, 3)
+
+
+def cleanup(pin_dir: Path, cgroup_path: str | None = None, timeout_s: float = 5.0) -> list[str]:
+    """Unpin everything under ``pin_dir``; a link goes with its last reference. The kernel
+    releases a link asynchronously, so with ``cgroup_path`` this returns only once nothing is
+    attached there any more."""
     removed = sorted(p.name for p in pin_dir.iterdir()) if pin_dir.exists() else []
     shutil.rmtree(pin_dir, ignore_errors=True)
     try:
         pin_dir.parent.rmdir()
     except OSError:
         pass
+    if cgroup_path and os.path.isdir(cgroup_path):
+        deadline = time.monotonic() + timeout_s
+        while (left := sum(libbpf.attached_count(cgroup_path, t) for t in ATTACH_TYPES)) > 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"clean up datapath: {left} programs still attached to {cgroup_path} "
+                                   f"after {timeout_s}s (another process holds their links?)")
+            time.sleep(0.01)
     return removed

@@ -275,7 +275,7 @@ app.add_typer(node_app, name="node")
 @datapath_app.command("cleanup")
 def datapath_cleanup(node: str = "node1") -> None:
     """Detach the programs and remove every pin of NODE (the agent must not be running)."""
-    removed = cleanup(pin_dir_for(node))
+    removed = cleanup(pin_dir_for(node), str(NodeConfig(name=node).pods_cgroup))
     console.print(f"removed {len(removed)} pins of node {node}" + (f": {', '.join(removed)}" if removed else ""))
 
 

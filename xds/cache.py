@@ -14,24 +14,46 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xds.resources import TYPE_ORDER
+from xds.resources import TYPE_ORDER, WILDCARD_TYPES, references
+
+
+class InconsistentSnapshotError(ValueError):
+    pass
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    """One node's resources. Versions are content hashes: per resource (delta xDS) and per
+    type (state of the world), so equal content always has equal versions."""
+
     resources: dict[str, dict[str, Any]]  # type URL -> name -> proto message
-    versions: dict[str, str]  # type URL -> content hash
+    versions: dict[str, str]  # type URL -> hash of the type's resources
+    resource_versions: dict[str, dict[str, str]]  # type URL -> name -> hash
+    serialized: dict[str, dict[str, bytes]]  # type URL -> name -> wire bytes (serialized once)
 
     @classmethod
     def of(cls, resources: dict[str, dict[str, Any]]) -> Snapshot:
-        versions = {}
+        versions, rvs, wire = {}, {}, {}
         for type_url in TYPE_ORDER:
+            items = resources.get(type_url, {})
+            wire[type_url] = {n: m.SerializeToString(deterministic=True) for n, m in items.items()}
+            rvs[type_url] = {n: hashlib.sha256(b).hexdigest()[:16] for n, b in wire[type_url].items()}
             h = hashlib.sha256()
-            for name in sorted(resources.get(type_url, {})):
-                h.update(name.encode() + b"\0")
-                h.update(resources[type_url][name].SerializeToString(deterministic=True))
+            for name in sorted(items):
+                h.update(name.encode() + b"\0" + rvs[type_url][name].encode())
             versions[type_url] = h.hexdigest()[:16]
-        return cls({t: dict(resources.get(t, {})) for t in TYPE_ORDER}, versions)
+        return cls({t: dict(resources.get(t, {})) for t in TYPE_ORDER}, versions, rvs, wire)
+
+    def problems(self) -> list[str]:
+        """go-control-plane's Consistent(): every EDS name in CDS has endpoints, every RDS name
+        in LDS has a route configuration."""
+        out = []
+        for type_url in TYPE_ORDER:
+            for name, res in self.resources[type_url].items():
+                needs, names = references(type_url, res)
+                for missing in sorted(names - set(self.resources.get(needs, {}))):
+                    out.append(f"{type_url.rsplit('.', 1)[-1]} {name} needs {needs.rsplit('.', 1)[-1]} {missing}")
+        return out
 
     @property
     def version(self) -> str:
@@ -55,6 +77,10 @@ class SnapshotCache:
         self._watchers: list[Callable[[str], None]] = []
 
     def set_snapshot(self, node_id: str, snap: Snapshot) -> None:
+        """Serve ``snap`` to the node; an inconsistent one is refused (the last one stays)."""
+        problems = snap.problems()
+        if problems:
+            raise InconsistentSnapshotError(f"set snapshot for {node_id}: {'; '.join(problems[:5])}")
         with self._lock:
             self._snapshots[node_id] = snap
             watchers = list(self._watchers)
@@ -105,6 +131,8 @@ class SnapshotCache:
             sts = self._status.get(node_id, {})
             for t in TYPE_ORDER:
                 st = sts.get(t)
+                if not snap.resources[t] and t not in WILDCARD_TYPES:
+                    continue  # Envoy asks for EDS/RDS only while a cluster/listener names them
                 if st is None:
                     return None
                 if st.nacked == snap.versions[t]:

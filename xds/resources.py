@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_cfg
@@ -22,8 +23,12 @@ from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-TYPE_ORDER = (CLUSTER, LISTENER)  # make-before-break: clusters exist before listeners use them
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# make-before-break: clusters and their endpoints exist before listeners and routes use them
+TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/RDS by name
 
 DENIED_BODY = "Access denied\n"
 
@@ -140,17 +145,35 @@ def _local_reply() -> hcm.LocalReplyConfig:
     return hcm.LocalReplyConfig(mappers=[deny])
 
 
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                          resource_api_version=config_source_pb2.V3)
+
+
 def cluster(svc: HttpService) -> cluster_pb2.Cluster:
+    """An EDS cluster: backends come apart (ClusterLoadAssignment), so a pod change is one
+    small EDS update, not a cluster rebuild that would drain its connections."""
+    return cluster_pb2.Cluster(
+        name=svc.name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=svc.name),
+        connect_timeout=duration_pb2.Duration(seconds=2),
+    )
+
+
+def endpoints(svc: HttpService) -> endpoint_pb2.ClusterLoadAssignment:
     eps = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))))
         for ip, port in svc.backends]
-    return cluster_pb2.Cluster(
-        name=svc.name,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=duration_pb2.Duration(seconds=2),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=svc.name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=eps)]),
-    )
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=svc.name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=eps)])
+
+
+def route(svc: HttpService) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(name=svc.name, virtual_hosts=[route_components_pb2.VirtualHost(
+        name=svc.name, domains=["*"], routes=[route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            route=route_components_pb2.RouteAction(cluster=svc.name))])])
 
 
 def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
@@ -158,13 +181,10 @@ def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
     if svc.policies is not None:
         filters.append(hcm.HttpFilter(name="envoy.filters.http.rbac", typed_config=_any(rbac(svc.policies))))
     filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())))
-    route = route_pb2.RouteConfiguration(name=svc.name, virtual_hosts=[route_components_pb2.VirtualHost(
-        name=svc.name, domains=["*"], routes=[route_components_pb2.Route(
-            match=route_components_pb2.RouteMatch(prefix="/"),
-            route=route_components_pb2.RouteAction(cluster=svc.name))])])
     manager = hcm.HttpConnectionManager(
         stat_prefix=svc.name.replace("/", "_").replace(":", "_"),
-        route_config=route, http_filters=filters,
+        rds=hcm.Rds(config_source=_ads(), route_config_name=svc.name),
+        http_filters=filters,
         access_log=[_access_log(access_log_path, svc)],
         local_reply_config=_local_reply(),
     )
@@ -180,12 +200,31 @@ def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
     )
 
 
-def build(services: list[HttpService], access_log_path: str) -> dict[str, dict[str, object]]:
+def build(services: list[HttpService], access_log_path: str) -> dict[str, dict[str, Any]]:
     """All resources of one node, by type URL then resource name."""
     return {
         CLUSTER: {s.name: cluster(s) for s in services},
+        ENDPOINT: {s.name: endpoints(s) for s in services},
         LISTENER: {s.name: listener(s, access_log_path) for s in services},
+        ROUTE: {s.name: route(s) for s in services},
     }
+
+
+def references(type_url: str, resource: Any) -> tuple[str, set[str]]:
+    """What a resource needs from another type: (that type URL, names); for the consistency check."""
+    if type_url == CLUSTER and resource.type == cluster_pb2.Cluster.EDS:
+        return ENDPOINT, {resource.eds_cluster_config.service_name or resource.name}
+    if type_url == LISTENER:
+        names = set()
+        for chain in resource.filter_chains:
+            for f in chain.filters:
+                if f.typed_config.Is(hcm.HttpConnectionManager.DESCRIPTOR):
+                    m = hcm.HttpConnectionManager()
+                    f.typed_config.Unpack(m)
+                    if m.HasField("rds"):
+                        names.add(m.rds.route_config_name)
+        return ROUTE, names
+    return "", set()
 
 
 def describe(services: list[HttpService]) -> str:

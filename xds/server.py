@@ -32,26 +32,25 @@ class _Stream:
         self.node_id = ""
         self.out: queue.Queue[Any] = queue.Queue()
         self.subscribed: set[str] = set()
+        self.names: dict[str, frozenset[str]] = {}  # type -> names Envoy asked for (empty: all)
         self.last_nonce: dict[str, str] = {}
         self.last_sent: dict[str, str] = {}
         self.nonce = 0
         self.lock = threading.Lock()
 
-    def _send(self, type_url: str) -> None:
+    def _send(self, type_url: str, force: bool = False) -> None:
         snap = self.cache.snapshot(self.node_id)
         if snap is None or type_url not in snap.versions:
             return
         version = snap.versions[type_url]
         st = self.cache.status(self.node_id).get(type_url)
-        if version == self.last_sent.get(type_url) or (st is not None and st.nacked == version):
+        if not force and (version == self.last_sent.get(type_url) or (st is not None and st.nacked == version)):
             return
         self.nonce += 1
         nonce = str(self.nonce)
-        resources = []
-        for name in sorted(snap.resources[type_url]):
-            a = any_pb2.Any()
-            a.Pack(snap.resources[type_url][name])
-            resources.append(a)
+        wanted = self.names.get(type_url) or frozenset(snap.resources[type_url])
+        resources = [any_pb2.Any(type_url=type_url, value=snap.serialized[type_url][name])
+                     for name in sorted(wanted) if name in snap.serialized[type_url]]
         self.last_nonce[type_url] = nonce
         self.last_sent[type_url] = version
         self.cache.record(self.node_id, type_url, sent=version)
@@ -65,6 +64,9 @@ class _Stream:
             t = req.type_url
             if req.response_nonce and req.response_nonce != self.last_nonce.get(t):
                 return  # stale: answers a response that was superseded
+            names = frozenset(req.resource_names)
+            names_changed = t in self.names and names != self.names[t]
+            self.names[t] = names
             if req.response_nonce:
                 if req.HasField("error_detail"):
                     rejected = self.last_sent.get(t, "")
@@ -73,6 +75,8 @@ class _Stream:
                     self.cache.record(self.node_id, t, nacked=rejected, error=req.error_detail.message)
                     return
                 self.cache.record(self.node_id, t, acked=req.version_info)
+                if names_changed:  # e.g. a new cluster now wants its endpoints
+                    self._send(t, force=True)
                 return
             self.subscribed.add(t)
             self.last_sent.pop(t, None)  # a fresh subscription gets the current version

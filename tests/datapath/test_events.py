@@ -1,7 +1,9 @@
-"""Flow events: every counted decision reaches the agent's consumer, at more than 10,000 connects/s."""
+"""Flow events: every counted decision reaches the agent's consumer at 20,000 connects/s (twice
+the 10,000/s the datapath promises). The unpaced rate, and what is lost there, is make bench's."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -18,11 +20,16 @@ from mesh.runtime.local import LocalNode
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 VIP = "10.96.202.10"
 COUNT = 30000
+RATE = 20000
 # Refused connects (the service has no backend): each one is a counted, reported decision.
+# Paced in steps of 100 so the rate holds on a fast host (unpaced it reaches ~200,000/s).
 STORM = """
 import socket, sys, time
-n = int(sys.argv[2]); t0 = time.perf_counter()
-for _ in range(n):
+n, rate = int(sys.argv[2]), float(sys.argv[3]); t0 = time.perf_counter()
+for i in range(n):
+    if i % 100 == 0:
+        ahead = t0 + i / rate - time.perf_counter()
+        if ahead > 0: time.sleep(ahead)
     s = socket.socket()
     try: s.connect((sys.argv[1], 80))
     except ConnectionRefusedError: pass
@@ -42,21 +49,25 @@ def test_no_event_lost_under_a_connect_storm(node: LocalNode, tmp_path: Path) ->
         stop = threading.Event()
 
         def consume() -> None:  # what the agent does with each event
-            while not stop.is_set() or dp.events_lost() > 0:
+            while not stop.is_set():
                 flows = [from_event(e, names) for e in dp.poll_events(50)]
                 log.write(flows)
                 got.append(len(flows))
 
         t = threading.Thread(target=consume)
         t.start()
-        p = node.spawn(cli, [sys.executable, "-c", STORM, VIP, str(COUNT)], stdout=subprocess.PIPE)
+        p = node.spawn(cli, [sys.executable, "-c", STORM, VIP, str(COUNT), str(RATE)], stdout=subprocess.PIPE)
         out, _ = p.communicate(timeout=120)
-        print(f"storm: {float(out):.0f} connects/s")  # the figure is make bench's (datapath.storm_*)
+        rate = float(out)
+        print(f"storm: {rate:.0f} connects/s")
         deadline = time.monotonic() + 10
         while dp.events_lost() > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         stop.set()
         t.join(timeout=15)
+        assert not t.is_alive()
+        if not os.environ.get("WEBB_IN_VM"):  # the qemu guest is emulated (~2,500/s): loss only
+            assert rate >= 0.9 * RATE, "the client could not reach the rate under test"
         assert dp.reason_counts()[Reason.NO_BACKEND] == COUNT
         assert sum(got) == COUNT and dp.events_lost() == 0
         assert sum(1 for _ in open(tmp_path / "flows.jsonl")) == COUNT

@@ -90,7 +90,7 @@ def test_sigkilled_owner_keeps_connections_and_restart_adopts(node: LocalNode) -
             assert step("after") == ["after", "x"]
         finally:
             again.close()
-        removed = cleanup(pin_dir_for(name))
+        removed = cleanup(pin_dir_for(name), cg)  # returns once the kernel has detached them
         assert "link_webb_sock4_connect" in removed and "webb_services" in removed
         # detached: the VIP is no longer translated and the blackhole route answers (EINVAL)
         assert step("cleaned") == ["cleaned", "OSError"]

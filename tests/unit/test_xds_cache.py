@@ -1,5 +1,7 @@
+import pytest
+
 from xds import resources as r
-from xds.cache import Snapshot, SnapshotCache
+from xds.cache import InconsistentSnapshotError, Snapshot, SnapshotCache
 
 SVC = r.HttpService("default/web:80", "10.244.0.1", 15001, (("10.244.0.2", 80),),
                     (r.RbacPolicy("default/p#ingress[0]", ("10.244.0.3",), (r.HttpRule("GET", "/.*"),)),))
@@ -11,21 +13,43 @@ def test_versions_are_content_hashes() -> None:
     assert a.versions == b.versions
     other = r.HttpService(SVC.name, SVC.listen_ip, SVC.listen_port, (("10.244.0.9", 80),), SVC.policies)
     c = Snapshot.of(r.build([other], "/tmp/a.log"))
-    assert c.versions[r.CLUSTER] != a.versions[r.CLUSTER]
-    assert c.versions[r.LISTENER] == a.versions[r.LISTENER]
+    assert c.versions[r.ENDPOINT] != a.versions[r.ENDPOINT]  # backends live in EDS
+    assert all(c.versions[t] == a.versions[t] for t in (r.CLUSTER, r.LISTENER, r.ROUTE))
 
 
 def test_wait_acked_sees_nack() -> None:
     cache = SnapshotCache()
     snap = Snapshot.of(r.build([SVC], "/tmp/a.log"))
     cache.set_snapshot("n", snap)
-    cache.record("n", r.CLUSTER, acked=snap.versions[r.CLUSTER])
+    for t in (r.CLUSTER, r.ENDPOINT, r.ROUTE):
+        cache.record("n", t, acked=snap.versions[t])
     cache.record("n", r.LISTENER, nacked=snap.versions[r.LISTENER], error="bad regex")
     assert cache.wait_acked("n", snap, 0.1) is False
     assert cache.status("n")[r.LISTENER].error == "bad regex"
     cache.record("n", r.LISTENER, acked=snap.versions[r.LISTENER])
     assert cache.wait_acked("n", snap, 0.1) is True
     assert cache.status("n")[r.LISTENER].error == ""
+
+
+def test_inconsistent_snapshot_is_refused_and_the_last_stays() -> None:
+    cache = SnapshotCache()
+    good = Snapshot.of(r.build([SVC], "/tmp/a.log"))
+    cache.set_snapshot("n", good)
+    res = r.build([SVC], "/tmp/a.log")
+    del res[r.ROUTE][SVC.name]  # LDS names an RDS config that is not there
+    with pytest.raises(InconsistentSnapshotError, match="Listener default/web:80 needs RouteConfiguration default/web:80"):
+        cache.set_snapshot("n", Snapshot.of(res))
+    assert cache.snapshot("n") is good
+
+
+def test_one_service_change_touches_only_its_resources() -> None:
+    other = r.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
+    a = Snapshot.of(r.build([SVC, other], "/tmp/a.log"))
+    moved = r.HttpService(other.name, other.listen_ip, other.listen_port, (("10.244.0.6", 80),), None)
+    b = Snapshot.of(r.build([SVC, moved], "/tmp/a.log"))
+    changed = {(t, n) for t in r.TYPE_ORDER for n in b.resource_versions[t]
+               if a.resource_versions[t].get(n) != b.resource_versions[t][n]}
+    assert changed == {(r.ENDPOINT, other.name)}
 
 
 def test_rbac_denies_with_cilium_body() -> None:
