@@ -41,6 +41,7 @@ class AgentConfig:
     envoy_admin_port: int = 15000
     envoy_concurrency: int = 1
     envoy_log_level: str = "warning"
+    xds_delta: bool = True  # incremental xDS to Envoy; False: state of the world
     lifetime_s: float = 3600.0  # the agent stops by itself after this (local demo, tests)
     ack_timeout_s: float = 10.0
     sockmap: bool = False  # same-node acceleration: opt-in, and only after its self-test passed
@@ -90,7 +91,7 @@ class Agent:
         self.cache.set_snapshot(self.cfg.node.name, Snapshot.of({}))
         self.envoy = Envoy(EnvoyConfig(self.cfg.node.name, xds.port, self.cfg.envoy_admin_port,
                                        self.cfg.state_dir / "envoy", self.cfg.envoy_concurrency,
-                                       self.cfg.envoy_log_level))
+                                       self.cfg.envoy_log_level, delta=self.cfg.xds_delta))
         try:
             self.envoy.start()
             self.envoy.wait_ready()

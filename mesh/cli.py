@@ -45,16 +45,19 @@ def agent(
     envoy_admin_port: int = 15000,
     envoy_concurrency: int = 1,
     envoy_log_level: str = "warning",
+    xds: Annotated[str, typer.Option(help="xDS protocol to Envoy: delta (incremental) or sotw")] = "delta",
     lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds")] = 3600.0,
     sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
 ) -> None:
     """Run the node agent on this machine (the embedded default)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if xds not in ("delta", "sotw"):
+        raise typer.BadParameter(f"{xds!r}: use delta or sotw", param_hint="--xds")
     cfg = AgentConfig(
         node=NodeConfig(name=node, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
-        sockmap=sockmap,
+        sockmap=sockmap, xds_delta=xds == "delta",
     )
     Agent(cfg).run()
 

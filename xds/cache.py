@@ -110,10 +110,9 @@ class SnapshotCache:
             st = self._type_status(node_id, type_url)
             if sent is not None:
                 st.sent = sent
-            if acked is not None:
+            if acked is not None:  # Envoy runs a good config now: an older rejection is history
                 st.acked = acked
-                if acked == st.nacked:
-                    st.nacked, st.error = "", ""
+                st.nacked, st.error = "", ""
             if nacked is not None:
                 st.nacked, st.error = nacked, error
             st.updated = time.time()

@@ -34,6 +34,7 @@ class EnvoyConfig:
     workdir: Path
     concurrency: int = 1
     log_level: str = "warning"
+    delta: bool = True  # incremental xDS (only changed resources travel); False: state of the world
 
 
 def bootstrap(cfg: EnvoyConfig) -> dict[str, object]:
@@ -42,7 +43,7 @@ def bootstrap(cfg: EnvoyConfig) -> dict[str, object]:
         "node": {"id": cfg.node_id, "cluster": "webb"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.admin_port}}},
         "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+            "ads_config": {"api_type": "DELTA_GRPC" if cfg.delta else "GRPC", "transport_api_version": "V3",
                            "grpc_services": [{"envoy_grpc": {"cluster_name": "webb_xds"}}]},
             "cds_config": ads,
             "lds_config": ads,

@@ -1,9 +1,17 @@
-"""ADS server (state of the world) over gRPC: the only module of Webb that imports grpc.
+"""ADS server over gRPC, state of the world and incremental (delta): the only module of Webb
+that imports grpc.
 
-Per stream and type: a request whose nonce matches the last response is an ACK (Envoy now
-runs that version) or, with ``error_detail``, a NACK. On NACK we keep the last good config
-in Envoy, record Envoy's message, and do not resend the rejected version (go-control-plane
-resends it forever); the next different snapshot is sent as usual.
+Both protocols share the NACK rule go-control-plane lacks: on NACK Envoy keeps its last good
+config, we record Envoy's message (``SnapshotCache.status``) and do not send the rejected
+version again; the next different snapshot is sent as usual.
+
+State of the world, per type: a request whose nonce matches the last response is an ACK (Envoy
+now runs that version) or, with ``error_detail``, a NACK; an older nonce is stale and ignored.
+
+Delta, per type: the server tracks which version of each resource Envoy holds and sends only
+what changed (``resources``) or went away (``removed_resources``). Every response is answered by
+an ACK or NACK carrying its nonce. CDS and LDS are wildcard subscriptions; EDS, RDS and SDS
+resources are sent by name as Envoy subscribes to them.
 """
 
 from __future__ import annotations
@@ -11,120 +19,267 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from xds.cache import SnapshotCache
-from xds.resources import TYPE_ORDER
+from xds.cache import Snapshot, SnapshotCache
+from xds.resources import TYPE_ORDER, WILDCARD_TYPES
 
 log = logging.getLogger("webb.xds")
 _STOP = object()
 
 
 class _Stream:
-    def __init__(self, cache: SnapshotCache) -> None:
+    """What both protocols share: the node, the outgoing queue, nonces, NACK recording."""
+
+    def __init__(self, cache: SnapshotCache, counts: Counter[str]) -> None:
         self.cache = cache
+        self.counts = counts  # server-wide: responses and resources sent, by protocol
         self.node_id = ""
         self.out: queue.Queue[Any] = queue.Queue()
+        self.nonce = 0
+        self.lock = threading.Lock()
+
+    def _emit(self, response: Any, kind: str, n_resources: int) -> None:
+        self.counts[f"{kind}_responses"] += 1
+        self.counts[f"{kind}_resources"] += n_resources
+        self.out.put(response)
+
+    def _next_nonce(self) -> str:
+        self.nonce += 1
+        return str(self.nonce)
+
+    def _nack(self, type_url: str, version: str, message: str) -> None:
+        log.warning("Envoy %s rejected %s version %s: %s", self.node_id, type_url, version, message)
+        self.cache.record(self.node_id, type_url, nacked=version, error=message)
+
+    def on_snapshot(self, node_id: str) -> None:
+        if node_id != self.node_id:
+            return
+        with self.lock:
+            snap = self.cache.snapshot(self.node_id)
+            if snap is not None:
+                for t in TYPE_ORDER:  # make-before-break: clusters, endpoints, secrets, listeners, routes
+                    self._push(snap, t)
+
+    def _push(self, snap: Snapshot, type_url: str) -> None:
+        raise NotImplementedError
+
+
+class _SotwStream(_Stream):
+    def __init__(self, cache: SnapshotCache, counts: Counter[str]) -> None:
+        super().__init__(cache, counts)
         self.subscribed: set[str] = set()
         self.names: dict[str, frozenset[str]] = {}  # type -> names Envoy asked for (empty: all)
         self.last_nonce: dict[str, str] = {}
         self.last_sent: dict[str, str] = {}
-        self.nonce = 0
-        self.lock = threading.Lock()
 
-    def _send(self, type_url: str, force: bool = False) -> None:
-        snap = self.cache.snapshot(self.node_id)
-        if snap is None or type_url not in snap.versions:
+    def _push(self, snap: Snapshot, type_url: str, force: bool = False) -> None:
+        if type_url not in self.subscribed:
             return
         version = snap.versions[type_url]
         st = self.cache.status(self.node_id).get(type_url)
         if not force and (version == self.last_sent.get(type_url) or (st is not None and st.nacked == version)):
             return
-        self.nonce += 1
-        nonce = str(self.nonce)
+        nonce = self._next_nonce()
         wanted = self.names.get(type_url) or frozenset(snap.resources[type_url])
         resources = [any_pb2.Any(type_url=type_url, value=snap.serialized[type_url][name])
                      for name in sorted(wanted) if name in snap.serialized[type_url]]
         self.last_nonce[type_url] = nonce
         self.last_sent[type_url] = version
         self.cache.record(self.node_id, type_url, sent=version)
-        self.out.put(discovery_pb2.DiscoveryResponse(
-            version_info=version, resources=resources, type_url=type_url, nonce=nonce))
+        self._emit(discovery_pb2.DiscoveryResponse(
+            version_info=version, resources=resources, type_url=type_url, nonce=nonce), "sotw", len(resources))
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
         with self.lock:
-            if not self.node_id:
-                self.node_id = req.node.id
+            self.node_id = self.node_id or req.node.id
             t = req.type_url
             if req.response_nonce and req.response_nonce != self.last_nonce.get(t):
                 return  # stale: answers a response that was superseded
             names = frozenset(req.resource_names)
             names_changed = t in self.names and names != self.names[t]
             self.names[t] = names
+            snap = self.cache.snapshot(self.node_id)
             if req.response_nonce:
                 if req.HasField("error_detail"):
-                    rejected = self.last_sent.get(t, "")
-                    log.warning("Envoy %s rejected %s version %s: %s", self.node_id, t, rejected,
-                                req.error_detail.message)
-                    self.cache.record(self.node_id, t, nacked=rejected, error=req.error_detail.message)
+                    self._nack(t, self.last_sent.get(t, ""), req.error_detail.message)
                     return
                 self.cache.record(self.node_id, t, acked=req.version_info)
-                if names_changed:  # e.g. a new cluster now wants its endpoints
-                    self._send(t, force=True)
+                if names_changed and snap is not None:  # e.g. a new cluster now wants its endpoints
+                    self._push(snap, t, force=True)
                 return
             self.subscribed.add(t)
             self.last_sent.pop(t, None)  # a fresh subscription gets the current version
-            self._send(t)
+            if snap is not None:
+                self._push(snap, t)
 
-    def on_snapshot(self, node_id: str) -> None:
-        if node_id != self.node_id:
+
+@dataclass
+class _Sent:
+    """One delta response awaiting its ACK/NACK."""
+
+    type_url: str
+    version: str  # the snapshot's version of the type this response brings Envoy to
+    resources: dict[str, str]  # name -> version sent
+    removed: tuple[str, ...]
+    before: dict[str, str]  # what Envoy held of those names before (restored on NACK)
+    refused: bool  # the snapshot also holds a resource Envoy refused (not resent)
+
+
+class _DeltaStream(_Stream):
+    def __init__(self, cache: SnapshotCache, counts: Counter[str]) -> None:
+        super().__init__(cache, counts)
+        self.wildcard: set[str] = set()
+        self.names: dict[str, set[str]] = {}  # type -> names subscribed explicitly
+        self.held: dict[str, dict[str, str]] = {}  # type -> name -> version Envoy holds
+        self.rejected: dict[str, dict[str, str]] = {}  # type -> name -> version Envoy refused
+        self.pending: dict[str, _Sent] = {}  # nonce -> response
+
+    def _wanted(self, snap: Snapshot, t: str) -> dict[str, str]:
+        versions = snap.resource_versions[t]
+        if t in self.wildcard:
+            return versions
+        return {n: versions[n] for n in self.names.get(t, ()) if n in versions}
+
+    def _push(self, snap: Snapshot, type_url: str, first: bool = False) -> None:
+        """Send what Envoy lacks of ``type_url``; ``first``: answer a new subscription even when
+        empty (Envoy waits for a first response before it is ready)."""
+        if type_url not in self.wildcard and type_url not in self.names:
+            return  # not subscribed
+        held = self.held.setdefault(type_url, {})
+        rejected = self.rejected.get(type_url, {})
+        wanted = self._wanted(snap, type_url)
+        changed = {n: v for n, v in wanted.items() if held.get(n) != v and rejected.get(n) != v}
+        scope = set(snap.resources[type_url]) | self.names.get(type_url, set())
+        removed = tuple(sorted(n for n in held if n not in snap.resources[type_url] and
+                               (type_url in self.wildcard or n in scope)))
+        # a resource Envoy refused at this very version is not resent: this snapshot stays NACKed
+        refused = any(rejected.get(n) == v for n, v in wanted.items())
+        if not changed and not removed and not first:
+            # Envoy holds (or, once it ACKs what is in flight, will hold) all it asked for
+            in_flight = [s for s in self.pending.values() if s.type_url == type_url]
+            if in_flight:
+                in_flight[-1].version, in_flight[-1].refused = snap.versions[type_url], refused
+            else:
+                self._settle(type_url, snap.versions[type_url], refused)
             return
+        nonce = self._next_nonce()
+        before = {n: held[n] for n in (*changed, *removed) if n in held}
+        self.pending[nonce] = _Sent(type_url, snap.versions[type_url], changed, removed, before, refused)
+        for n in removed:
+            del held[n]
+        held.update(changed)
+        self.cache.record(self.node_id, type_url, sent=snap.versions[type_url])
+        self._emit(discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=snap.versions[type_url], type_url=type_url, nonce=nonce,
+            removed_resources=removed,
+            resources=[discovery_pb2.Resource(
+                name=n, version=v, resource=any_pb2.Any(type_url=type_url, value=snap.serialized[type_url][n]))
+                for n, v in sorted(changed.items())]), "delta", len(changed) + len(removed))
+
+    def _answer(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        sent = self.pending.pop(req.response_nonce, None)
+        if sent is None:
+            return  # unknown nonce (a response from before a reconnect): nothing to record
+        t = sent.type_url
+        if req.HasField("error_detail"):
+            held = self.held.setdefault(t, {})
+            for n in (*sent.resources, *sent.removed):  # Envoy kept what it had
+                if n in sent.before:
+                    held[n] = sent.before[n]
+                else:
+                    held.pop(n, None)
+            self.rejected.setdefault(t, {}).update(sent.resources)
+            self._nack(t, sent.version, req.error_detail.message)
+            return
+        for n in sent.resources:
+            self.rejected.get(t, {}).pop(n, None)
+        self._settle(t, sent.version, sent.refused)
+
+    def _settle(self, type_url: str, version: str, refused: bool) -> None:
+        if refused:
+            st = self.cache.status(self.node_id).get(type_url)
+            self.cache.record(self.node_id, type_url, sent=version, nacked=version, error=st.error if st else "")
+        else:
+            self.cache.record(self.node_id, type_url, sent=version, acked=version)
+
+    def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
         with self.lock:
-            for t in TYPE_ORDER:
-                if t in self.subscribed:
-                    self._send(t)
+            self.node_id = self.node_id or req.node.id
+            t = req.type_url
+            if req.response_nonce:
+                self._answer(req)
+            first = t not in self.wildcard and t not in self.names
+            subscribe, unsubscribe = set(req.resource_names_subscribe), set(req.resource_names_unsubscribe)
+            if first:
+                self.held[t] = dict(req.initial_resource_versions)  # what Envoy kept across a reconnect
+                if t in WILDCARD_TYPES and not subscribe or "*" in subscribe:
+                    self.wildcard.add(t)
+                self.names[t] = set()
+            if "*" in unsubscribe:
+                self.wildcard.discard(t)
+            names = self.names[t]
+            names |= subscribe - {"*"}
+            names -= unsubscribe
+            for n in unsubscribe:
+                self.held.get(t, {}).pop(n, None)
+            snap = self.cache.snapshot(self.node_id)
+            if snap is not None and (first or subscribe or unsubscribe or not req.response_nonce):
+                self._push(snap, t, first=first)
+
+
+def _serve(stream: _Stream, cache: SnapshotCache, request_iterator: Iterator[Any]) -> Iterator[Any]:
+    """Read requests on a thread, yield responses from the stream's queue until Envoy hangs up."""
+    cancel = cache.watch(stream.on_snapshot)
+
+    def read() -> None:
+        try:
+            for req in request_iterator:
+                stream.on_request(req)  # type: ignore[attr-defined]
+        except grpc.RpcError:
+            pass
+        finally:
+            stream.out.put(_STOP)
+
+    threading.Thread(target=read, name="xds-read", daemon=True).start()
+    try:
+        while True:
+            item = stream.out.get()
+            if item is _STOP:
+                return
+            yield item
+    finally:
+        cancel()
 
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: SnapshotCache, counts: Counter[str]) -> None:
         self.cache = cache
+        self.counts = counts
 
     def StreamAggregatedResources(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:  # noqa: N802
-        stream = _Stream(self.cache)
-        cancel = self.cache.watch(stream.on_snapshot)
+        return _serve(_SotwStream(self.cache, self.counts), self.cache, request_iterator)
 
-        def read() -> None:
-            try:
-                for req in request_iterator:
-                    stream.on_request(req)
-            except grpc.RpcError:
-                pass
-            finally:
-                stream.out.put(_STOP)
-
-        threading.Thread(target=read, name="xds-read", daemon=True).start()
-        try:
-            while True:
-                item = stream.out.get()
-                if item is _STOP:
-                    return
-                yield item
-        finally:
-            cancel()
+    def DeltaAggregatedResources(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:  # noqa: N802
+        return _serve(_DeltaStream(self.cache, self.counts), self.cache, request_iterator)
 
 
 class XdsServer:
-    """A gRPC server on 127.0.0.1 serving ADS from ``cache``."""
+    """A gRPC server on 127.0.0.1 serving ADS (both protocols) from ``cache``."""
 
     def __init__(self, cache: SnapshotCache, port: int = 0, address: str = "127.0.0.1") -> None:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="xds"))
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(cache), self._server)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="xds"),
+                                   options=[("grpc.max_send_message_length", 512 << 20)])
+        self.counts: Counter[str] = Counter()  # {sotw,delta}_{responses,resources} sent
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(cache, self.counts), self._server)
         self.port = self._server.add_insecure_port(f"{address}:{port}")
         if self.port == 0:
             raise OSError(f"bind xDS server to {address}:{port}: address in use")

@@ -2,81 +2,19 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from xds import resources as r
-from xds.cache import Snapshot, SnapshotCache
-from xds.envoy import Envoy, EnvoyConfig
-from xds.server import XdsServer
+from xds.cache import Snapshot
+
+from .conftest import NODE, Plane
+from .conftest import call as _call
+from .conftest import free_port as _free_port
 
 pytestmark = pytest.mark.envoy
-NODE = "test-node"
-
-
-class _Backend(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _ok(self) -> None:
-        body = f"{self.command} ok\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = _ok
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def backend() -> Iterator[int]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv.server_address[1]
-    srv.shutdown()
-
-
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[tuple[SnapshotCache, Envoy]]:
-    cache = SnapshotCache()
-    xds = XdsServer(cache)
-    xds.start()
-    cache.set_snapshot(NODE, Snapshot.of({}))
-    envoy = Envoy(EnvoyConfig(NODE, xds.port, _free_port(), tmp_path))
-    envoy.start()
-    try:
-        envoy.wait_ready()
-        yield cache, envoy
-    finally:
-        envoy.stop()
-        xds.stop()
-    assert envoy.proc is not None and envoy.proc.poll() is not None
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _call(port: int, method: str, path: str) -> tuple[int, str]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def _service(backend: int, listen: int, path_regex: str) -> r.HttpService:
@@ -84,8 +22,8 @@ def _service(backend: int, listen: int, path_regex: str) -> r.HttpService:
                          (r.RbacPolicy("default/p#ingress[0]", ("127.0.0.1",), (r.HttpRule("POST", path_regex),)),))
 
 
-def test_rbac_allows_and_denies_and_access_log(plane: tuple[SnapshotCache, Envoy], backend: int, tmp_path: Path) -> None:
-    cache, envoy = plane
+def test_rbac_allows_and_denies_and_access_log(plane: Plane, backend: int, tmp_path: Path) -> None:
+    cache = plane.cache
     listen = _free_port()
     log = tmp_path / "access.jsonl"
     snap = Snapshot.of(r.build([_service(backend, listen, "/v1/request-landing")], str(log)))
@@ -101,9 +39,9 @@ def test_rbac_allows_and_denies_and_access_log(plane: tuple[SnapshotCache, Envoy
     assert '"details":"rbac_access_denied_matched_policy[none]"' in log.read_text()
 
 
-def test_nack_keeps_last_good_config_and_is_not_resent(plane: tuple[SnapshotCache, Envoy], backend: int,
+def test_nack_keeps_last_good_config_and_is_not_resent(plane: Plane, backend: int,
                                                        tmp_path: Path) -> None:
-    cache, envoy = plane
+    cache, envoy = plane.cache, plane.envoy
     listen = _free_port()
     good = Snapshot.of(r.build([_service(backend, listen, "/ok")], str(tmp_path / "a.log")))
     cache.set_snapshot(NODE, good)
@@ -122,8 +60,8 @@ def test_nack_keeps_last_good_config_and_is_not_resent(plane: tuple[SnapshotCach
 
 
 def test_audit_mode_policy_lets_requests_through_and_logs_would_deny(
-        plane: tuple[SnapshotCache, Envoy], backend: int, tmp_path: Path) -> None:
-    cache, _ = plane
+        plane: Plane, backend: int, tmp_path: Path) -> None:
+    cache = plane.cache
     listen = _free_port()
     log = tmp_path / "access.jsonl"
     svc = r.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
