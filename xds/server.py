@@ -90,8 +90,8 @@ class _SotwStream(_Stream):
             return
         nonce = self._next_nonce()
         wanted = self.names.get(type_url) or frozenset(snap.resources[type_url])
-        resources = [any_pb2.Any(type_url=type_url, value=snap.serialized[type_url][name])
-                     for name in sorted(wanted) if name in snap.serialized[type_url]]
+        resources = [any_pb2.Any(type_url=type_url, value=snap.wire(type_url, name))
+                     for name in sorted(wanted) if name in snap.entries[type_url]]
         self.last_nonce[type_url] = nonce
         self.last_sent[type_url] = version
         self.cache.record(self.node_id, type_url, sent=version)
@@ -144,10 +144,10 @@ class _DeltaStream(_Stream):
         self.pending: dict[str, _Sent] = {}  # nonce -> response
 
     def _wanted(self, snap: Snapshot, t: str) -> dict[str, str]:
-        versions = snap.resource_versions[t]
+        entries = snap.entries[t]
         if t in self.wildcard:
-            return versions
-        return {n: versions[n] for n in self.names.get(t, ()) if n in versions}
+            return {n: e.version for n, e in entries.items()}
+        return {n: entries[n].version for n in self.names.get(t, ()) if n in entries}
 
     def _push(self, snap: Snapshot, type_url: str, first: bool = False) -> None:
         """Send what Envoy lacks of ``type_url``; ``first``: answer a new subscription even when
@@ -182,7 +182,7 @@ class _DeltaStream(_Stream):
             system_version_info=snap.versions[type_url], type_url=type_url, nonce=nonce,
             removed_resources=removed,
             resources=[discovery_pb2.Resource(
-                name=n, version=v, resource=any_pb2.Any(type_url=type_url, value=snap.serialized[type_url][n]))
+                name=n, version=v, resource=any_pb2.Any(type_url=type_url, value=snap.wire(type_url, n)))
                 for n, v in sorted(changed.items())]), "delta", len(changed) + len(removed))
 
     def _answer(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
