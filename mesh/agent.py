@@ -46,6 +46,10 @@ class AgentConfig:
     ack_timeout_s: float = 10.0
     sockmap: bool = False  # same-node acceleration: opt-in, and only after its self-test passed
     canary_interval_s: float = 30.0  # how often the accelerated path is re-checked
+    # Ingress (class webb) listeners, on 127.0.0.1 only: the node's own address for the
+    # outside is a deployment choice this local runtime does not make
+    ingress_http_port: int = 80
+    ingress_https_port: int = 443
 
     @property
     def state_dir(self) -> Path:
@@ -146,10 +150,13 @@ class Agent:
         self._seen_version = version
         state = self.source.load()
         state = self._run_pods(state)
-        plan = reconcile(state, NodeSpec(self.cfg.node.name, self.cfg.node.gateway, self.cfg.node.gateway6))
+        plan = reconcile(state, NodeSpec(self.cfg.node.name, self.cfg.node.gateway, self.cfg.node.gateway6,
+                                         ingress_http_port=self.cfg.ingress_http_port,
+                                         ingress_https_port=self.cfg.ingress_https_port))
         for sb in self.node.sandboxes.values():
             self.node.write_hosts(sb, {vip: list(names) for vip, names in plan.hosts})
-        snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log)))
+        snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log), list(plan.upstreams),
+                                           plan.ingress, plan.secrets))
         self.cache.set_snapshot(self.cfg.node.name, snap)
         acked = self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s)
         if not acked:

@@ -48,6 +48,8 @@ def agent(
     xds: Annotated[str, typer.Option(help="xDS protocol to Envoy: delta (incremental) or sotw")] = "delta",
     lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds")] = 3600.0,
     sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
+    ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
+    ingress_https_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTPS listener on 127.0.0.1")] = 443,
 ) -> None:
     """Run the node agent on this machine (the embedded default)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

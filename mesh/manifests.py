@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from pathlib import Path
@@ -10,25 +12,45 @@ from typing import Any
 import yaml
 
 from mesh.model import (
+    BackendRef,
     ContainerPort,
+    HeaderMatch,
     HttpMatch,
+    Ingress,
+    IngressBackend,
+    IngressHostRule,
+    IngressPath,
     IngressRule,
+    IngressTlsEntry,
     MeshPolicy,
+    MeshRoute,
     Namespace,
+    ParentRef,
     Pod,
     PortRule,
     Requirement,
+    Retry,
+    RouteMatch,
+    RouteRule,
+    Secret,
     Selector,
     Service,
     ServicePort,
+    TlsSecret,
 )
 
 API_GROUP = "webb.io"
 MESH_VERSION = f"{API_GROUP}/v1alpha1"
-KINDS = ("Namespace", "Pod", "Service", "MeshPolicy")
+INGRESS_VERSION = "networking.k8s.io/v1"
+KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "Ingress")
+API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "Ingress": INGRESS_VERSION}
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _METHOD = re.compile(r"^[A-Z]+$")
-Obj = Namespace | Pod | Service | MeshPolicy
+_DURATION = re.compile(r"^(?:[0-9]{1,5}(?:h|m|s|ms)){1,4}$")
+_DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
+_MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+Obj = Namespace | Pod | Service | MeshPolicy | MeshRoute | Ingress | Secret
 
 
 class ManifestError(ValueError):
@@ -75,6 +97,35 @@ class _Ctx:
         if not 1 <= p <= 65535:
             raise self.fail(field, f"{p} is out of range; use 1-65535")
         return p
+
+    def only(self, m: dict[str, Any], field: str, allowed: tuple[str, ...], what: str) -> None:
+        unknown = set(m) - set(allowed)
+        if unknown:
+            raise self.fail(f"{field}.{sorted(unknown)[0]}" if field else sorted(unknown)[0],
+                            f"unknown field; {what} has {', '.join(allowed)}")
+
+    def name(self, v: Any, field: str, example: str) -> str:
+        if not isinstance(v, str) or not _DNS1123.match(v):
+            raise self.fail(field, f"{v!r} is not a Service name; use a DNS-1123 label, e.g. {example!r}")
+        return v
+
+    def regex(self, v: Any, field: str) -> str:
+        try:
+            re.compile(str(v))
+        except re.error as e:
+            raise self.fail(field, f"{v!r} is not a valid regular expression ({e})") from None
+        return str(v)
+
+    def duration_ms(self, v: Any, field: str) -> int:
+        """Gateway API Duration: 1-4 parts of a number and h, m, s or ms, e.g. "2s", "1m30s", "500ms"."""
+        if not isinstance(v, str) or not _DURATION.match(v):
+            raise self.fail(field, f"{v!r} is not a duration; use e.g. \"2s\", \"500ms\" or \"1m30s\"")
+        return sum(int(n) * _MS[unit] for n, unit in _DURATION_PART.findall(v))
+
+    def count(self, v: Any, field: str, lo: int, hi: int) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise self.fail(field, f"{v!r}: use a whole number {lo}-{hi}")
+        return v
 
     def protocol(self, v: Any, field: str) -> str:
         p = str(v or "TCP").upper()
@@ -168,7 +219,181 @@ def _policy(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
     return MeshPolicy(ns, name, _selector(ctx, spec["endpointSelector"], "spec.endpointSelector"), tuple(rules), mode)
 
 
-def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj:
+_PATH_TYPES = ("Exact", "PathPrefix", "RegularExpression")
+RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream", "retriable-status-codes",
+            "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
+
+
+def _route_match(ctx: _Ctx, v: Any, field: str) -> RouteMatch:
+    m = ctx.mapping(v, field)
+    ctx.only(m, field, ("path", "method", "headers"), "a match")
+    path = ctx.mapping(m.get("path"), f"{field}.path")
+    ctx.only(path, f"{field}.path", ("type", "value"), "a path match")
+    ptype, value = path.get("type", "PathPrefix"), str(path.get("value", "/"))
+    if ptype not in _PATH_TYPES:
+        raise ctx.fail(f"{field}.path.type", f"{ptype!r}: use {', '.join(_PATH_TYPES)}")
+    if ptype == "RegularExpression":
+        ctx.regex(value, f"{field}.path.value")
+    elif not value.startswith("/"):
+        raise ctx.fail(f"{field}.path.value", f"{value!r} must start with '/'")
+    method = m.get("method")
+    if method is not None and not _METHOD.match(str(method)):
+        raise ctx.fail(f"{field}.method", f"{method!r} is not an HTTP method; use e.g. GET or POST")
+    headers = []
+    for i, h in enumerate(ctx.seq(m.get("headers"), f"{field}.headers")):
+        hf = f"{field}.headers[{i}]"
+        h = ctx.mapping(h, hf)
+        ctx.only(h, hf, ("name", "value", "type"), "a header match")
+        htype = h.get("type", "Exact")
+        if htype not in ("Exact", "RegularExpression"):
+            raise ctx.fail(f"{hf}.type", f"{htype!r}: use Exact or RegularExpression")
+        if not h.get("name") or "value" not in h:
+            raise ctx.fail(hf, "needs name and value, e.g. {name: x-canary, value: \"1\"}")
+        if htype == "RegularExpression":
+            ctx.regex(h["value"], f"{hf}.value")
+        headers.append(HeaderMatch(str(h["name"]), str(h["value"]), htype))
+    return RouteMatch(ptype, value, str(method) if method else None, tuple(headers))
+
+
+def _backend_ref(ctx: _Ctx, v: Any, field: str) -> BackendRef:
+    b = ctx.mapping(v, field)
+    ctx.only(b, field, ("name", "port", "weight", "kind", "group"), "a backendRef")
+    if b.get("kind", "Service") != "Service" or b.get("group", "") not in ("", "core"):
+        raise ctx.fail(f"{field}.kind", "only Services are backends; remove kind/group or use kind: Service")
+    if "port" not in b:
+        raise ctx.fail(f"{field}.port", "is required: the Service port, e.g. 80")
+    return BackendRef(ctx.name(b.get("name"), f"{field}.name", "reviews-v2"), ctx.port(b["port"], f"{field}.port"),
+                      ctx.count(b.get("weight", 1), f"{field}.weight", 0, 1_000_000))
+
+
+def _retry(ctx: _Ctx, v: Any, field: str) -> Retry:
+    r = ctx.mapping(v, field)
+    ctx.only(r, field, ("attempts", "perTryTimeout", "codes", "retryOn"), "retry")
+    codes = tuple(ctx.count(c, f"{field}.codes[{i}]", 400, 599) for i, c in enumerate(ctx.seq(r.get("codes"), f"{field}.codes")))
+    on = tuple(str(x) for x in ctx.seq(r.get("retryOn"), f"{field}.retryOn"))
+    for i, cond in enumerate(on):
+        if cond not in RETRY_ON:
+            raise ctx.fail(f"{field}.retryOn[{i}]", f"{cond!r} is not an Envoy retry condition; use one of {', '.join(RETRY_ON)}")
+    per_try = ctx.duration_ms(r["perTryTimeout"], f"{field}.perTryTimeout") if "perTryTimeout" in r else 0
+    return Retry(ctx.count(r.get("attempts", 1), f"{field}.attempts", 0, 10), per_try, codes, on)
+
+
+def _route_rule(ctx: _Ctx, v: Any, field: str) -> RouteRule:
+    r = ctx.mapping(v, field)
+    ctx.only(r, field, ("matches", "backendRefs", "timeouts", "retry"), "a rule")
+    matches = tuple(_route_match(ctx, m, f"{field}.matches[{i}]")
+                    for i, m in enumerate(ctx.seq(r.get("matches"), f"{field}.matches"))) or (RouteMatch(),)
+    refs = tuple(_backend_ref(ctx, b, f"{field}.backendRefs[{i}]")
+                 for i, b in enumerate(ctx.seq(r.get("backendRefs"), f"{field}.backendRefs")))
+    if not refs:
+        raise ctx.fail(f"{field}.backendRefs", "needs at least one backend, e.g. [{name: web, port: 80}]")
+    timeouts = ctx.mapping(r.get("timeouts"), f"{field}.timeouts")
+    ctx.only(timeouts, f"{field}.timeouts", ("request",), "timeouts")
+    timeout = ctx.duration_ms(timeouts["request"], f"{field}.timeouts.request") if "request" in timeouts else None
+    retry = _retry(ctx, r["retry"], f"{field}.retry") if "retry" in r else None
+    return RouteRule(matches, refs, timeout, retry)
+
+
+def _mesh_route(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshRoute:
+    ctx.only(spec, "spec", ("parentRefs", "rules"), "MeshRoute spec")
+    parents = []
+    for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")):
+        f = f"spec.parentRefs[{i}]"
+        p = ctx.mapping(p, f)
+        ctx.only(p, f, ("name", "port", "kind", "group"), "a parentRef")
+        if p.get("kind", "Service") != "Service":
+            raise ctx.fail(f"{f}.kind", "a MeshRoute attaches to a Service; use kind: Service (or leave it out)")
+        port = ctx.port(p["port"], f"{f}.port") if "port" in p else None
+        parents.append(ParentRef(ctx.name(p.get("name"), f"{f}.name", "reviews"), port))
+    if not parents:
+        raise ctx.fail("spec.parentRefs", "needs the Service this route is for, e.g. [{name: reviews, port: 80}]")
+    rules = tuple(_route_rule(ctx, r, f"spec.rules[{i}]") for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")))
+    if not rules:
+        raise ctx.fail("spec.rules", "needs at least one rule with backendRefs")
+    return MeshRoute(ns, name, tuple(parents), rules)
+
+
+def _ingress_backend(ctx: _Ctx, v: Any, field: str) -> IngressBackend:
+    svc = ctx.mapping(ctx.mapping(v, field).get("service"), f"{field}.service")
+    if not svc:
+        raise ctx.fail(f"{field}.service", "is required (resource backends are not supported)")
+    port = ctx.mapping(svc.get("port"), f"{field}.service.port")
+    if "number" in port:
+        return IngressBackend(ctx.name(svc.get("name"), f"{field}.service.name", "web"),
+                              ctx.port(port["number"], f"{field}.service.port.number"))
+    if not port.get("name"):
+        raise ctx.fail(f"{field}.service.port", "needs number or name, e.g. {number: 80}")
+    return IngressBackend(ctx.name(svc.get("name"), f"{field}.service.name", "web"), str(port["name"]))
+
+
+def _ingress_host(ctx: _Ctx, v: Any, field: str) -> str:
+    host = str(v or "")
+    if host and not _HOST.match(host):
+        raise ctx.fail(field, f"{host!r} is not a DNS name; use e.g. shop.example.com or *.example.com")
+    return host
+
+
+def _ingress_rule(ctx: _Ctx, v: Any, field: str) -> IngressHostRule:
+    r = ctx.mapping(v, field)
+    paths = []
+    http = ctx.mapping(r.get("http"), f"{field}.http")
+    for i, p in enumerate(ctx.seq(http.get("paths"), f"{field}.http.paths")):
+        pf = f"{field}.http.paths[{i}]"
+        p = ctx.mapping(p, pf)
+        ptype = p.get("pathType")
+        if ptype not in ("Exact", "Prefix", "ImplementationSpecific"):
+            raise ctx.fail(f"{pf}.pathType", f"{ptype!r}: use Exact, Prefix or ImplementationSpecific")
+        path = str(p.get("path", "/"))
+        if not path.startswith("/"):
+            raise ctx.fail(f"{pf}.path", f"{path!r} must start with '/'")
+        paths.append(IngressPath(path, ptype, _ingress_backend(ctx, p.get("backend"), f"{pf}.backend")))
+    return IngressHostRule(_ingress_host(ctx, r.get("host"), f"{field}.host"), tuple(paths))
+
+
+def _ingress(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> Ingress:
+    ctx.only(spec, "spec", ("ingressClassName", "rules", "tls", "defaultBackend"), "Ingress spec")
+    rules = tuple(_ingress_rule(ctx, r, f"spec.rules[{i}]") for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")))
+    tls = []
+    for i, t in enumerate(ctx.seq(spec.get("tls"), "spec.tls")):
+        t = ctx.mapping(t, f"spec.tls[{i}]")
+        if not t.get("secretName"):
+            raise ctx.fail(f"spec.tls[{i}].secretName", "is required: a kubernetes.io/tls Secret in this namespace")
+        hosts = tuple(_ingress_host(ctx, h, f"spec.tls[{i}].hosts[{j}]")
+                      for j, h in enumerate(ctx.seq(t.get("hosts"), f"spec.tls[{i}].hosts")))
+        if not hosts:
+            raise ctx.fail(f"spec.tls[{i}].hosts", "name the hosts this certificate serves (SNI), e.g. [shop.example.com]")
+        tls.append(IngressTlsEntry(hosts, str(t["secretName"])))
+    default = _ingress_backend(ctx, spec["defaultBackend"], "spec.defaultBackend") if spec.get("defaultBackend") else None
+    return Ingress(ns, name, str(spec.get("ingressClassName") or ""), rules, tuple(tls), default)
+
+
+def _secret_bytes(ctx: _Ctx, doc: dict[str, Any], key: str) -> bytes:
+    """data (base64) or stringData; the error never shows the value (it may be a key)."""
+    string_data = ctx.mapping(doc.get("stringData"), "stringData")
+    if key in string_data:
+        return str(string_data[key]).encode()
+    data = ctx.mapping(doc.get("data"), "data")
+    if key not in data:
+        raise ctx.fail(f"data.{key}", "is required for type kubernetes.io/tls (base64 of the PEM)")
+    try:
+        return base64.b64decode(str(data[key]), validate=True)
+    except (binascii.Error, ValueError):
+        raise ctx.fail(f"data.{key}", "is not valid base64 (value not shown); encode the PEM with base64 -w0") from None
+
+
+def _secret(ctx: _Ctx, ns: str, name: str, doc: dict[str, Any]) -> Secret | None:
+    """kubernetes.io/tls Secrets are kept (for Ingress TLS); other types are accepted and ignored."""
+    if doc.get("type") != "kubernetes.io/tls":
+        return None
+    cert, key = _secret_bytes(ctx, doc, "tls.crt"), _secret_bytes(ctx, doc, "tls.key")
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        raise ctx.fail("data.tls.crt", "is not a PEM certificate (no BEGIN CERTIFICATE line)")
+    if b"PRIVATE KEY-----" not in key:
+        raise ctx.fail("data.tls.key", "is not a PEM private key (value not shown)")
+    return Secret(ns, name, TlsSecret(f"{ns}/{name}", cert, key))
+
+
+def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | None:
     kind = doc.get("kind")
     meta = doc.get("metadata") or {}
     name = str(meta.get("name", ""))
@@ -179,10 +404,17 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj:
         raise ctx.fail("kind", f"{kind!r} is not handled by the standalone source; use one of {', '.join(KINDS)}")
     if not name or not _DNS1123.match(name):
         raise ctx.fail("metadata.name", f"{name!r} must be a DNS-1123 label (lowercase letters, digits, '-')")
-    if kind == "MeshPolicy" and doc.get("apiVersion") != MESH_VERSION:
-        raise ctx.fail("apiVersion", f"{doc.get('apiVersion')!r}: use {MESH_VERSION}")
+    want = API_VERSIONS.get(str(kind))
+    if want and doc.get("apiVersion") != want:
+        raise ctx.fail("apiVersion", f"{doc.get('apiVersion')!r}: use {want}")
     labels = ctx.labels(meta.get("labels"), "metadata.labels")
+    if kind == "Secret":
+        return _secret(ctx, ns, name, doc)
     spec = ctx.mapping(doc.get("spec"), "spec")
+    if kind == "MeshRoute":
+        return _mesh_route(ctx, ns, name, spec)
+    if kind == "Ingress":
+        return _ingress(ctx, ns, name, spec)
     if kind == "Namespace":
         return Namespace(name, labels)
     if kind == "Pod":
@@ -210,7 +442,8 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj:
             port = ctx.port(p.get("port"), f"{f}.port")
             tp = p.get("targetPort", port)
             target: int | str = tp if isinstance(tp, str) and not tp.isdigit() else ctx.port(tp, f"{f}.targetPort")
-            sports.append(ServicePort(port, target, ctx.protocol(p.get("protocol"), f"{f}.protocol"), str(p.get("name", ""))))
+            sports.append(ServicePort(port, target, ctx.protocol(p.get("protocol"), f"{f}.protocol"), str(p.get("name", "")),
+                                      str(p.get("appProtocol", ""))))
         if not sports:
             raise ctx.fail("spec.ports", "a Service needs at least one port")
         v4, v6 = _cluster_ips(ctx, spec)

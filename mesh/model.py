@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from xds.resources import HeaderMatch, Retry, RouteMatch, TlsSecret
+
+__all__ = ["HeaderMatch", "Retry", "RouteMatch", "TlsSecret"]  # MeshRoute and Secret use the xDS vocabulary
+
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 
 
@@ -81,6 +85,18 @@ class ServicePort:
     target_port: int | str
     protocol: str = "TCP"
     name: str = ""
+    app_protocol: str = ""
+
+    @property
+    def http2(self) -> bool:
+        """HTTP/2 (h2c) to the backends: appProtocol, or the Istio port-name convention."""
+        if self.app_protocol:
+            return self.app_protocol.lower() in H2_APP_PROTOCOLS
+        return self.name.lower().split("-")[0] in H2_PORT_PREFIXES
+
+
+H2_APP_PROTOCOLS = ("kubernetes.io/h2c", "grpc", "h2c", "http2")
+H2_PORT_PREFIXES = ("grpc", "http2", "h2c")
 
 
 @dataclass(frozen=True)
@@ -131,9 +147,99 @@ class MeshPolicy:
 
 
 @dataclass(frozen=True)
+class ParentRef:
+    service: str  # a Service in the route's namespace
+    port: int | None = None  # None: every port of the service
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    service: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    matches: tuple[RouteMatch, ...]
+    backends: tuple[BackendRef, ...]
+    timeout_ms: int | None = None
+    retry: Retry | None = None
+
+
+@dataclass(frozen=True)
+class MeshRoute:
+    """Gateway API HTTPRoute for east-west traffic (GAMMA): parents are Services."""
+
+    namespace: str
+    name: str
+    parents: tuple[ParentRef, ...]
+    rules: tuple[RouteRule, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class IngressBackend:
+    service: str
+    port: int | str  # number or the Service port's name
+
+
+@dataclass(frozen=True)
+class IngressPath:
+    path: str
+    path_type: str  # Exact | Prefix | ImplementationSpecific
+    backend: IngressBackend
+
+
+@dataclass(frozen=True)
+class IngressHostRule:
+    host: str  # "" = any host
+    paths: tuple[IngressPath, ...]
+
+
+@dataclass(frozen=True)
+class IngressTlsEntry:
+    hosts: tuple[str, ...]
+    secret: str  # a kubernetes.io/tls Secret in the Ingress' namespace
+
+
+@dataclass(frozen=True)
+class Ingress:
+    namespace: str
+    name: str
+    class_name: str
+    rules: tuple[IngressHostRule, ...] = ()
+    tls: tuple[IngressTlsEntry, ...] = ()
+    default_backend: IngressBackend | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A kubernetes.io/tls Secret (other types are not kept). repr() hides the key."""
+
+    namespace: str
+    name: str
+    tls: TlsSecret
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
 class ClusterState:
     namespaces: tuple[Namespace, ...] = ()
     pods: tuple[Pod, ...] = ()
     services: tuple[Service, ...] = ()
     policies: tuple[MeshPolicy, ...] = ()
+    routes: tuple[MeshRoute, ...] = ()
+    ingresses: tuple[Ingress, ...] = ()
+    secrets: tuple[Secret, ...] = ()
     errors: tuple[str, ...] = field(default=())  # objects rejected by the source, with why

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 
 from datapath.maps import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_TCP, PROTO_UDP, Backend, PolicyEntry, ServiceEntry
 from mesh.model import NAMESPACE_LABEL, ClusterState, HttpMatch, MeshPolicy, Pod, Selector, Service, ServicePort
-from xds.resources import HttpRule, HttpService, RbacPolicy
+from mesh.routing import IngressListen, PortInfo, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
+from xds.resources import HttpRule, HttpService, IngressGateway, RbacPolicy, TlsSecret, Upstream, service_routes
 
 IDENTITY_MIN = 256
 _PROTOS = {"TCP": (PROTO_TCP,), "UDP": (PROTO_UDP,), "ANY": (PROTO_TCP, PROTO_UDP)}
@@ -27,6 +28,9 @@ class NodeSpec:
     name: str
     proxy_ip: str  # where the node Envoy listens (the bridge gateway)
     proxy_ip6: str = ""  # ...and its IPv6 (dual stack)
+    ingress_ip: str = "127.0.0.1"  # the ingress listeners (Ingress objects of class webb)
+    ingress_http_port: int = 80
+    ingress_https_port: int = 443
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class NodePlan:
     hosts: tuple[tuple[str, tuple[str, ...]], ...]  # VIP -> DNS names
     selected_by: tuple[tuple[int, tuple[str, ...]], ...] = ()  # identity -> policies selecting it
     warnings: tuple[str, ...] = field(default=())
+    upstreams: tuple[Upstream, ...] = ()  # Envoy clusters: every service port a listener or route reaches
+    ingress: IngressGateway | None = None
+    secrets: tuple[TlsSecret, ...] = ()  # for the ingress' HTTPS (SDS)
 
 
 def _alloc(names: Iterable[str], base: int, count: int) -> dict[str, int]:
@@ -156,17 +163,18 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
                                pod_identity[p.key] in selected_by and pod_identity[p.key] not in enforcing, p.ip6)
                       for p in pods)
 
-    services, http, hosts, warnings = _services(state.services, pods, pod_identity, l7, l4, node)
-    plan_body = (
-        tuple(services), endpoints, tuple(sorted(entries.values(), key=lambda e: (e.dst_identity, e.src_identity, e.port, e.proto))),
-        tuple(http),
+    out = _services(state, pods, pod_identity, l7, l4, node)
+    plan = NodePlan(
+        "", tuple(out.services), endpoints,
+        tuple(sorted(entries.values(), key=lambda e: (e.dst_identity, e.src_identity, e.port, e.proto))),
+        tuple(out.http),
         tuple(sorted((i, _labels_text(tuple(sorted(lbl.items())))) for i, lbl in identities.items())),
-        tuple(sorted(rule_text.items())), tuple(hosts),
+        tuple(sorted(rule_text.items())), tuple(out.hosts),
         tuple(sorted((i, tuple(v)) for i, v in selected_by.items())),
-        tuple(state.errors) + tuple(warnings),
+        tuple(state.errors) + tuple(out.warnings), out.upstreams, out.ingress, out.secrets,
     )
-    version = hashlib.sha256(repr(plan_body).encode()).hexdigest()[:16]
-    return NodePlan(version, *plan_body)
+    # TlsSecret's repr shows a digest, never the key, so the version follows a new key too
+    return replace(plan, version=hashlib.sha256(repr(plan).encode()).hexdigest()[:16])
 
 
 def _sources(froms: tuple[Selector, ...] | None, pol: MeshPolicy,
@@ -176,59 +184,97 @@ def _sources(froms: tuple[Selector, ...] | None, pol: MeshPolicy,
     return sorted(i for i, lbl in identities.items() if any(_selects(s, pol.namespace, lbl) for s in froms))
 
 
-def _port_name(s: Service, p: ServicePort) -> str:
-    return f"{s.key}:{p.port}" if p.protocol != "UDP" else f"{s.key}:{p.port}/UDP"
+def _members(s: Service, pods: list[Pod]) -> list[Pod]:
+    sel = Selector(s.selector)
+    return [p for p in pods if p.namespace == s.namespace and sel.matches(p.label_dict)]
 
 
-def _services(services: Iterable[Service], pods: list[Pod], pod_identity: dict[str, int],
-              l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
-              node: NodeSpec) -> tuple[list[ServiceEntry], list[HttpService], list[tuple[str, tuple[str, ...]]], list[str]]:
-    """Per service port: an IPv4 entry, an IPv6 entry when dual-stack, and for a port an HTTP rule
-    covers one Envoy listener (both families) with the RBAC of its backends."""
-    svcs = sorted((s for s in services if s.cluster_ip and s.selector), key=lambda s: s.key)
-    ids = _alloc((n for s in svcs for p in s.ports for n in (_port_name(s, p), _port_name(s, p) + "@v6")),
-                 1, (1 << 31) - 1)
-    l7_names = []
-    named: list[tuple[str, ServiceEntry]] = []
-    http: list[HttpService] = []
-    hosts: list[tuple[str, tuple[str, ...]]] = []
-    warnings: list[str] = []
+def _targets(s: Service, sp: ServicePort, members: list[Pod], warnings: list[str]) -> list[tuple[Pod, int]]:
+    targets: list[tuple[Pod, int]] = []
+    for p in members:
+        tp = _target_port(p, sp.target_port)
+        if tp is None:
+            warnings.append(f"Service {s.key} port {sp.port}: pod {p.key} has no port named {sp.target_port!r}")
+            continue
+        targets.append((p, tp))
+    return sorted(targets, key=lambda t: (t[0].ip, t[1]))
+
+
+def _dns(s: Service) -> tuple[str, ...]:
+    return (s.name, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc", f"{s.name}.{s.namespace}.svc.cluster.local")
+
+
+@dataclass
+class _Ports:
+    """What the service loop collects: kernel entries by port name, the TCP port index, and
+    per TCP port the RBAC of its first backend's L7 policies."""
+
+    named: list[tuple[str, ServiceEntry]] = field(default_factory=list)
+    index: dict[str, PortInfo] = field(default_factory=dict)
+    rbac: dict[str, list[RbacPolicy]] = field(default_factory=dict)
+    hosts: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str, int],
+                   l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]]) -> _Ports:
+    """Per service port: an IPv4 entry, an IPv6 entry when dual-stack."""
+    ids = _alloc((n for s in svcs for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")), 1, (1 << 31) - 1)
+    out = _Ports()
     for s in svcs:
-        sel = Selector(s.selector)
-        members = [p for p in pods if p.namespace == s.namespace and sel.matches(p.label_dict)]
-        dns = (s.name, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc", f"{s.name}.{s.namespace}.svc.cluster.local")
-        hosts.append((s.cluster_ip, dns))
-        if s.cluster_ip6:
-            hosts.append((s.cluster_ip6, dns))
+        members = _members(s, pods)
+        out.hosts += [(vip, _dns(s)) for vip in (s.cluster_ip, s.cluster_ip6) if vip]
         for sp in s.ports:
-            name = _port_name(s, sp)
+            name = port_name(s, sp)
             proto = PROTO_UDP if sp.protocol == "UDP" else PROTO_TCP
-            targets: list[tuple[Pod, int]] = []
-            for p in members:
-                tp = _target_port(p, sp.target_port)
-                if tp is None:
-                    warnings.append(f"Service {s.key} port {sp.port}: pod {p.key} has no port named {sp.target_port!r}")
-                    continue
-                targets.append((p, tp))
-            targets.sort(key=lambda t: (t[0].ip, t[1]))
+            targets = _targets(s, sp, members, out.warnings)
             backends = tuple(Backend(p.ip, tp) for p, tp in targets)
-            l7_policies: list[RbacPolicy] = []
-            if targets and proto == PROTO_TCP:
-                key = (pod_identity[targets[0][0].key], targets[0][1])
-                if l7.get(key):
-                    l7_policies = l7[key] + l4.get(key, []) + l4.get((key[0], 0), [])
-            v4 = ServiceEntry(s.cluster_ip, sp.port, ids[name], backends, proto=proto,
-                              affinity_timeout_s=s.affinity_timeout_s)
-            named.append((name, v4))
+            v4 = ServiceEntry(s.cluster_ip, sp.port, ids[name], backends, proto=proto, affinity_timeout_s=s.affinity_timeout_s)
+            out.named.append((name, v4))
             if s.cluster_ip6:
                 backends6 = tuple(Backend(p.ip6, tp) for p, tp in targets if p.ip6)
-                named.append((name, replace(v4, vip=s.cluster_ip6, service_id=ids[name + "@v6"], backends=backends6)))
-            if l7_policies:
-                l7_names.append(name)
-                http.append(HttpService(name, node.proxy_ip, 0, tuple((b.ip, b.port) for b in backends),
-                                        tuple(l7_policies), listen_ip6=node.proxy_ip6 if s.cluster_ip6 else ""))
-    ports = _alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
-    http = [replace(h, listen_port=ports[h.name]) for h in http]
-    out = [replace(e, proxy_ip=node.proxy_ip6 if ":" in e.vip else node.proxy_ip, proxy_port=ports[n])
-           if n in ports else e for n, e in named]
-    return out, http, hosts, warnings
+                out.named.append((name, replace(v4, vip=s.cluster_ip6, service_id=ids[name + "@v6"], backends=backends6)))
+            if proto != PROTO_TCP:
+                continue
+            out.index[name] = PortInfo(s, sp, tuple((b.ip, b.port) for b in backends))
+            key = (pod_identity[targets[0][0].key], targets[0][1]) if targets else None
+            if key and l7.get(key):
+                out.rbac[name] = l7[key] + l4.get(key, []) + l4.get((key[0], 0), [])
+    return out
+
+
+@dataclass(frozen=True)
+class _L7:
+    services: list[ServiceEntry]
+    http: list[HttpService]
+    upstreams: tuple[Upstream, ...]
+    ingress: IngressGateway | None
+    secrets: tuple[TlsSecret, ...]
+    hosts: list[tuple[str, tuple[str, ...]]]
+    warnings: list[str]
+
+
+def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int],
+              l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
+              node: NodeSpec) -> _L7:
+    """Kernel service entries, and an Envoy listener for every port an HTTP rule covers or a
+    MeshRoute names (with the RBAC of its backends), clusters for what routes reach, ingress."""
+    svcs = sorted((s for s in state.services if s.cluster_ip and s.selector), key=lambda s: s.key)
+    ports = _service_ports(svcs, pods, pod_identity, l7, l4)
+    routes, warnings = mesh_routes(state.routes, ports.index)
+    gateway, secrets, ingress_warnings = ingress_gateway(
+        state.ingresses, state.secrets, ports.index,
+        IngressListen(node.ingress_ip, node.ingress_http_port, node.ingress_https_port))
+    l7_names = sorted(set(ports.rbac) | set(routes))
+    proxy = _alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
+    http = []
+    for name in l7_names:
+        info = ports.index[name]
+        http.append(HttpService(name, node.proxy_ip, proxy[name], info.backends, tuple(ports.rbac[name]) if name in ports.rbac else None,
+                                listen_ip6=node.proxy_ip6 if info.service.cluster_ip6 else "", routes=routes.get(name, ())))
+    wanted = {c for h in http for c in route_clusters(service_routes(h))}
+    wanted |= {c for vh in (gateway.virtual_hosts if gateway else ()) for c in route_clusters(vh.routes)}
+    entries = [replace(e, proxy_ip=node.proxy_ip6 if ":" in e.vip else node.proxy_ip, proxy_port=proxy[n])
+               if n in proxy else e for n, e in ports.named]
+    return _L7(entries, http, upstreams(wanted, ports.index), gateway, secrets, ports.hosts,
+               ports.warnings + warnings + ingress_warnings)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mesh.manifests import ManifestError, Obj, parse_object, read_documents
-from mesh.model import ClusterState, MeshPolicy, Namespace, Pod, Service
+from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, Namespace, Pod, Secret, Service
 
 
 def _key(o: Obj) -> tuple[str, str, str]:
@@ -90,6 +90,8 @@ class StandaloneSource:
                     if prev is not None:
                         objs[guess] = prev
                     continue
+                if o is None:  # a kind the mesh reads but does not keep (a Secret not of type TLS)
+                    continue
                 problem = self._check_vips(o) if isinstance(o, Service) else None
                 if problem:
                     prev = self._last_good.get(_key(o))
@@ -108,5 +110,8 @@ class StandaloneSource:
             pods=tuple(o for o in objs.values() if isinstance(o, Pod)),
             services=tuple(services),
             policies=tuple(o for o in objs.values() if isinstance(o, MeshPolicy)),
+            routes=tuple(o for o in objs.values() if isinstance(o, MeshRoute)),
+            ingresses=tuple(o for o in objs.values() if isinstance(o, Ingress)),
+            secrets=tuple(o for o in objs.values() if isinstance(o, Secret)),
             errors=tuple(errors),
         )

@@ -1,36 +1,50 @@
-"""Pure builders: plain mesh-level descriptions → Envoy v3 protos (xds-protos)."""
+"""Pure builders: plain mesh-level descriptions → Envoy v3 protos (xds-protos).
+
+Clusters (``Upstream``: CDS + EDS) are built apart from listeners (``HttpService``: LDS +
+RDS; ``IngressGateway``: the node's ingress listeners with inline routes and SDS secrets),
+so one service port can be a route target without having a listener, and the reverse.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_cfg
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105 - a type URL
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-# make-before-break: clusters and their endpoints exist before listeners and routes use them
-TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/RDS by name
+# make-before-break: clusters, their endpoints and the certificates exist before the
+# listeners and routes that use them
+TYPE_ORDER = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
+WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/SDS/RDS by name
 
 DENIED_BODY = "Access denied\n"
+INGRESS_HTTP, INGRESS_HTTPS = "ingress:http", "ingress:https"
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 @dataclass(frozen=True)
@@ -51,15 +65,104 @@ class RbacPolicy:
 
 
 @dataclass(frozen=True)
+class HeaderMatch:
+    name: str
+    value: str
+    type: str = "Exact"  # Exact | RegularExpression (RE2, whole value)
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """Gateway API HTTPRouteMatch. ``path_type``: Exact, PathPrefix (whole path elements:
+    /a matches /a and /a/b, not /ab), RegularExpression (RE2, whole path), or Prefix
+    (a plain string prefix: Ingress ImplementationSpecific)."""
+
+    path_type: str = "PathPrefix"
+    path: str = "/"
+    method: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int  # retries after the first try (Gateway API, Istio): at most 1 + attempts tries
+    per_try_timeout_ms: int = 0  # 0: only the request timeout bounds each try
+    codes: tuple[int, ...] = ()  # HTTP statuses that are retried
+    retry_on: tuple[str, ...] = ()  # Envoy retry conditions; both empty: DEFAULT_RETRY_ON
+
+
+DEFAULT_RETRY_ON = ("5xx", "reset")
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    """Requests matching any of ``matches`` go to ``clusters`` split by weight."""
+
+    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
+    clusters: tuple[tuple[str, int], ...] = ()  # (upstream name, weight); none with weight > 0: 500
+    timeout_ms: int | None = None  # None: Envoy's 15 s; 0: no timeout
+    retry: Retry | None = None
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One service port as a route target: an EDS cluster and its endpoints."""
+
+    name: str  # "namespace/service:port"
+    backends: tuple[tuple[str, int], ...]
+    http2: bool = False  # speak HTTP/2 (h2c) to the backends: gRPC, appProtocol h2c
+
+
+@dataclass(frozen=True)
 class HttpService:
     """An L7 service port: one Envoy listener on the node's proxy port."""
 
     name: str  # "namespace/service:port"
     listen_ip: str
     listen_port: int
-    backends: tuple[tuple[str, int], ...]
+    backends: tuple[tuple[str, int], ...]  # the service's own upstream, when build() derives clusters
     policies: tuple[RbacPolicy, ...] | None  # None: no L7 policy (allow all)
     listen_ip6: str = ""  # the same listener on the node's IPv6 too (dual stack)
+    routes: tuple[HttpRoute, ...] = ()  # from MeshRoutes; empty: every request to upstream ``name``
+
+
+@dataclass(frozen=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]  # "*" matches any host
+    routes: tuple[HttpRoute, ...]
+
+
+@dataclass(frozen=True, repr=False)
+class TlsSecret:
+    """A certificate and its key for SDS. repr() shows digests only: key material is never
+    printed or logged, yet a new key still changes the plan version."""
+
+    name: str  # "namespace/secret"
+    cert_pem: bytes
+    key_pem: bytes
+
+    def __repr__(self) -> str:
+        digest = hashlib.sha256(self.cert_pem + b"\0" + self.key_pem).hexdigest()[:16]
+        return f"TlsSecret({self.name!r}, sha256={digest})"
+
+
+@dataclass(frozen=True)
+class TlsHosts:
+    hosts: tuple[str, ...]  # SNI server names served with ``secret``
+    secret: str
+
+
+@dataclass(frozen=True)
+class IngressGateway:
+    """The node's ingress: an HTTP listener and, with TLS hosts, an HTTPS listener (one
+    filter chain per SNI set). Routes are inline: see references()."""
+
+    listen_ip: str
+    http_port: int
+    https_port: int
+    virtual_hosts: tuple[VirtualHost, ...]
+    tls: tuple[TlsHosts, ...] = ()
 
 
 def _any(msg: object) -> any_pb2.Any:
@@ -72,16 +175,19 @@ def _string_exact(value: str) -> string_pb2.StringMatcher:
     return string_pb2.StringMatcher(exact=value)
 
 
+def _duration_ms(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
 def _permission(rule: HttpRule) -> rbac_cfg.Permission:
     parts: list[rbac_cfg.Permission] = []
     if rule.method:
-        parts.append(rbac_cfg.Permission(header=route_components_pb2.HeaderMatcher(
-            name=":method", string_match=_string_exact(rule.method))))
+        parts.append(rbac_cfg.Permission(header=rc.HeaderMatcher(name=":method", string_match=_string_exact(rule.method))))
     if rule.path:
         parts.append(rbac_cfg.Permission(url_path=path_pb2.PathMatcher(path=string_pb2.StringMatcher(
             safe_regex=regex_pb2.RegexMatcher(regex=rule.path)))))
     for name, value in rule.headers:
-        hm = route_components_pb2.HeaderMatcher(name=name.lower())
+        hm = rc.HeaderMatcher(name=name.lower())
         if value is None:
             hm.present_match = True
         else:
@@ -112,20 +218,24 @@ def rbac(policies: tuple[RbacPolicy, ...]) -> rbac_filter.RBAC:
     return rbac_filter.RBAC(rules=rules)
 
 
-def _access_log(path: str, svc: HttpService) -> accesslog_pb2.AccessLog:
+def _access_log(path: str, service: str, policies: tuple[RbacPolicy, ...]) -> accesslog_pb2.AccessLog:
     fmt = struct_pb2.Struct()
     fmt.update({
         "time": "%START_TIME(%s.%3f)%",
-        "service": svc.name,
-        "policies": ",".join(p.name for p in svc.policies or ()),
+        "service": service,
+        "policies": ",".join(p.name for p in policies),
         "src": "%DOWNSTREAM_REMOTE_ADDRESS%",
         "upstream": "%UPSTREAM_HOST%",
+        "cluster": "%UPSTREAM_CLUSTER%",
+        "authority": "%REQ(:AUTHORITY)%",
         "method": "%REQ(:METHOD)%",
         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
         "protocol": "%PROTOCOL%",
         "status": "%RESPONSE_CODE%",
+        "grpc_status": "%GRPC_STATUS_NUMBER%",
         "shadow": "%DYNAMIC_METADATA(envoy.filters.http.rbac:shadow_engine_result)%",
         "details": "%RESPONSE_CODE_DETAILS%",
+        "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
         "duration_ms": "%DURATION%",
     })
     cfg = file_pb2.FileAccessLog(path=path, log_format=substitution_format_string_pb2.SubstitutionFormatString(
@@ -150,81 +260,246 @@ def _ads() -> config_source_pb2.ConfigSource:
                                           resource_api_version=config_source_pb2.V3)
 
 
-def cluster(svc: HttpService) -> cluster_pb2.Cluster:
+def cluster(up: Upstream) -> cluster_pb2.Cluster:
     """An EDS cluster: backends come apart (ClusterLoadAssignment), so a pod change is one
     small EDS update, not a cluster rebuild that would drain its connections."""
-    return cluster_pb2.Cluster(
-        name=svc.name,
+    c = cluster_pb2.Cluster(
+        name=up.name,
         type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=svc.name),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=up.name),
         connect_timeout=duration_pb2.Duration(seconds=2),
     )
+    if up.http2:
+        opts = upstream_http.HttpProtocolOptions(explicit_http_config=upstream_http.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()))
+        c.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(_any(opts))
+    return c
 
 
-def endpoints(svc: HttpService) -> endpoint_pb2.ClusterLoadAssignment:
+def endpoints(up: Upstream) -> endpoint_pb2.ClusterLoadAssignment:
     eps = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))))
-        for ip, port in svc.backends]
+        for ip, port in up.backends]
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=svc.name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=eps)])
+        cluster_name=up.name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=eps)])
+
+
+def _header(h: HeaderMatch) -> rc.HeaderMatcher:
+    if h.type == "RegularExpression":
+        return rc.HeaderMatcher(name=h.name.lower(), string_match=string_pb2.StringMatcher(
+            safe_regex=regex_pb2.RegexMatcher(regex=h.value)))
+    return rc.HeaderMatcher(name=h.name.lower(), string_match=_string_exact(h.value))
+
+
+def _match(m: RouteMatch) -> rc.RouteMatch:
+    out = rc.RouteMatch(headers=[_header(h) for h in m.headers])
+    if m.method:
+        out.headers.append(rc.HeaderMatcher(name=":method", string_match=_string_exact(m.method)))
+    if m.path_type == "Exact":
+        out.path = m.path
+    elif m.path_type == "RegularExpression":
+        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.path))
+    elif m.path_type == "Prefix" or m.path.rstrip("/") == "":
+        out.prefix = m.path or "/"
+    else:  # PathPrefix: whole path elements; a trailing "/" is ignored (Gateway API)
+        out.path_separated_prefix = m.path.rstrip("/")
+    return out
+
+
+def _retry(r: Retry) -> rc.RetryPolicy:
+    conds = list(r.retry_on) or ([] if r.codes else list(DEFAULT_RETRY_ON))
+    if r.codes:
+        conds.append("retriable-status-codes")
+    p = rc.RetryPolicy(retry_on=",".join(conds), num_retries=wrappers_pb2.UInt32Value(value=r.attempts),
+                       retriable_status_codes=list(r.codes))
+    if r.per_try_timeout_ms:
+        p.per_try_timeout.CopyFrom(_duration_ms(r.per_try_timeout_ms))
+    return p
+
+
+def _action(route: HttpRoute) -> rc.RouteAction:
+    targets = [(name, w) for name, w in route.clusters if w > 0]
+    action = rc.RouteAction()
+    if len(targets) == 1:
+        action.cluster = targets[0][0]
+    else:
+        action.weighted_clusters.CopyFrom(rc.WeightedCluster(clusters=[
+            rc.WeightedCluster.ClusterWeight(name=n, weight=wrappers_pb2.UInt32Value(value=w)) for n, w in targets]))
+    if route.timeout_ms is not None:
+        action.timeout.CopyFrom(_duration_ms(route.timeout_ms))
+    if route.retry is not None:
+        action.retry_policy.CopyFrom(_retry(route.retry))
+    return action
+
+
+def _routes(route: HttpRoute) -> list[rc.Route]:
+    """One Envoy route per match (Envoy matches are AND; a rule's matches are OR)."""
+    out = []
+    for m in route.matches:
+        r = rc.Route(match=_match(m))
+        if any(w > 0 for _, w in route.clusters):
+            r.route.CopyFrom(_action(route))
+        else:  # Gateway API: a rule without a valid backend answers 500
+            r.direct_response.CopyFrom(rc.DirectResponseAction(
+                status=500, body=base_pb2.DataSource(inline_string="no valid backend for this route\n")))
+        out.append(r)
+    return out
+
+
+def _virtual_host(vh: VirtualHost) -> rc.VirtualHost:
+    return rc.VirtualHost(name=vh.name, domains=list(vh.domains), routes=[r for hr in vh.routes for r in _routes(hr)])
+
+
+def service_routes(svc: HttpService) -> tuple[HttpRoute, ...]:
+    return svc.routes or (HttpRoute(clusters=((svc.name, 1),)),)
 
 
 def route(svc: HttpService) -> route_pb2.RouteConfiguration:
-    return route_pb2.RouteConfiguration(name=svc.name, virtual_hosts=[route_components_pb2.VirtualHost(
-        name=svc.name, domains=["*"], routes=[route_components_pb2.Route(
-            match=route_components_pb2.RouteMatch(prefix="/"),
-            route=route_components_pb2.RouteAction(cluster=svc.name))])])
+    return route_pb2.RouteConfiguration(name=svc.name, virtual_hosts=[
+        _virtual_host(VirtualHost(svc.name, ("*",), service_routes(svc)))])
+
+
+def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] | None) -> hcm.HttpConnectionManager:
+    """Downstream codec AUTO (HTTP/1.1, h2c with prior knowledge, h2 over ALPN), WebSocket
+    upgrades passed through, RBAC when there is an L7 policy."""
+    filters = []
+    if policies is not None:
+        filters.append(hcm.HttpFilter(name="envoy.filters.http.rbac", typed_config=_any(rbac(policies))))
+    filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())))
+    return hcm.HttpConnectionManager(
+        stat_prefix=name.replace("/", "_").replace(":", "_"),
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        http_filters=filters,
+        upgrade_configs=[hcm.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
+        access_log=[_access_log(access_log_path, name, policies or ())],
+        local_reply_config=_local_reply(),
+    )
+
+
+def _hcm_filter(manager: hcm.HttpConnectionManager) -> listener_components_pb2.Filter:
+    return listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))
+
+
+def _address(ip: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
 
 
 def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
-    filters = []
-    if svc.policies is not None:
-        filters.append(hcm.HttpFilter(name="envoy.filters.http.rbac", typed_config=_any(rbac(svc.policies))))
-    filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())))
-    manager = hcm.HttpConnectionManager(
-        stat_prefix=svc.name.replace("/", "_").replace(":", "_"),
-        rds=hcm.Rds(config_source=_ads(), route_config_name=svc.name),
-        http_filters=filters,
-        access_log=[_access_log(access_log_path, svc)],
-        local_reply_config=_local_reply(),
-    )
-    extra = [listener_pb2.AdditionalAddress(address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
-        address=svc.listen_ip6, port_value=svc.listen_port)))] if svc.listen_ip6 else []
+    manager = _manager(svc.name, access_log_path, svc.policies)
+    manager.rds.CopyFrom(hcm.Rds(config_source=_ads(), route_config_name=svc.name))
+    extra = [listener_pb2.AdditionalAddress(address=_address(svc.listen_ip6, svc.listen_port))] if svc.listen_ip6 else []
     return listener_pb2.Listener(
-        name=svc.name,
-        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
-            address=svc.listen_ip, port_value=svc.listen_port)),
-        additional_addresses=extra,
-        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))])],
+        name=svc.name, address=_address(svc.listen_ip, svc.listen_port), additional_addresses=extra,
+        filter_chains=[listener_components_pb2.FilterChain(filters=[_hcm_filter(manager)])],
     )
 
 
-def build(services: list[HttpService], access_log_path: str) -> dict[str, dict[str, Any]]:
-    """All resources of one node, by type URL then resource name."""
+def _ingress_manager(gw: IngressGateway, name: str, access_log_path: str) -> hcm.HttpConnectionManager:
+    manager = _manager(name, access_log_path, None)
+    manager.route_config.CopyFrom(route_pb2.RouteConfiguration(
+        name=name, virtual_hosts=[_virtual_host(vh) for vh in gw.virtual_hosts]))
+    return manager
+
+
+def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
+    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common_pb2.CommonTlsContext(
+        tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=secret, sds_config=_ads())],
+        alpn_protocols=["h2", "http/1.1"]))
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
+
+
+def ingress_listeners(gw: IngressGateway, access_log_path: str) -> dict[str, listener_pb2.Listener]:
+    """HTTP on ``http_port``; HTTPS on ``https_port`` with one filter chain per SNI set (a
+    ClientHello for another name finds no chain and is closed)."""
+    out = {INGRESS_HTTP: listener_pb2.Listener(
+        name=INGRESS_HTTP, address=_address(gw.listen_ip, gw.http_port),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            _hcm_filter(_ingress_manager(gw, INGRESS_HTTP, access_log_path))])])}
+    if gw.tls:
+        manager = _ingress_manager(gw, INGRESS_HTTPS, access_log_path)
+        chains = [listener_components_pb2.FilterChain(
+            name=f"sni:{t.secret}", filter_chain_match=listener_components_pb2.FilterChainMatch(server_names=list(t.hosts)),
+            transport_socket=_downstream_tls(t.secret), filters=[_hcm_filter(manager)]) for t in gw.tls]
+        out[INGRESS_HTTPS] = listener_pb2.Listener(
+            name=INGRESS_HTTPS, address=_address(gw.listen_ip, gw.https_port), filter_chains=chains,
+            listener_filters=[listener_pb2.ListenerFilter(name="envoy.filters.listener.tls_inspector",
+                                                          typed_config=_any(tls_inspector_pb2.TlsInspector()))])
+    return out
+
+
+def secret(s: TlsSecret) -> secret_pb2.Secret:
+    return secret_pb2.Secret(name=s.name, tls_certificate=common_pb2.TlsCertificate(
+        certificate_chain=base_pb2.DataSource(inline_bytes=s.cert_pem),
+        private_key=base_pb2.DataSource(inline_bytes=s.key_pem)))
+
+
+def build(services: list[HttpService], access_log_path: str, upstreams: list[Upstream] | None = None,
+          ingress: IngressGateway | None = None, secrets: tuple[TlsSecret, ...] = ()) -> dict[str, dict[str, Any]]:
+    """All resources of one node, by type URL then resource name. ``upstreams`` None: one
+    cluster per service, of its own backends."""
+    ups = upstreams if upstreams is not None else [Upstream(s.name, s.backends) for s in services]
+    listeners = {s.name: listener(s, access_log_path) for s in services}
+    if ingress is not None:
+        listeners.update(ingress_listeners(ingress, access_log_path))
     return {
-        CLUSTER: {s.name: cluster(s) for s in services},
-        ENDPOINT: {s.name: endpoints(s) for s in services},
-        LISTENER: {s.name: listener(s, access_log_path) for s in services},
+        CLUSTER: {u.name: cluster(u) for u in ups},
+        ENDPOINT: {u.name: endpoints(u) for u in ups},
+        SECRET: {s.name: secret(s) for s in secrets},
+        LISTENER: listeners,
         ROUTE: {s.name: route(s) for s in services},
     }
 
 
-def references(type_url: str, resource: Any) -> tuple[str, set[str]]:
-    """What a resource needs from another type: (that type URL, names); for the consistency check."""
+def _route_clusters(rcfg: route_pb2.RouteConfiguration) -> set[str]:
+    out = set()
+    for vh in rcfg.virtual_hosts:
+        for r in vh.routes:
+            if r.route.cluster:
+                out.add(r.route.cluster)
+            out.update(c.name for c in r.route.weighted_clusters.clusters)
+    return out
+
+
+def _listener_dependencies(lst: listener_pb2.Listener) -> dict[str, set[str]]:
+    deps: dict[str, set[str]] = {ROUTE: set(), SECRET: set(), CLUSTER: set()}
+    for chain in lst.filter_chains:
+        if chain.transport_socket.typed_config.Is(tls_pb2.DownstreamTlsContext.DESCRIPTOR):
+            ctx = tls_pb2.DownstreamTlsContext()
+            chain.transport_socket.typed_config.Unpack(ctx)
+            deps[SECRET].update(c.name for c in ctx.common_tls_context.tls_certificate_sds_secret_configs)
+        for f in chain.filters:
+            if f.typed_config.Is(hcm.HttpConnectionManager.DESCRIPTOR):
+                m = hcm.HttpConnectionManager()
+                f.typed_config.Unpack(m)
+                if m.HasField("rds"):
+                    deps[ROUTE].add(m.rds.route_config_name)
+                deps[CLUSTER].update(_route_clusters(m.route_config))
+    return {t: names for t, names in deps.items() if names}
+
+
+def dependencies(type_url: str, resource: Any) -> dict[str, set[str]]:
+    """Every resource another one needs, by type URL: EDS of a cluster, RDS and SDS of a
+    listener, clusters of a route configuration (and of a listener's inline routes)."""
     if type_url == CLUSTER and resource.type == cluster_pb2.Cluster.EDS:
-        return ENDPOINT, {resource.eds_cluster_config.service_name or resource.name}
+        return {ENDPOINT: {resource.eds_cluster_config.service_name or resource.name}}
     if type_url == LISTENER:
-        names = set()
-        for chain in resource.filter_chains:
-            for f in chain.filters:
-                if f.typed_config.Is(hcm.HttpConnectionManager.DESCRIPTOR):
-                    m = hcm.HttpConnectionManager()
-                    f.typed_config.Unpack(m)
-                    if m.HasField("rds"):
-                        names.add(m.rds.route_config_name)
-        return ROUTE, names
-    return "", set()
+        return _listener_dependencies(resource)
+    if type_url == ROUTE:
+        names = _route_clusters(resource)
+        return {CLUSTER: names} if names else {}
+    return {}
+
+
+def references(type_url: str, resource: Any) -> tuple[str, set[str]]:
+    """The dependency the snapshot consistency check follows: (type URL, names). Each built
+    resource needs at most one type served by name (the ingress listeners carry their routes
+    inline and name only secrets), which is preferred; otherwise the clusters a route needs.
+    dependencies() has everything."""
+    deps = dependencies(type_url, resource)
+    by_name = {t: n for t, n in deps.items() if t not in WILDCARD_TYPES}
+    if len(by_name) > 1:
+        raise ValueError(f"{type_url.rsplit('.', 1)[-1]} {resource.name} needs {sorted(by_name)}; one type at most")
+    return next(iter(by_name.items() or deps.items()), ("", set()))
 
 
 def describe(services: list[HttpService]) -> str:

@@ -1,0 +1,172 @@
+"""MeshRoutes and Ingresses → Envoy routes, upstreams and the node's ingress gateway. Pure.
+
+The input is the index of TCP service ports (``ns/service:port`` → the port and its
+backends) that reconcile builds; the output uses the xDS vocabulary of ``xds.resources``.
+A reference that names nothing (a missing Service, port or Secret) becomes a warning that
+names the object and field; the rest of the object, and every other object, keeps working.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mesh.model import BackendRef, Ingress, IngressBackend, IngressPath, MeshRoute, RouteRule, Secret, Service, ServicePort
+from xds.resources import HttpRoute, IngressGateway, RouteMatch, TlsHosts, TlsSecret, Upstream, VirtualHost
+
+INGRESS_CLASS = "webb"
+_PATH_RANK = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2, "Prefix": 2}  # regex before prefix, as Envoy Gateway
+
+
+@dataclass(frozen=True)
+class PortInfo:
+    service: Service
+    port: ServicePort
+    backends: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class IngressListen:
+    ip: str
+    http_port: int
+    https_port: int
+
+
+def port_name(s: Service, p: ServicePort) -> str:
+    return f"{s.key}:{p.port}" if p.protocol != "UDP" else f"{s.key}:{p.port}/UDP"
+
+
+def _ports_of(index: dict[str, PortInfo], namespace: str, service: str) -> list[str]:
+    return sorted(n for n, i in index.items() if i.service.namespace == namespace and i.service.name == service)
+
+
+def _precedence(m: RouteMatch) -> tuple[int, int, bool, int]:
+    """Gateway API order: exact path (then regex), longest prefix, with a method, most header matches."""
+    return (_PATH_RANK.get(m.path_type, 3), -len(m.path), m.method is None, -len(m.headers))
+
+
+def _parent_ports(r: MeshRoute, index: dict[str, PortInfo], warnings: list[str]) -> list[str]:
+    out = []
+    for i, p in enumerate(r.parents):
+        ports = _ports_of(index, r.namespace, p.service)
+        if p.port is not None:
+            ports = [n for n in ports if index[n].port.port == p.port]
+        if not ports:
+            port = f" port {p.port}" if p.port is not None else ""
+            warnings.append(f"MeshRoute {r.key}: spec.parentRefs[{i}]: no TCP Service {r.namespace}/{p.service}{port}; "
+                            "create it or fix the reference (this parent is skipped)")
+        out += ports
+    return out
+
+
+def _backend(index: dict[str, PortInfo], namespace: str, service: str, port: int | str) -> str | None:
+    for n in _ports_of(index, namespace, service):
+        if index[n].port.port == port or (isinstance(port, str) and index[n].port.name == port):
+            return n
+    return None
+
+
+def _clusters(r: MeshRoute, i: int, rule: RouteRule, index: dict[str, PortInfo],
+              warnings: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for j, b in enumerate(rule.backends):
+        name = _backend(index, r.namespace, b.service, b.port)
+        if name is None:
+            warnings.append(_missing_backend(f"MeshRoute {r.key}: spec.rules[{i}].backendRefs[{j}]", r.namespace, b))
+            continue
+        out.append((name, b.weight))
+    return tuple(out)
+
+
+def _missing_backend(where: str, namespace: str, b: BackendRef | IngressBackend) -> str:
+    return (f"{where}: Service {namespace}/{b.service} has no TCP port {b.port}; requests for this backend "
+            "are not routed (a rule left without backends answers 500)")
+
+
+def mesh_routes(routes: Iterable[MeshRoute], index: dict[str, PortInfo]) -> tuple[dict[str, tuple[HttpRoute, ...]], list[str]]:
+    """Per parent service port, its routes in Gateway API precedence (ties: route name, rule order)."""
+    warnings: list[str] = []
+    ranked: dict[str, list[tuple[tuple[object, ...], HttpRoute]]] = defaultdict(list)
+    for r in sorted(routes, key=lambda r: r.key):
+        parents = _parent_ports(r, index, warnings)
+        for i, rule in enumerate(r.rules):
+            clusters = _clusters(r, i, rule, index, warnings)
+            for k, m in enumerate(rule.matches):
+                hr = HttpRoute((m,), clusters, rule.timeout_ms, rule.retry)
+                for p in parents:
+                    ranked[p].append(((*_precedence(m), r.key, i, k), hr))
+    return {p: tuple(hr for _, hr in sorted(v, key=lambda t: t[0])) for p, v in ranked.items()}, warnings
+
+
+def upstreams(names: Iterable[str], index: dict[str, PortInfo]) -> tuple[Upstream, ...]:
+    return tuple(Upstream(n, index[n].backends, index[n].port.http2) for n in sorted(set(names)) if n in index)
+
+
+def route_clusters(routes: Iterable[HttpRoute]) -> set[str]:
+    return {name for r in routes for name, _ in r.clusters}
+
+
+# ---- Ingress ----
+
+def _ingress_route(ing: Ingress, where: str, path: IngressPath, index: dict[str, PortInfo], warnings: list[str]) -> HttpRoute:
+    name = _backend(index, ing.namespace, path.backend.service, path.backend.port)
+    if name is None:
+        warnings.append(_missing_backend(f"Ingress {ing.key}: {where}", ing.namespace, path.backend))
+    ptype = {"Exact": "Exact", "Prefix": "PathPrefix"}.get(path.path_type, "Prefix")
+    return HttpRoute((RouteMatch(ptype, path.path),), ((name, 1),) if name else ())
+
+
+def _host_routes(ing: Ingress, index: dict[str, PortInfo], warnings: list[str]) -> list[tuple[str, HttpRoute]]:
+    out = []
+    for i, rule in enumerate(ing.rules):
+        for j, p in enumerate(rule.paths):
+            out.append((rule.host or "*", _ingress_route(ing, f"spec.rules[{i}].http.paths[{j}].backend", p, index, warnings)))
+    if ing.default_backend is not None:
+        catch_all = IngressPath("/", "ImplementationSpecific", ing.default_backend)
+        out.append(("*", _ingress_route(ing, "spec.defaultBackend", catch_all, index, warnings)))
+    return out
+
+
+def _tls(ing: Ingress, secrets: dict[str, TlsSecret], taken: set[str], warnings: list[str]) -> list[TlsHosts]:
+    out = []
+    for i, t in enumerate(ing.tls):
+        key = f"{ing.namespace}/{t.secret}"
+        if key not in secrets:
+            warnings.append(f"Ingress {ing.key}: spec.tls[{i}].secretName: Secret {key} not found or not of type "
+                            f"kubernetes.io/tls; {', '.join(t.hosts)} not served over HTTPS until it exists")
+            continue
+        hosts = tuple(h for h in t.hosts if h not in taken)
+        for h in sorted(set(t.hosts) - set(hosts)):
+            warnings.append(f"Ingress {ing.key}: spec.tls[{i}].hosts: {h} already has a certificate from another "
+                            "Ingress (first by namespace/name wins); remove it from one of them")
+        taken.update(hosts)
+        if hosts:
+            out.append(TlsHosts(hosts, key))
+    return out
+
+
+def ingress_gateway(ingresses: Iterable[Ingress], secrets: Iterable[Secret], index: dict[str, PortInfo],
+                    listen: IngressListen) -> tuple[IngressGateway | None, tuple[TlsSecret, ...], list[str]]:
+    """Every ``ingressClassName: webb`` Ingress in one gateway: a virtual host per host
+    (paths of all Ingresses for that host together, Exact first, then longest path), TLS
+    per SNI from the referenced Secrets. Other classes are left to their controllers."""
+    warnings: list[str] = []
+    by_host: dict[str, list[HttpRoute]] = defaultdict(list)
+    tls: list[TlsHosts] = []
+    taken: set[str] = set()
+    tls_secrets = {s.key: s.tls for s in secrets}
+    for ing in sorted(ingresses, key=lambda i: i.key):
+        if ing.class_name != INGRESS_CLASS:
+            warnings.append(f"Ingress {ing.key}: spec.ingressClassName {ing.class_name or '(none)'!r} is not "
+                            f"{INGRESS_CLASS!r}; ignored (set ingressClassName: {INGRESS_CLASS} to serve it)")
+            continue
+        for host, hr in _host_routes(ing, index, warnings):
+            by_host[host].append(hr)
+        tls += _tls(ing, tls_secrets, taken, warnings)
+    if not by_host and not tls:
+        return None, (), warnings
+    vhosts = tuple(VirtualHost(h, (h,), tuple(sorted(rs, key=lambda r: _precedence(r.matches[0]))))
+                   for h, rs in sorted(by_host.items(), key=lambda kv: (kv[0] == "*", kv[0])))
+    used = tuple(tls_secrets[k] for k in sorted({t.secret for t in tls}))
+    return IngressGateway(listen.ip, listen.http_port, listen.https_port, vhosts, tuple(tls)), used, warnings
