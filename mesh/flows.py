@@ -99,6 +99,9 @@ def from_access_log(entry: dict[str, Any], names: Names) -> dict[str, Any]:
         "reason": "l7-policy-denied" if denied else "l7-policy-audit" if would_deny else "l7-forwarded",
         "envoy_details": details,
     }
+    grpc_status = str(entry.get("grpc_status") or "")
+    if grpc_status.isdigit():  # a gRPC call: its status rides in trailers, the HTTP status is 200
+        flow["grpc_status"] = int(grpc_status)
     if denied or would_deny:
         flow["policy"] = entry.get("policies", "")
         flow["why"] = (f"no HTTP rule allows {entry.get('method')} {entry.get('path')}: "
