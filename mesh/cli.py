@@ -59,7 +59,8 @@ def agent(
         node=NodeConfig(name=node, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
-        sockmap=sockmap, xds_delta=xds == "delta",
+        sockmap=sockmap, xds_delta=xds == "delta", ingress_http_port=ingress_http_port,
+        ingress_https_port=ingress_https_port,
     )
     Agent(cfg).run()
 

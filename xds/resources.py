@@ -369,6 +369,7 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
     return hcm.HttpConnectionManager(
         stat_prefix=name.replace("/", "_").replace(":", "_"),
         codec_type=hcm.HttpConnectionManager.AUTO,
+        strip_any_host_port=True,  # "shop.example.com:8443" matches the virtual host shop.example.com
         http_filters=filters,
         upgrade_configs=[hcm.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
         access_log=[_access_log(access_log_path, name, policies or ())],
@@ -402,7 +403,7 @@ def _ingress_manager(gw: IngressGateway, name: str, access_log_path: str) -> hcm
 
 
 def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
-    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common_pb2.CommonTlsContext(
+    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
         tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=secret, sds_config=_ads())],
         alpn_protocols=["h2", "http/1.1"]))
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
@@ -422,7 +423,7 @@ def ingress_listeners(gw: IngressGateway, access_log_path: str) -> dict[str, lis
             transport_socket=_downstream_tls(t.secret), filters=[_hcm_filter(manager)]) for t in gw.tls]
         out[INGRESS_HTTPS] = listener_pb2.Listener(
             name=INGRESS_HTTPS, address=_address(gw.listen_ip, gw.https_port), filter_chains=chains,
-            listener_filters=[listener_pb2.ListenerFilter(name="envoy.filters.listener.tls_inspector",
+            listener_filters=[listener_components_pb2.ListenerFilter(name="envoy.filters.listener.tls_inspector",
                                                           typed_config=_any(tls_inspector_pb2.TlsInspector()))])
     return out
 
