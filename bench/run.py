@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import datapath
+from bench import datapath, xds
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -24,6 +24,14 @@ def main() -> None:
     results.update(figures)
     table = Table(title=f"datapath on {platform.release()} (ratio = mesh path / direct, same run)")
     for col in ("measure", "direct (no hook)", "mesh path (VIP)", "ratio"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    figures, rows = xds.run()
+    results.update(figures)
+    table = Table(title="xDS: 10,000 services into a real Envoy (ratio = delta / state of the world, same run)")
+    for col in ("measure", "state of the world", "delta", "ratio"):
         table.add_column(col)
     for r in rows:
         table.add_row(*r)

@@ -42,6 +42,7 @@ class AgentConfig:
     envoy_concurrency: int = 1
     envoy_log_level: str = "warning"
     xds_delta: bool = True  # incremental xDS to Envoy; False: state of the world
+    envoy_all_stats: bool = False  # every Envoy stat (costly at scale); default: config plane and server only
     lifetime_s: float = 3600.0  # the agent stops by itself after this (local demo, tests)
     ack_timeout_s: float = 10.0
     sockmap: bool = False  # same-node acceleration: opt-in, and only after its self-test passed
@@ -95,7 +96,8 @@ class Agent:
         self.cache.set_snapshot(self.cfg.node.name, Snapshot.of({}))
         self.envoy = Envoy(EnvoyConfig(self.cfg.node.name, xds.port, self.cfg.envoy_admin_port,
                                        self.cfg.state_dir / "envoy", self.cfg.envoy_concurrency,
-                                       self.cfg.envoy_log_level, delta=self.cfg.xds_delta))
+                                       self.cfg.envoy_log_level, delta=self.cfg.xds_delta,
+                                       stats_prefixes=() if self.cfg.envoy_all_stats else EnvoyConfig.stats_prefixes))
         try:
             self.envoy.start()
             self.envoy.wait_ready()

@@ -46,6 +46,7 @@ def agent(
     envoy_concurrency: int = 1,
     envoy_log_level: str = "warning",
     xds: Annotated[str, typer.Option(help="xDS protocol to Envoy: delta (incremental) or sotw")] = "delta",
+    envoy_all_stats: Annotated[bool, typer.Option(help="keep every Envoy stat (default: config plane and server)")] = False,
     lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds")] = 3600.0,
     sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
     ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
@@ -59,7 +60,7 @@ def agent(
         node=NodeConfig(name=node, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
-        sockmap=sockmap, xds_delta=xds == "delta", ingress_http_port=ingress_http_port,
+        sockmap=sockmap, xds_delta=xds == "delta", envoy_all_stats=envoy_all_stats, ingress_http_port=ingress_http_port,
         ingress_https_port=ingress_https_port,
     )
     Agent(cfg).run()

@@ -20,7 +20,8 @@ from xds.resources import HttpRule, HttpService, IngressGateway, RbacPolicy, Tls
 
 IDENTITY_MIN = 256
 _PROTOS = {"TCP": (PROTO_TCP,), "UDP": (PROTO_UDP,), "ANY": (PROTO_TCP, PROTO_UDP)}
-PROXY_PORT_BASE, PROXY_PORT_COUNT = 15001, 999
+# 15001-31000: one listener per L7 service port (10,000 fit), below the ephemeral range (32768+)
+PROXY_PORT_BASE, PROXY_PORT_COUNT = 15001, 16000
 
 
 @dataclass(frozen=True)
@@ -184,9 +185,20 @@ def _sources(froms: tuple[Selector, ...] | None, pol: MeshPolicy,
     return sorted(i for i, lbl in identities.items() if any(_selects(s, pol.namespace, lbl) for s in froms))
 
 
-def _members(s: Service, pods: list[Pod]) -> list[Pod]:
+def _label_index(pods: list[Pod]) -> dict[tuple[str, str, str], list[Pod]]:
+    """(namespace, label, value) -> pods: a service's members without scanning every pod
+    (10,000 services x 10,000 pods would be 10^8 label checks)."""
+    index: dict[tuple[str, str, str], list[Pod]] = defaultdict(list)
+    for p in pods:
+        for k, v in p.labels:
+            index[(p.namespace, k, v)].append(p)
+    return index
+
+
+def _members(s: Service, by_label: dict[tuple[str, str, str], list[Pod]]) -> list[Pod]:
     sel = Selector(s.selector)
-    return [p for p in pods if p.namespace == s.namespace and sel.matches(p.label_dict)]
+    candidates = min((by_label.get((s.namespace, k, v), []) for k, v in s.selector), key=len)
+    return [p for p in candidates if sel.matches(p.label_dict)]
 
 
 def _targets(s: Service, sp: ServicePort, members: list[Pod], warnings: list[str]) -> list[tuple[Pod, int]]:
@@ -221,8 +233,9 @@ def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str,
     """Per service port: an IPv4 entry, an IPv6 entry when dual-stack."""
     ids = _alloc((n for s in svcs for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")), 1, (1 << 31) - 1)
     out = _Ports()
+    by_label = _label_index(pods)
     for s in svcs:
-        members = _members(s, pods)
+        members = _members(s, by_label)
         out.hosts += [(vip, _dns(s)) for vip in (s.cluster_ip, s.cluster_ip6) if vip]
         for sp in s.ports:
             name = port_name(s, sp)

@@ -142,6 +142,7 @@ class _DeltaStream(_Stream):
         self.held: dict[str, dict[str, str]] = {}  # type -> name -> version Envoy holds
         self.rejected: dict[str, dict[str, str]] = {}  # type -> name -> version Envoy refused
         self.pending: dict[str, _Sent] = {}  # nonce -> response
+        self.at: dict[str, str] = {}  # type -> snapshot version whose resources Envoy holds or was sent
 
     def _wanted(self, snap: Snapshot, t: str) -> dict[str, str]:
         entries = snap.entries[t]
@@ -154,6 +155,9 @@ class _DeltaStream(_Stream):
         empty (Envoy waits for a first response before it is ready)."""
         if type_url not in self.wildcard and type_url not in self.names:
             return  # not subscribed
+        if not first and self.at.get(type_url) == snap.versions[type_url]:
+            return  # this type did not change: O(1) for the untouched types of a 10k mesh
+        self.at[type_url] = snap.versions[type_url]
         held = self.held.setdefault(type_url, {})
         rejected = self.rejected.get(type_url, {})
         wanted = self._wanted(snap, type_url)
@@ -198,6 +202,7 @@ class _DeltaStream(_Stream):
                 else:
                     held.pop(n, None)
             self.rejected.setdefault(t, {}).update(sent.resources)
+            self.at.pop(t, None)
             self._nack(t, sent.version, req.error_detail.message)
             return
         for n in sent.resources:
@@ -224,6 +229,8 @@ class _DeltaStream(_Stream):
                 if t in WILDCARD_TYPES and not subscribe or "*" in subscribe:
                     self.wildcard.add(t)
                 self.names[t] = set()
+            if subscribe or unsubscribe:
+                self.at.pop(t, None)
             if "*" in unsubscribe:
                 self.wildcard.discard(t)
             names = self.names[t]

@@ -7,21 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds/meshpolicy.yaml"
 POLICY = ROOT / "examples/starwars/policy.yaml"
 GROUP, VERSION, PLURAL = "webb.io", "v1alpha1", "meshpolicies"
-
-# Known bug, found by these tests: crds/meshpolicy.yaml puts `additionalProperties: false` beside
-# `properties`, which a structural schema forbids, so the API server refuses the CRD (10 such
-# places). The fix, in crds/: drop them (kubectl's strict field validation already refuses unknown
-# fields, see test_unknown_field_rejected_by_kubectl). Strict: once the CRD is fixed these XPASS and
-# fail, and this mark is to be deleted.
-CRD_REFUSED = pytest.mark.xfail(strict=True, raises=RuntimeError, reason="crds/meshpolicy.yaml: additionalProperties beside properties "
-                                "is forbidden in a structural schema; the API server refuses the CRD")
 
 Mutation = Callable[[dict[str, Any]], object]
 # case: (mutation of the example's spec, the field path the API server must name)

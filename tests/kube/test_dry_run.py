@@ -6,12 +6,11 @@ import pytest
 import yaml
 
 from tests.kube.apiserver import KubeAPI
-from tests.kube.meshpolicy import CRD_REFUSED, example_policy, malformed
+from tests.kube.meshpolicy import example_policy, malformed
 
 pytestmark = pytest.mark.kube
 
 
-@CRD_REFUSED
 @pytest.mark.usefixtures("meshpolicy_crd")
 def test_dry_run_server_stores_nothing(kube_api: KubeAPI, namespace: str) -> None:
     res = kube_api.kubectl("apply", "--dry-run=server", "-f", "-", "-o", "yaml",
@@ -21,7 +20,6 @@ def test_dry_run_server_stores_nothing(kube_api: KubeAPI, namespace: str) -> Non
     assert missing.returncode != 0 and "NotFound" in missing.stderr
 
 
-@CRD_REFUSED
 @pytest.mark.usefixtures("meshpolicy_crd")
 def test_dry_run_server_rejects_malformed(kube_api: KubeAPI, namespace: str) -> None:
     res = kube_api.kubectl("apply", "--dry-run=server", "-f", "-",

@@ -9,9 +9,9 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.kube.apiserver import KubeAPI
-from tests.kube.meshpolicy import CRD_REFUSED, GROUP, MALFORMED, PLURAL, VERSION, example_policy, malformed
+from tests.kube.meshpolicy import GROUP, MALFORMED, PLURAL, VERSION, example_policy, malformed
 
-pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("meshpolicy_crd"), CRD_REFUSED]
+pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("meshpolicy_crd")]
 
 
 def test_crd_established_with_schema(kube_api: KubeAPI, meshpolicy_crd: str) -> None:

@@ -14,6 +14,7 @@ from mesh.manifests import ManifestError, parse_object
 from mesh.model import ClusterState, MeshRoute, RouteMatch
 from mesh.reconcile import NodeSpec, reconcile
 from mesh.source import StandaloneSource
+from tests.unit.test_crds import _strict
 from xds import resources as r
 from xds.cache import Snapshot
 
@@ -71,7 +72,7 @@ def _crd_schema() -> dict[str, Any]:
     crd = yaml.safe_load((ROOT / "crds/meshroute.yaml").read_text())
     (version,) = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
-    return dict(version["schema"]["openAPIV3Schema"])
+    return dict(_strict(version["schema"]["openAPIV3Schema"]))
 
 
 def test_crd_accepts_example_and_rejects_at_the_parsers_field() -> None:

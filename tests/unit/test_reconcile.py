@@ -2,7 +2,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mesh.model import ClusterState
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.reconcile import PROXY_PORT_BASE, PROXY_PORT_COUNT, NodeSpec, reconcile
 from mesh.source import StandaloneSource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def test_starwars_policy_plan(tmp_path: Path) -> None:
     assert (ds, ident["default/tiefighter"], 80) in allowed
     assert not any(src == ident["default/xwing"] for _, src, _ in allowed)
     (svc,) = plan.services
-    assert svc.proxy_ip == "10.244.0.1" and 15001 <= svc.proxy_port < 16000
+    assert svc.proxy_ip == "10.244.0.1" and PROXY_PORT_BASE <= svc.proxy_port < PROXY_PORT_BASE + PROXY_PORT_COUNT < 32768
     (http,) = plan.http
     assert http.listen_port == svc.proxy_port
     (rbac,) = http.policies

@@ -55,3 +55,30 @@ def test_one_service_change_touches_only_its_resources() -> None:
 def test_rbac_denies_with_cilium_body() -> None:
     lst = r.listener(SVC, "/tmp/a.log")
     assert b"Access denied" in lst.SerializeToString()
+
+
+def test_snapshot_reuses_unchanged_resources_of_the_previous_one() -> None:
+    other = r.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
+    res = r.build([SVC, other], "/tmp/a.log")
+    a = Snapshot.of(res)
+    res2 = {t: dict(items) for t, items in res.items()}
+    res2[r.ENDPOINT][other.name] = r.endpoints(r.Upstream(other.name, (("10.244.0.6", 80),)))
+    b = Snapshot.of(res2, previous=a)
+    assert b.entries[r.LISTENER][SVC.name] is a.entries[r.LISTENER][SVC.name]  # not serialized again
+    assert b.entries[r.ENDPOINT][other.name] is not a.entries[r.ENDPOINT][other.name]
+    assert b.versions == Snapshot.of(res2).versions  # the same versions as built from scratch
+
+
+def test_updated_snapshot_equals_one_built_from_scratch_and_stays_consistent() -> None:
+    other = r.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
+    a = Snapshot.of(r.build([SVC, other], "/tmp/a.log"))
+    moved = r.HttpService(other.name, other.listen_ip, other.listen_port, (("10.244.0.6", 80),), None)
+    full = r.build([SVC, moved], "/tmp/a.log")
+    b = a.updated({r.ENDPOINT: {other.name: full[r.ENDPOINT][other.name]}})
+    assert b.versions == Snapshot.of(full).versions and not b.missing
+    assert b.changed == {r.ENDPOINT: frozenset({other.name})}
+    gap = a.updated({r.ROUTE: {other.name: None}})  # its listener still names it
+    assert gap.problems() == [f"Listener {other.name} needs RouteConfiguration {other.name}"]
+    with pytest.raises(InconsistentSnapshotError):
+        SnapshotCache().set_snapshot("n", gap)
+    assert not gap.updated({r.ROUTE: {other.name: full[r.ROUTE][other.name]}}).missing  # filled again
