@@ -67,7 +67,8 @@ class Snapshot:
     entries: dict[str, dict[str, _Entry]]  # type URL -> name -> wire bytes, version, references
     mixes: dict[str, int]  # type URL -> XOR of its entries' mix
     missing: tuple[Problem, ...]  # references to resources that are not there (must be none to serve)
-    changed: dict[str, frozenset[str]] = field(default_factory=dict)  # from the snapshot it was derived from
+    changed: dict[str, frozenset[str]] = field(default_factory=dict)  # names changed since the parent...
+    parent_versions: dict[str, str] = field(default_factory=dict)  # ...the snapshot it was derived from
 
     @classmethod
     def of(cls, resources: Changes, previous: Snapshot | None = None) -> Snapshot:
@@ -106,7 +107,7 @@ class Snapshot:
             missing = tuple(p for p in self.missing if (p[0], p[1]) not in touched and p[3] not in entries[p[2]])
             missing += tuple(p for t, n in sorted(touched) if n in entries[t] for p in _missing(entries, t, n))
         return Snapshot(resources, entries, mixes, missing,
-                        {t: frozenset(items) for t, items in changes.items() if items})
+                        {t: frozenset(items) for t, items in changes.items() if items}, self.versions)
 
     def problems(self) -> list[str]:
         """go-control-plane's Consistent(): every EDS name in CDS has endpoints, every RDS (and

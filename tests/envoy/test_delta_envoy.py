@@ -42,12 +42,20 @@ def test_one_endpoint_change_sends_one_resource(plane: Plane, backend: int, tmp_
     assert plane.cache.wait_acked(NODE, snap, 10)
     assert all(call(p, "GET", "/")[0] == 200 for p in ports)
     before = _sent(plane)
-    changed = Snapshot.of(r.build(_services(backend, ports, extra_backend=True), log))
+    full = r.build(_services(backend, ports, extra_backend=True), log)
+    changed = snap.updated({r.ENDPOINT: {"default/svc0:80": full[r.ENDPOINT]["default/svc0:80"]}})
+    assert changed.versions == Snapshot.of(full).versions
     assert [t for t in r.TYPE_ORDER if changed.versions[t] != snap.versions[t]] == [r.ENDPOINT]
     plane.cache.set_snapshot(NODE, changed)
     assert plane.cache.wait_acked(NODE, changed, 10)
     # delta sends the one changed ClusterLoadAssignment; state of the world all three
     assert _sent(plane) - before == (1 if plane.delta else 3)
+    before = _sent(plane)
+    back = changed.updated({r.ENDPOINT: {"default/svc0:80": snap.resources[r.ENDPOINT]["default/svc0:80"]}})
+    plane.cache.set_snapshot(NODE, back)
+    assert back.versions == snap.versions and plane.cache.wait_acked(NODE, back, 10)
+    assert _sent(plane) - before == (1 if plane.delta else 3)
+    assert all(call(p, "GET", "/")[0] == 200 for p in ports)
 
 
 def test_removed_service_leaves_envoy(plane: Plane, backend: int, tmp_path: Path) -> None:
