@@ -28,12 +28,12 @@ def main() -> None:
     for r in rows:
         table.add_row(*r)
     console.print(table)
-    figures, rows = xds.run()
+    figures, xds_rows = xds.run()
     results.update(figures)
     table = Table(title="xDS: 10,000 services into a real Envoy (ratio = delta / state of the world, same run)")
     for col in ("measure", "state of the world", "delta", "ratio"):
         table.add_column(col)
-    for r in rows:
+    for r in xds_rows:
         table.add_row(*r)
     console.print(table)
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
