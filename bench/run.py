@@ -33,8 +33,8 @@ def main() -> None:
     table = Table(title="xDS: 10,000 services into a real Envoy (ratio = delta / state of the world, same run)")
     for col in ("measure", "state of the world", "delta", "ratio"):
         table.add_column(col)
-    for r in xds_rows:
-        table.add_row(*r)
+    for row in xds_rows:
+        table.add_row(*row)
     console.print(table)
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     console.print(f"wrote {RESULTS} ({len(results)} figures) in {time.monotonic() - t0:.0f} s")
