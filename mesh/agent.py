@@ -77,6 +77,7 @@ class Agent:
         self.plan: NodePlan | None = None
         self.applied: dict[str, Any] = {}
         self.errors: list[str] = []
+        self.good: Snapshot | None = None  # the last snapshot Envoy ACKed: served again after a NACK
         self._stop = False
         self._seen_version = ""
         self.envoy: Envoy | None = None
@@ -157,17 +158,20 @@ class Agent:
                                          ingress_https_port=self.cfg.ingress_https_port))
         for sb in self.node.sandboxes.values():
             self.node.write_hosts(sb, {vip: list(names) for vip, names in plan.hosts})
-        snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log), list(plan.upstreams),
-                                           plan.ingress, plan.secrets))
-        self.cache.set_snapshot(self.cfg.node.name, snap)
-        acked = self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s)
-        if not acked:
-            # keep the datapath on the last plan Envoy accepted: never redirect to a listener
-            # Envoy does not have
-            self.errors = list(plan.warnings) + [f"Envoy did not accept plan {plan.version}; "
-                                                 "datapath kept on the last accepted plan"]
+        try:
+            snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log), list(plan.upstreams),
+                                               plan.ingress, plan.secrets), previous=self.good)
+            self.cache.set_snapshot(self.cfg.node.name, snap)
+        except (ValueError, KeyError) as e:  # a translation bug must not stop the node: keep the last plan
+            log.exception("build Envoy config for plan %s", plan.version)
+            self.errors = list(plan.warnings) + [f"build Envoy config for plan {plan.version}: {e}; "
+                                                 "Envoy and datapath kept on the last accepted plan"]
             self.applied["source_version"] = version
             return
+        if not self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s):
+            self._not_accepted(plan, snap, version)
+            return
+        self.good = snap
         assert self.datapath is not None
         cg = {sb.cgroup_id: sb.key for sb in self.node.sandboxes.values()}
         by_pod = {e.pod: e for e in plan.endpoints}
@@ -186,6 +190,20 @@ class Agent:
                         "datapath_version": plan.version, "envoy_version": snap.version,
                         "datapath_changes": changed, "at": time.time()}
         log.info("applied plan %s (%d map entries changed)", plan.version, changed)
+
+    def _not_accepted(self, plan: NodePlan, snap: Snapshot, version: str) -> None:
+        """Envoy refused (NACK) or did not answer in time. The datapath stays on the last plan
+        Envoy accepted: it never redirects to a listener Envoy does not have. A refused snapshot
+        is replaced by the last good one, so a restarted Envoy gets a config it accepts."""
+        mine = set(snap.versions.values())
+        rejected = [f"Envoy rejected {t.rsplit('.', 1)[-1]} {s.nacked}: {s.error}"
+                    for t, s in self.cache.status(self.cfg.node.name).items() if s.nacked and s.nacked in mine]
+        if rejected and self.good is not None:
+            self.cache.set_snapshot(self.cfg.node.name, self.good)
+        why = "rejected it" if rejected else f"did not ACK it within {self.cfg.ack_timeout_s:.0f} s"
+        self.errors = list(plan.warnings) + rejected + [
+            f"Envoy {why}: plan {plan.version} not applied; Envoy and datapath kept on the last accepted plan"]
+        self.applied["source_version"] = version
 
     def _run_pods(self, state: ClusterState) -> ClusterState:
         wanted = {p.key: p for p in state.pods}

@@ -1,0 +1,66 @@
+"""A config the parser accepts but Envoy refuses (a lookahead: Python's re takes it, RE2 does not):
+`webb apply` and `webb status` show Envoy's own message, the last good config keeps serving
+(Envoy and the datapath), and a fixed policy applies again."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh.demo import request
+from mesh.runtime.local import NodeConfig
+from tests.conftest import ROOT, leftovers
+from tests.e2e.test_agent_restart import _landing, _start_agent
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
+POLICY = (ROOT / "examples/starwars/policy.yaml").read_text()
+LOOKAHEAD = "/v1/(?!exhaust-port).*"
+
+
+def _webb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mesh.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=90)
+
+
+def _exhaust(node: NodeConfig) -> str:
+    return request(node, "tiefighter", "PUT", "/v1/exhaust-port").body.strip()
+
+
+def test_envoy_rejection_is_shown_and_last_good_config_serves(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    node = NodeConfig(state_dir=state)
+    agent = _start_agent(state)
+    try:
+        assert _webb("apply", "-f", str(ROOT / "examples/starwars/01-app.yaml"), "--state-dir", str(state)).returncode == 0
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY)
+        r = _webb("apply", "-f", str(policy), "--state-dir", str(state))
+        assert r.returncode == 0 and "rejected" not in r.stderr, r.stderr
+        deadline = time.monotonic() + 20
+        while _exhaust(node) != "Access denied":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        policy.write_text(POLICY.replace('path: "/v1/request-landing"', f'path: "{LOOKAHEAD}"'))
+        r = _webb("apply", "-f", str(policy), "--state-dir", str(state))
+        assert "Envoy rejected Listener" in r.stderr and "invalid perl operator" in r.stderr, r.stderr
+        status = _webb("status", "--state-dir", str(state)).stdout
+        assert "Envoy rejected Listener" in status and "kept on the last accepted plan" in status, status
+        assert _landing(node) == "Ship landed"  # the last good listener and datapath still serve
+        assert _exhaust(node) == "Access denied"
+
+        policy.write_text(POLICY)
+        r = _webb("apply", "-f", str(policy), "--state-dir", str(state))
+        assert r.returncode == 0 and "rejected" not in r.stderr, r.stderr
+        assert "rejected" not in _webb("status", "--state-dir", str(state)).stdout
+        assert _landing(node) == "Ship landed" and _exhaust(node) == "Access denied"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+    assert leftovers("webb-node1-") == []
