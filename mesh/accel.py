@@ -48,8 +48,8 @@ class AccelStatus:
 class Accelerator:
     """Owns the self-test pods; ``endpoints`` must be part of the datapath state while it runs."""
 
-    def __init__(self, node: LocalNode, dp: Datapath) -> None:
-        self.node, self.dp = node, dp
+    def __init__(self, node: LocalNode, dp: Datapath, load: Load = FULL) -> None:
+        self.node, self.dp, self.load = node, dp, load
         self.status = AccelStatus()
         self.server: Sandbox | None = None
         self.client: Sandbox | None = None
@@ -97,7 +97,7 @@ class Accelerator:
         t0 = time.monotonic()
         self.dp.set_acceleration(True)
         self._wait_server()
-        why = self._run(FULL)
+        why = self._run(self.load)
         self.dp.set_acceleration(why is None)
         self.status = AccelStatus(why is None, "self-test passed" if why is None else f"self-test failed: {why}",
                                   time.time(), round(time.monotonic() - t0, 2))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mesh.runtime.local import NETNS_DIR, LocalNode, NodeConfig
+from tests.kube.apiserver import KubeAPI, running_kube_api
 
 ROOT = Path(__file__).resolve().parent.parent
+# Time limits are stretched in the qemu guest: its CPU is emulated (TCG), often 10x slower
+SLOW = 6.0 if os.environ.get("WEBB_IN_VM") else 1.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,3 +40,23 @@ def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalNode]:
 
 def leftovers(prefix: str = "webb-") -> list[str]:
     return [p.name for p in NETNS_DIR.glob(f"{prefix}*")] if NETNS_DIR.exists() else []
+
+
+@pytest.fixture(scope="session")
+def kube_api() -> Iterator[KubeAPI]:
+    """A ready API server on 127.0.0.1 (admin kubeconfig, python ApiClient, kubectl), stopped at session end.
+    Here, not in tests/kube, so that every suite of a session (kube, operator) shares one."""
+    with running_kube_api() as api:
+        yield api
+
+
+@pytest.fixture
+def namespace(kube_api: KubeAPI) -> Iterator[str]:
+    """A namespace of the test's own. No namespace controller runs, so deleting it leaves it Terminating: harmless."""
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(kube_api.api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)

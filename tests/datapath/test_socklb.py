@@ -24,6 +24,7 @@ from datapath.maps import (
     Verdict,
 )
 from mesh.runtime.local import LocalNode, Sandbox
+from tests.conftest import SLOW
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 VIP = "10.96.200.10"
@@ -76,13 +77,13 @@ def _state(a: Sandbox, b: Sandbox, c: Sandbox, enforced: bool = False, allow: bo
 
 def _connect(node: LocalNode, c: Sandbox, ip: str = VIP, port: int = 80) -> subprocess.CompletedProcess[str]:
     p = node.spawn(c, [sys.executable, "-c", CLIENT, ip, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = p.communicate(timeout=15)
+    out, err = p.communicate(timeout=15 * SLOW)
     return subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())
 
 
 def _wait_listening(node: LocalNode, c: Sandbox, ips: list[str]) -> None:
     for ip in ips:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10 * SLOW
         while _connect(node, c, ip, 8080).returncode != 0:
             assert time.monotonic() < deadline, f"server at {ip} did not start"
             time.sleep(0.1)

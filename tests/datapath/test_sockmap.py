@@ -9,8 +9,9 @@ import pytest
 
 from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState
-from mesh.accel import Accelerator, Load
+from mesh.accel import FULL, Accelerator, Load
 from mesh.runtime.local import LocalNode
+from tests.conftest import SLOW
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf]
 @pytest.fixture
 def accel(node: LocalNode) -> Iterator[Accelerator]:
     dp = Datapath(str(node.config.pods_cgroup), pin_dir_for(node.config.name))
-    a = Accelerator(node, dp)
+    a = Accelerator(node, dp, Load(FULL.pairs, FULL.sizes, FULL.timeout_s * SLOW))
     try:
         dp.apply(DatapathState(endpoints=a.start_pods()))
         yield a
@@ -41,7 +42,7 @@ def test_switched_off_traffic_takes_the_normal_path(accel: Accelerator) -> None:
     accel.dp.set_acceleration(False)
     before = accel.dp.accel_counts()
     # every byte arrives and checks out, but no new socket joins the hash and nothing is redirected
-    why = accel._run(Load(2, (1, 65536), 5.0))
+    why = accel._run(Load(2, (1, 65536), 5.0 * SLOW))
     assert why is not None and why.startswith("vacuous"), why
     after = accel.dp.accel_counts()
     assert after["redirected"] == before["redirected"] and after["sockets"] == before["sockets"]
