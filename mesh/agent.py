@@ -7,7 +7,6 @@ config and the datapath on the last plan Envoy accepted; status says which and w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
 from mesh.model import ClusterState
 from mesh.reconcile import NodePlan, NodeSpec, reconcile
 from mesh.runtime.local import LocalNode, NodeConfig
-from mesh.source import StandaloneSource
+from mesh.source import Source, StandaloneSource, directory_version
 from xds import resources
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
@@ -59,17 +58,15 @@ class AgentConfig:
 
 def source_version(directory: Path) -> str:
     """Content hash of the manifest directory; `webb apply` waits for the agent to reach it."""
-    h = hashlib.sha256()
-    for p in sorted(directory.glob("*.y*ml")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return directory_version(directory)
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, source: Source | None = None) -> None:
         self.cfg = cfg
         self.node = LocalNode(cfg.node)
-        self.source = StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
+        # the manifest directory, or the API server (mesh.operator.watch.KubeSource)
+        self.source: Source = source or StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
         self.cache = SnapshotCache()
         self.flows = FlowLog(cfg.state_dir / "flows.jsonl")
         self.access_log = cfg.state_dir / "envoy-access.jsonl"
@@ -111,7 +108,7 @@ class Agent:
             tail.offset = self.access_log.stat().st_size if self.access_log.exists() else 0
             self._write_status()
             while not self._stop and time.monotonic() < deadline:
-                version = source_version(self.cfg.manifests)
+                version = self.source.version()
                 if version != self._seen_version:
                     self.sync(version)
                 self.envoy.check()
@@ -186,7 +183,7 @@ class Agent:
         self.plan = plan
         self.names = Names.of(plan, cg)
         self.errors = list(plan.warnings)
-        self.applied = {"source_version": version, "plan_version": plan.version,
+        self.applied = {"source_version": version, "applied_source_version": version, "plan_version": plan.version,
                         "datapath_version": plan.version, "envoy_version": snap.version,
                         "datapath_changes": changed, "at": time.time()}
         log.info("applied plan %s (%d map entries changed)", plan.version, changed)

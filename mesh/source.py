@@ -7,13 +7,34 @@ name hash, so they do not move when other services come and go.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from mesh.manifests import ManifestError, Obj, parse_object, read_documents
 from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, Namespace, Pod, Secret, Service
+
+
+class Source(Protocol):
+    """Where the agent's ClusterState comes from: a manifest directory, or the API server
+    (``mesh.operator.watch.KubeSource``). ``version()`` changes whenever ``load()`` would."""
+
+    errors: list[str]
+
+    def version(self) -> str: ...
+
+    def load(self) -> ClusterState: ...
+
+
+def directory_version(directory: Path) -> str:
+    """Content hash of a manifest directory; `webb apply` waits for the agent to reach it."""
+    h = hashlib.sha256()
+    for p in sorted(directory.glob("*.y*ml")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _key(o: Obj) -> tuple[str, str, str]:
@@ -59,6 +80,9 @@ class StandaloneSource:
         self._last_good: dict[tuple[str, str, str], Obj] = {}
         self._file_of: dict[tuple[str, str, str], Path] = {}
         self.errors: list[str] = []
+
+    def version(self) -> str:
+        return directory_version(self.directory)
 
     def _check_vips(self, s: Service) -> str | None:
         for ip, cidr, field in ((s.cluster_ip, self.service_cidr, "spec.clusterIP"),

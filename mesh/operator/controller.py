@@ -1,0 +1,78 @@
+"""The operator's state and its one job: keep every MeshPolicy's and MeshRoute's status true.
+
+No kopf here (the handlers call in). ``observe`` feeds the indexer; the status of each CR is
+computed by ``status.cr_status`` and written with a merge patch of the status subresource,
+only when it changed (a write makes a new watch event, which then finds nothing to do).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.operator.indexer import Indexer, Key, key_of
+from mesh.operator.status import cr_status, same
+from mesh.operator.translate import RESOURCES
+from mesh.operator.watch import _path, request
+
+log = logging.getLogger("webb.operator")
+STATUS_KINDS = ("MeshPolicy", "MeshRoute")
+
+
+@dataclass
+class Controller:
+    api: Any  # kubernetes.client.ApiClient
+    indexer: Indexer = field(default_factory=Indexer)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def observe(self, kind: str, what: str, doc: dict[str, Any]) -> None:
+        key = key_of(kind, doc)
+        if what == "DELETED":
+            self.indexer.delete(kind, doc)
+            with self._lock:
+                self._bodies.pop(key, None)
+            return
+        self.indexer.upsert(kind, doc)
+        if kind in STATUS_KINDS:
+            with self._lock:
+                self._bodies[key] = doc
+            self._write_status(key)
+
+    def node_report(self, node: str, report: dict[str, Any] | None) -> None:
+        with self._lock:
+            if report is None:
+                self.reports.pop(node, None)
+            else:
+                self.reports[node] = report
+            keys = list(self._bodies)
+        for key in keys:
+            self._write_status(key)
+
+    def _write_status(self, key: Key) -> None:
+        kind, ns, name = key
+        with self._lock:
+            doc = self._bodies.get(key)
+            reports = dict(self.reports)
+        if doc is None:
+            return
+        meta, spec = doc.get("metadata") or {}, doc.get("spec") or {}
+        previous = doc.get("status") or {}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        st = cr_status(f"{kind} {ns}/{name}", int(meta.get("generation") or 0), self.indexer.error(kind, ns, name),
+                       str(spec.get("mode") or "enforce"), reports, previous, now)
+        if same(st, previous):
+            return
+        try:
+            out = request(self.api, "PATCH", _path(RESOURCES[kind], ns, name, "status"), {"status": st},
+                          content_type="application/merge-patch+json")
+        except Exception as e:  # noqa: BLE001 - gone meanwhile, or a conflict: the next event writes again
+            log.info("write status of %s %s/%s: %s", kind, ns, name, e)
+            return
+        with self._lock:
+            if key in self._bodies and out:
+                self._bodies[key] = {**self._bodies[key], "status": out.get("status") or st}

@@ -1,0 +1,48 @@
+"""Run the operator: kopf in this process, stopped by SIGTERM or after ``--lifetime`` seconds."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from typing import Any
+
+import kopf
+
+
+def api_client(kubeconfig: str | None) -> Any:
+    """A kubernetes ApiClient: the kubeconfig given, else the pod's service account."""
+    from kubernetes import config
+
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    config.load_incluster_config()  # type: ignore[no-untyped-call]
+    from kubernetes import client
+
+    return client.ApiClient()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mesh.operator", description=__doc__)
+    ap.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: $KUBECONFIG, else in-cluster")
+    ap.add_argument("--lifetime", type=float, default=0.0, help="stop after this many seconds (0: run until SIGTERM)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # a line per handled event otherwise
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
+    from mesh.operator import handlers
+    from mesh.operator.controller import Controller
+
+    handlers.CONTROLLER = Controller(api_client(args.kubeconfig))
+    stop = threading.Event()
+    if args.lifetime > 0:
+        timer = threading.Timer(args.lifetime, stop.set)
+        timer.daemon = True
+        timer.start()
+    kopf.run(standalone=True, clusterwide=True, stop_flag=stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""CR status from what is known: pure, no I/O (the operator writes what these return).
+
+``Valid``: the spec parsed (False: the parse error, naming the field; the previous good
+version stays in force). ``Applied``: every node that reported has this generation in the
+plan its datapath and Envoy applied (Envoy ACK); False with Envoy's error when a node's Envoy
+refused it (NACK). ``nodes[]``: per node the datapath and Envoy versions, the generation in
+force there, and for an audit-mode policy the would-deny count seen on that node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def condition(ctype: str, ok: bool, reason: str, message: str, previous: list[dict[str, Any]], now: str) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    before = next((c for c in previous if c.get("type") == ctype), {})
+    since = before.get("lastTransitionTime") if before.get("status") == status and before.get("lastTransitionTime") else now
+    return {"type": ctype, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+
+
+def node_entry(key: str, report: dict[str, Any], audit: bool) -> dict[str, Any]:
+    """One node's line for CR ``key`` ("MeshPolicy ns/name")."""
+    e: dict[str, Any] = {"node": str(report.get("node")), "datapathVersion": report.get("datapathVersion", ""),
+                         "envoyVersion": report.get("envoyVersion", "")}
+    gen = (report.get("generations") or {}).get(key)
+    if gen is not None:
+        e["observedGeneration"] = gen
+    rejected = report.get("envoyRejected") or {}
+    if rejected:
+        e["envoy"] = "NACK"
+        e["envoyError"] = "; ".join(f"{t}: {err}" for t, err in sorted(rejected.items()))
+    else:
+        e["envoy"] = "ACK" if e["envoyVersion"] else "Pending"
+    if audit:
+        e["auditWouldDeny"] = int((report.get("auditWouldDeny") or {}).get(key.split(" ", 1)[1], 0))
+    return e
+
+
+def cr_status(key: str, generation: int, error: str | None, mode: str, reports: dict[str, dict[str, Any]],
+              previous: dict[str, Any], now: str) -> dict[str, Any]:
+    prev = list(previous.get("conditions") or [])
+    valid = condition("Valid", error is None, "Invalid" if error else "Parsed", error or "the spec is valid", prev, now)
+    nodes = [node_entry(key, r, mode == "audit") for _, r in sorted(reports.items())]
+    done = [n for n in nodes if n.get("observedGeneration") == generation and n["envoy"] == "ACK"]
+    nacked = [n for n in nodes if n["envoy"] == "NACK"]
+    if error:
+        applied = condition("Applied", False, "Invalid", "this generation is not valid; the previous one stays in force", prev, now)
+    elif nacked:
+        applied = condition("Applied", False, "EnvoyRejected",
+                            "; ".join(f"{n['node']}: {n['envoyError']}" for n in nacked), prev, now)
+    elif not nodes:
+        applied = condition("Applied", False, "NoNodes", "no node has reported yet", prev, now)
+    elif len(done) == len(nodes):
+        applied = condition("Applied", True, "Applied", f"generation {generation} applied on {len(nodes)} node(s)", prev, now)
+    else:
+        waiting = ", ".join(n["node"] for n in nodes if n not in done)
+        applied = condition("Applied", False, "Pending", f"generation {generation} not applied yet on {waiting}", prev, now)
+    return {"observedGeneration": generation, "conditions": [valid, applied], "nodes": nodes,
+            "appliedNodes": f"{len(done)}/{len(nodes)}"}
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal but for transition times (which only move when a status moves)."""
+    def strip(s: dict[str, Any]) -> dict[str, Any]:
+        return {**s, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in s.get("conditions") or []]}
+    return strip(a) == strip(b)
