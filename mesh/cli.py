@@ -51,18 +51,26 @@ def agent(
     sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
     ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
     ingress_https_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTPS listener on 127.0.0.1")] = 443,
+    kube: Annotated[str | None, typer.Option(help="read objects from the API server: a kubeconfig, or in-cluster")] = None,
+    pod_workdir: Annotated[Path | None, typer.Option(help="with --kube: where relative pod commands resolve")] = None,
+    bridge: Annotated[str, typer.Option(help="the node's bridge")] = "webb0",
 ) -> None:
-    """Run the node agent on this machine (the embedded default)."""
+    """Run the node agent on this machine (the embedded default), or on the API server's objects (--kube)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if xds not in ("delta", "sotw"):
         raise typer.BadParameter(f"{xds!r}: use delta or sotw", param_hint="--xds")
     cfg = AgentConfig(
-        node=NodeConfig(name=node, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
+        node=NodeConfig(name=node, bridge=bridge, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
         sockmap=sockmap, xds_delta=xds == "delta", envoy_all_stats=envoy_all_stats, ingress_http_port=ingress_http_port,
         ingress_https_port=ingress_https_port,
     )
+    if kube:
+        from mesh.operator.node import run_agent  # the kubernetes client: only paid for in a cluster
+
+        run_agent(cfg, kube, pod_workdir)
+        return
     Agent(cfg).run()
 
 
