@@ -54,6 +54,17 @@ def _with_ips(state: ClusterState, ips: dict[str, str]) -> ClusterState:
     return replace(state, pods=tuple(replace(p, ip=ips[p.key]) for p in state.pods))
 
 
+def _only(st: ClusterState, ns: str) -> ClusterState:
+    """The test's namespace only: other suites share the API server."""
+    return replace(st, namespaces=(), pods=tuple(p for p in st.pods if p.namespace == ns),
+                   services=tuple(s for s in st.services if s.namespace == ns),
+                   policies=tuple(p for p in st.policies if p.namespace == ns),
+                   routes=tuple(r for r in st.routes if r.namespace == ns),
+                   ingresses=tuple(i for i in st.ingresses if i.namespace == ns),
+                   secrets=tuple(x for x in st.secrets if x.namespace == ns),
+                   errors=tuple(e for e in st.errors if f" {ns}/" in e))
+
+
 def _wait(source: KubeSource, ok: Any, timeout_s: float = 20.0) -> ClusterState:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -84,7 +95,7 @@ def test_same_plan_from_yaml_and_from_the_api_server(kube_api: KubeAPI, namespac
                     {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}}, content_type="application/merge-patch+json")
         mine = lambda st: [p for p in st.pods if p.namespace == namespace]  # noqa: E731
         kube = _wait(source, lambda st: len(mine(st)) == 4 and all(p.ip for p in mine(st)))
-        kube = replace(kube, pods=tuple(mine(kube)), services=tuple(s for s in kube.services if s.namespace == namespace))
+        kube = _only(kube, namespace)
         plan_yaml, plan_kube = reconcile(_with_ips(standalone.load(), ips), NODE), reconcile(kube, NODE)
         assert plan_kube == plan_yaml and plan_kube.version == plan_yaml.version
         assert len(plan_kube.services) == 1 and len(plan_kube.endpoints) == 4
@@ -92,10 +103,11 @@ def test_same_plan_from_yaml_and_from_the_api_server(kube_api: KubeAPI, namespac
         (yaml_dir / "policy.yaml").write_text(files["policy.yaml"])
         kube_api.kubectl("apply", "-f", "-", stdin=files["policy.yaml"])
         kube = _wait(source, lambda st: any(p.namespace == namespace for p in st.policies))
-        kube = replace(kube, pods=tuple(mine(kube)), services=tuple(s for s in kube.services if s.namespace == namespace),
-                       policies=tuple(p for p in kube.policies if p.namespace == namespace))
+        kube = _only(kube, namespace)
         with_policy = reconcile(_with_ips(standalone.load(), ips), NODE)
         assert with_policy.version != plan_yaml.version and with_policy.http  # the policy made an L7 listener
         assert reconcile(kube, NODE).version == with_policy.version
     finally:
         source.stop()
+        # no controller deletes a namespace's pods: delete them, so that no agent of a later test runs them
+        kube_api.kubectl("delete", "-f", "-", "--wait=false", stdin=files["01-app.yaml"], check=False)
