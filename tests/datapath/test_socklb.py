@@ -33,13 +33,14 @@ SERVER_ID, CLIENT_ID = 1000, 1001
 # Prints the peer the application sees, then the server's answer.
 CLIENT = """
 import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
 print(s.getpeername()[0], s.getpeername()[1]); print(s.recv(100).decode())
 """
 SERVER = """
 import socket, sys, time
-srv = socket.create_server(("::", 8080), family=socket.AF_INET6, dualstack_ipv6=True); srv.settimeout(30)
-end = time.monotonic() + 30
+life = float(sys.argv[2])
+srv = socket.create_server(("::", 8080), family=socket.AF_INET6, dualstack_ipv6=True); srv.settimeout(life)
+end = time.monotonic() + life
 while time.monotonic() < end:
     try: c, _ = srv.accept()
     except TimeoutError: break
@@ -49,8 +50,8 @@ while time.monotonic() < end:
 
 @pytest.fixture
 def pods(node: LocalNode) -> Iterator[tuple[Sandbox, Sandbox, Sandbox]]:
-    a = node.ensure_pod("default/server-a", [sys.executable, "-c", SERVER, "A"])
-    b = node.ensure_pod("default/server-b", [sys.executable, "-c", SERVER, "B"])
+    a = node.ensure_pod("default/server-a", [sys.executable, "-c", SERVER, "A", str(30 * SLOW)])
+    b = node.ensure_pod("default/server-b", [sys.executable, "-c", SERVER, "B", str(30 * SLOW)])
     c = node.ensure_pod("default/client", ["sleep", "60"])
     yield a, b, c
 
@@ -76,7 +77,7 @@ def _state(a: Sandbox, b: Sandbox, c: Sandbox, enforced: bool = False, allow: bo
 
 
 def _connect(node: LocalNode, c: Sandbox, ip: str = VIP, port: int = 80) -> subprocess.CompletedProcess[str]:
-    p = node.spawn(c, [sys.executable, "-c", CLIENT, ip, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = node.spawn(c, [sys.executable, "-c", CLIENT, ip, str(port), str(3 * SLOW)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = p.communicate(timeout=15 * SLOW)
     return subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())
 
@@ -206,7 +207,7 @@ def test_udp_sendmsg_rewritten_and_reply_comes_from_vip(node: LocalNode, dp: Dat
 VIP6 = "fd00:10:96::c8:10"
 CLIENT6 = """
 import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
 print(s.getpeername()[0], s.getpeername()[1]); print(s.recv(100).decode())
 """
 
