@@ -43,8 +43,11 @@ def _pct(xs: list[int], q: float) -> float:
 
 STORM = """
 import socket, sys, time
-n = int(sys.argv[2]); t0 = time.perf_counter()
-for _ in range(n):
+n, rate = int(sys.argv[2]), float(sys.argv[3]); t0 = time.perf_counter()
+for i in range(n):
+    if rate and i % 100 == 0:
+        ahead = t0 + i / rate - time.perf_counter()
+        if ahead > 0: time.sleep(ahead)
     s = socket.socket()
     try: s.connect((sys.argv[1], 80))
     except ConnectionRefusedError: pass
@@ -53,20 +56,34 @@ print(n / (time.perf_counter() - t0))
 """
 
 
-def _storm(node: LocalNode, cli: Sandbox, dp: Datapath, count: int = 100_000) -> dict[str, float]:
-    """Connects refused in the kernel as fast as one client can go, consumed as the agent does."""
+def _storm(node: LocalNode, cli: Sandbox, dp: Datapath, count: int, rate: float) -> tuple[float, float, float]:
+    """Connects refused in the kernel (the service has no backend), paced at ``rate``/s (0: as
+    fast as one client goes), consumed as the agent does: (connects/s, events lost, received)."""
     vip = "10.96.210.11"
     dp.apply(DatapathState(services=[ServiceEntry(VIP, 80, 1, ()), ServiceEntry(vip, 80, 3, ())]))
     dp.poll_events(0)
     lost0, got = dp.events_lost(), 0
     names = Names(pod_by_cgroup={cli.cgroup_id: cli.key})
-    p = node.spawn(cli, [sys.executable, "-c", STORM, vip, str(count)], stdout=subprocess.PIPE)
+    p = node.spawn(cli, [sys.executable, "-c", STORM, vip, str(count), str(rate)], stdout=subprocess.PIPE)
     while p.poll() is None:
         got += len([from_event(e, names) for e in dp.poll_events(50)])
     got += len(dp.poll_events(100))
     out, _ = p.communicate(timeout=60)
-    return {"datapath.storm_connects_per_s": round(float(out)), "datapath.storm_events_lost": float(dp.events_lost() - lost0),
-            "datapath.storm_events_received": float(got)}
+    return float(out), float(dp.events_lost() - lost0), float(got)
+
+
+def _storms(node: LocalNode, cli: Sandbox, dp: Datapath) -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
+    """At the promised 10,000/s, at twice that, and unpaced (what one client reaches)."""
+    res: dict[str, float] = {}
+    rows = []
+    for rate, tag in ((10_000, "_10k"), (20_000, "_20k"), (0, "")):
+        per_s, lost, got = _storm(node, cli, dp, 100_000 if rate == 0 else 60_000, rate)
+        res[f"datapath.storm{tag}_connects_per_s"] = round(per_s)
+        res[f"datapath.storm{tag}_events_lost"] = lost
+        res[f"datapath.storm{tag}_events_received"] = got
+        rows.append((f"event storm {'paced ' + str(rate) + '/s' if rate else 'unpaced'} (refused connects)", "",
+                     f"{per_s:.0f} /s", f"lost {lost:.0f} of {lost + got:.0f}"))
+    return res, rows
 
 
 def _prog_stats(cgroup: Path) -> dict[str, tuple[int, int]]:
@@ -120,6 +137,7 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
         tput: dict[tuple[str, int], list[float]] = {}
         sizes = (64, 1024, 16384, 262144)
         redirected0 = dp.accel_counts()["redirected"]
+        failures: list[str] = []
         for _ in range(ROUNDS):
             for v, (sb, host, rr_port, sink_port) in variants.items():
                 dp.set_acceleration(v == "sockmap")
@@ -128,10 +146,19 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
                     rr.setdefault((v, size), []).extend(_run(node, sb, "rr", host, rr_port, 5000, size))
                 for size in sizes:
                     total = (8 << 20) if size < 1024 else (128 << 20)
-                    ns, sent = _run(node, sb, "stream", host, sink_port, total, size)
+                    try:
+                        ns, sent = _run(node, sb, "stream", host, sink_port, total, size)
+                    except RuntimeError as e:
+                        if v != "sockmap":
+                            raise
+                        # seen on 6.18: a blocking recv() of the sink's ack after shutdown(SHUT_WR)
+                        # returns EAGAIN through the sockhash; counted and reported, not hidden
+                        failures.append(f"stream {size} B: {str(e).splitlines()[-1]}")
+                        continue
                     tput.setdefault((v, size), []).append(sent / ns * 1e3)  # MB/s
         dp.set_acceleration(False)
-        res: dict[str, float] = {"datapath.sockmap_redirected_msgs": float(dp.accel_counts()["redirected"] - redirected0)}
+        res: dict[str, float] = {"datapath.sockmap_redirected_msgs": float(dp.accel_counts()["redirected"] - redirected0),
+                                 "datapath.sockmap_stream_failures": float(len(failures))}
         rows: list[tuple[str, str, str, str]] = []
 
         def add(name: str, what: str, d: float, s: float, unit: str) -> None:
@@ -143,8 +170,13 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
                 add(f"datapath.sockmap_rr{tag}_{qn}_ratio", f"sockmap RR {size} B {qn}",
                     _pct(rr[("direct", size)], q) / 1e3, _pct(rr[("sockmap", size)], q) / 1e3, "µs")
         for size in sizes:
+            if ("sockmap", size) not in tput:  # every round failed: no figure rather than a made-up one
+                rows.append((f"sockmap stream {size} B writes", "", "FAILED every round", ""))
+                continue
             add(f"datapath.sockmap_tput_{size}_ratio", f"sockmap stream {size} B writes",
                 statistics.median(tput[("direct", size)]), statistics.median(tput[("sockmap", size)]), "MB/s")
+        for f in sorted(set(failures)):
+            rows.append(("sockmap FAILURE", f"{failures.count(f)} of {ROUNDS} rounds", f[:60], ""))
 
         add("datapath.connect_ratio", "connect() p50", _pct(conn["direct"], .5) / 1e3, _pct(conn["socklb"], .5) / 1e3, "µs")
         res["datapath.connect_direct_p50_us"] = round(_pct(conn["direct"], .5) / 1e3, 2)
@@ -162,9 +194,9 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
         res["datapath.connect_ratio_kernel"] = round((direct_ns + res["datapath.connect4_prog_ns"]) / direct_ns, 4)
         rows.append(("connect4 program run time (bpf_stats)", f"{direct_ns / 1e3:.1f} µs connect()",
                      f"+{res['datapath.connect4_prog_ns']:.0f} ns", f"{res['datapath.connect_ratio_kernel']:.4f}"))
-        res.update(_storm(node, cli, dp))
-        rows.append(("event storm (refused connects)", "", f"{res['datapath.storm_connects_per_s']:.0f} /s",
-                     f"lost {res['datapath.storm_events_lost']:.0f}"))
+        storm, storm_rows = _storms(node, cli, dp)
+        res.update(storm)
+        rows += storm_rows
         return res, rows
     finally:
         if dp is not None:
