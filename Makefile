@@ -37,7 +37,7 @@ test: deps bpf lint kube-tools  ## lint, then every test: unit, datapath (root, 
 test-vm: deps bpf  ## the datapath suite under Debian's 6.1 kernel in qemu (image cached in /var/cache/webb)
 	$(PYTHON) -m tests.vm.run -- $(PYTHON) -m pytest -q -p no:cacheprovider tests/datapath
 
-bench: deps bpf  ## benchmarks (root): a table, and bench/results.json with every figure of the run
+bench: deps bpf kube-tools  ## benchmarks (root): a table, and bench/results.json with every figure of the run
 	$(PYTHON) -m bench.run
 
 # the kube tests' tools: etcd and the python client from PyPI; kube-apiserver and kubectl built from the

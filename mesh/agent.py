@@ -30,6 +30,10 @@ from xds.envoy import Envoy, EnvoyConfig
 from xds.server import XdsServer
 
 log = logging.getLogger("webb.agent")
+# The loop waits this long for flow events, so a source change is seen within it (the ring
+# buffer wakes it at once when events come); status is rewritten at least this often.
+LOOP_WAIT_MS = 10
+STATUS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -107,10 +111,13 @@ class Agent:
             tail = Tail(self.access_log)
             tail.offset = self.access_log.stat().st_size if self.access_log.exists() else 0
             self._write_status()
+            written = time.monotonic()
             while not self._stop and time.monotonic() < deadline:
                 version = self.source.version()
                 if version != self._seen_version:
                     self.sync(version)
+                    self._write_status()  # at once: `webb apply` and the operator wait on it
+                    written = time.monotonic()
                 self.envoy.check()
                 if self.accel is not None and time.monotonic() > self._next_canary:
                     self._next_canary = time.monotonic() + self.cfg.canary_interval_s
@@ -118,7 +125,9 @@ class Agent:
                     if not st.enabled:
                         log.warning("sockmap acceleration %s", st.reason)
                 self._collect(tail)
-                self._write_status()
+                if time.monotonic() - written >= STATUS_INTERVAL_S:
+                    self._write_status()
+                    written = time.monotonic()
         finally:
             self._shutdown(xds)
 
@@ -217,7 +226,7 @@ class Agent:
     def _collect(self, tail: Tail) -> None:
         flows = []
         if self.datapath is not None:
-            flows += [from_event(e, self.names) for e in self.datapath.poll_events(100)]
+            flows += [from_event(e, self.names) for e in self.datapath.poll_events(LOOP_WAIT_MS)]
         for line in tail.lines():
             try:
                 flows.append(from_access_log(json.loads(line), self.names))

@@ -85,7 +85,7 @@ def test_agent_sigkill_restart_adopts(tmp_path: Path) -> None:
         after = _status(state)
         assert after["datapath_adopted"] is True
         assert {k: p["ip"] for k, p in after["pods"].items()} == {k: p["ip"] for k, p in before["pods"].items()}
-        assert all(p["adopted"] for p in after["pods"].values())
+        assert all(p["adopted"] for p in after["pods"].values()), after["pods"]
         assert _landing(node) == "Ship landed"
     finally:
         agent.send_signal(signal.SIGTERM)
