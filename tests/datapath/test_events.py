@@ -1,5 +1,6 @@
-"""Flow events: every counted decision reaches the agent's consumer at 20,000 connects/s (twice
-the 10,000/s the datapath promises). The unpaced rate, and what is lost there, is make bench's."""
+"""Flow events: every counted decision reaches the agent's consumer at the 10,000 connects/s
+the datapath promises, sustained for 5 s (50,000 events: far more than the ring buffer holds).
+Faster rates, and what is lost there, are make bench's (datapath.storm_*)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from mesh.runtime.local import LocalNode
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 VIP = "10.96.202.10"
-COUNT = 30000
-RATE = 20000
+COUNT = 50000
+RATE = 10000
 # Refused connects (the service has no backend): each one is a counted, reported decision.
 # Paced in steps of 100 so the rate holds on a fast host (unpaced it reaches ~200,000/s).
 STORM = """
@@ -57,7 +58,7 @@ def test_no_event_lost_under_a_connect_storm(node: LocalNode, tmp_path: Path) ->
         t = threading.Thread(target=consume)
         t.start()
         p = node.spawn(cli, [sys.executable, "-c", STORM, VIP, str(COUNT), str(RATE)], stdout=subprocess.PIPE)
-        out, _ = p.communicate(timeout=120)
+        out, _ = p.communicate(timeout=300)
         rate = float(out)
         print(f"storm: {rate:.0f} connects/s")
         deadline = time.monotonic() + 10
@@ -70,6 +71,7 @@ def test_no_event_lost_under_a_connect_storm(node: LocalNode, tmp_path: Path) ->
             assert rate >= 0.9 * RATE, "the client could not reach the rate under test"
         assert dp.reason_counts()[Reason.NO_BACKEND] == COUNT
         assert sum(got) == COUNT and dp.events_lost() == 0
-        assert sum(1 for _ in open(tmp_path / "flows.jsonl")) == COUNT
+        # every flow was written: the current file and the one rotation keeps (8 MiB each)
+        assert sum(1 for f in tmp_path.glob("flows.jsonl*") for _ in open(f)) == COUNT
     finally:
         dp.close(unpin=True)
