@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -15,35 +16,32 @@ from bench import datapath, operator, xds
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
+def _table(title: str, columns: tuple[str, ...], rows: Sequence[Sequence[str]]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def main() -> None:
     console = Console()
     t0 = time.monotonic()
     results: dict[str, float | str] = {"meta.kernel": platform.release(), "meta.time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                                      time.gmtime())}
-    figures, rows = datapath.run()
-    results.update(figures)
-    table = Table(title=f"datapath on {platform.release()} (ratio = mesh path / direct, same run)")
-    for col in ("measure", "direct (no hook)", "mesh path (VIP)", "ratio"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*r)
-    console.print(table)
-    figures, xds_rows = xds.run()
-    results.update(figures)
-    table = Table(title="xDS: 10,000 services into a real Envoy (ratio = delta / state of the world, same run)")
-    for col in ("measure", "state of the world", "delta", "ratio"):
-        table.add_column(col)
-    for row in xds_rows:
-        table.add_row(*row)
-    console.print(table)
-    figures, op_rows = operator.run()
-    results.update(figures)
-    table = Table(title="operator: MeshPolicy on a real kube-apiserver → agent --kube (BPF + Envoy) converged, one node")
-    for col in ("measure", "p50", "p99", "note"):
-        table.add_column(col)
-    for row in op_rows:
-        table.add_row(*row)
-    console.print(table)
+    benches: list[tuple[Callable[[], tuple[dict[str, float], Sequence[Sequence[str]]]], str, tuple[str, ...]]] = [
+        (datapath.run, f"datapath on {platform.release()} (ratio = mesh path / direct, same run)",
+         ("measure", "direct (no hook)", "mesh path (VIP)", "ratio")),
+        (xds.run, "xDS: 10,000 services into a real Envoy (ratio = delta / state of the world, same run)",
+         ("measure", "state of the world", "delta", "ratio")),
+        (operator.run, "operator: MeshPolicy on a real kube-apiserver → agent --kube (BPF + Envoy) converged, one node",
+         ("measure", "p50", "p99", "note")),
+    ]
+    for run, title, columns in benches:
+        figures, rows = run()
+        results.update(figures)
+        console.print(_table(title, columns, rows))
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     console.print(f"wrote {RESULTS} ({len(results)} figures) in {time.monotonic() - t0:.0f} s")
 
