@@ -17,11 +17,14 @@ from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState, Reason, ServiceEntry
 from mesh.flows import FlowLog, Names, from_event
 from mesh.runtime.local import LocalNode
+from tests.conftest import SLOW
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 VIP = "10.96.202.10"
-COUNT = 50000
 RATE = 10000
+# the emulated qemu guest checks the ring buffer's semantics on 6.1, not the rate: a count the
+# ring holds whole (its CPU runs client and consumer ~10x slower)
+COUNT = 10000 if os.environ.get("WEBB_IN_VM") else 50000
 # Refused connects (the service has no backend): each one is a counted, reported decision.
 # Paced in steps of 100 so the rate holds on a fast host (unpaced it reaches ~200,000/s).
 STORM = """
@@ -61,11 +64,11 @@ def test_no_event_lost_under_a_connect_storm(node: LocalNode, tmp_path: Path) ->
         out, _ = p.communicate(timeout=300)
         rate = float(out)
         print(f"storm: {rate:.0f} connects/s")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10 * SLOW
         while dp.events_lost() > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         stop.set()
-        t.join(timeout=15)
+        t.join(timeout=15 * SLOW)
         assert not t.is_alive()
         if not os.environ.get("WEBB_IN_VM"):  # the qemu guest is emulated (~2,500/s): loss only
             assert rate >= 0.9 * RATE, "the client could not reach the rate under test"
