@@ -1,0 +1,259 @@
+"""TLS 1.3 handshake in user space, then the record keys handed to the kernel (kTLS).
+
+The handshake runs on an ``ssl.SSLObject`` over memory BIOs, fed one TLS record at a time
+from the socket, so not one byte after the handshake's last record is read in user space:
+whatever the peer sends next is left in the socket for the kernel. The traffic secrets come
+from OpenSSL's key log (``SSLContext.keylog_filename``, a 0600 file on /run that is emptied
+whenever no handshake is in flight), matched to the connection by its ClientHello random;
+the record keys are derived with HKDF-Expand-Label (RFC 8446 §7.3) and installed with
+``setsockopt(SOL_TLS, TLS_TX/TLS_RX)`` at sequence number 0: the server sends no session
+ticket (``num_tickets = 0``), so no application-key record precedes the kernel's.
+
+Without kTLS (no ``tls`` module: this host's kernel) :class:`UserspaceTls` keeps the
+SSLObject and encrypts in Python; :func:`establish` says which one it made.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+# linux/tls.h, linux/tcp.h (Python 3.11's socket module has none of these)
+SOL_TLS, TCP_ULP, TLS_TX, TLS_RX = 282, 31, 1, 2
+TLS_1_3_VERSION = 0x0304
+_CIPHERS = {  # OpenSSL name -> (kernel cipher type, key length, iv in info, salt, hash)
+    "TLS_AES_128_GCM_SHA256": (51, 16, 8, 4, hashes.SHA256),
+    "TLS_AES_256_GCM_SHA384": (52, 32, 8, 4, hashes.SHA384),
+    "TLS_CHACHA20_POLY1305_SHA256": (54, 32, 12, 0, hashes.SHA256),
+}
+MAX_RECORD = 16384 + 256
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class TunnelError(Exception):
+    """A tunnel could not be made or broke; the message says why (shown in status and flows)."""
+
+    def __init__(self, message: str, peer: str = "", src: str = "", dst: str = "", denied: bool = False) -> None:
+        super().__init__(message)
+        self.peer, self.src, self.dst, self.denied = peer, src, dst, denied
+
+
+def hkdf_expand_label(secret: bytes, label: str, length: int, algorithm: Callable[[], hashes.HashAlgorithm]) -> bytes:
+    full = b"tls13 " + label.encode()
+    info = struct.pack("!HB", length, len(full)) + full + b"\x00"
+    return HKDFExpand(algorithm(), length, info).derive(secret)
+
+
+def crypto_info(cipher: str, secret: bytes, seq: int = 0) -> bytes:
+    """struct tls12_crypto_info_* for one direction of a TLS 1.3 session."""
+    if cipher not in _CIPHERS:
+        raise TunnelError(f"cipher {cipher} has no kernel TLS implementation")
+    ctype, key_len, iv_len, salt_len, algo = _CIPHERS[cipher]
+    key = hkdf_expand_label(secret, "key", key_len, algo)
+    iv = hkdf_expand_label(secret, "iv", 12, algo)  # TLS 1.3: salt || explicit part of the nonce
+    salt, explicit = iv[:salt_len], iv[salt_len:]
+    # the header is host-endian u16s; the record sequence number is big-endian bytes
+    return struct.pack("=HH", TLS_1_3_VERSION, ctype) + explicit + key + salt + struct.pack("!Q", seq)
+
+
+class KeyLog:
+    """The traffic secrets OpenSSL logs, by ClientHello random; emptied when idle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        self._lock = threading.Lock()
+        self._offset = 0
+        self._in_flight = 0
+        self._secrets: dict[bytes, dict[str, bytes]] = {}
+
+    def attach(self, ctx: ssl.SSLContext) -> None:
+        if ctx.keylog_filename != str(self.path):
+            ctx.keylog_filename = str(self.path)
+
+    def begin(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._offset:
+                # no handshake can be writing now: drop every secret from the file
+                os.truncate(self.path, 0)
+                self._offset = 0
+                self._secrets.clear()
+
+    def take(self, client_random: bytes) -> dict[str, bytes]:
+        with self._lock:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            self._offset += end
+            for line in data[:end].splitlines():
+                parts = line.split()
+                if len(parts) == 3:
+                    self._secrets.setdefault(bytes.fromhex(parts[1].decode()), {})[parts[0].decode()] = \
+                        bytes.fromhex(parts[2].decode())
+            return self._secrets.pop(client_random, {})
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise TunnelError(f"peer closed the connection during the TLS handshake ({len(buf)}/{n} bytes of a record)")
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_record(sock: socket.socket) -> bytes:
+    head = _recv_exact(sock, 5)
+    length = struct.unpack("!H", head[3:5])[0]
+    if length > MAX_RECORD:
+        raise TunnelError(f"peer sent a {length}-byte TLS record (max {MAX_RECORD}): not TLS")
+    return head + _recv_exact(sock, length)
+
+
+@dataclass
+class Handshake:
+    obj: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    client_random: bytes
+    peer_der: bytes
+    cipher: str
+
+
+def handshake(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, keylog: KeyLog,
+              server_hostname: str | None = None) -> tuple[Handshake, dict[str, bytes]]:
+    """Run the TLS 1.3 handshake; (state, traffic secrets from the key log)."""
+    keylog.attach(ctx)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_side=server_side, server_hostname=server_hostname)
+    random = b""
+    keylog.begin()
+    old_timeout = sock.gettimeout()
+    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = out.read()
+                if pending:
+                    if not random and not server_side:
+                        random = pending[11:43]  # record(5) + handshake header(4) + version(2)
+                    sock.sendall(pending)
+                record = _read_record(sock)
+                if not random and server_side:
+                    random = record[11:43]
+                inc.write(record)
+            except ssl.SSLError as e:
+                pending = out.read()  # the alert that tells the peer why
+                if pending:
+                    try:
+                        sock.sendall(pending)
+                    except OSError:
+                        pass
+                detail = getattr(e, "verify_message", "")
+                raise TunnelError(f"TLS handshake failed: {e.reason or e}" + (f" ({detail})" if detail else "")) from e
+        pending = out.read()
+        if pending:
+            sock.sendall(pending)
+        secrets = keylog.take(random)
+    except (OSError, TimeoutError) as e:
+        if isinstance(e, TunnelError):
+            raise
+        raise TunnelError(f"TLS handshake: {e}") from e
+    finally:
+        sock.settimeout(old_timeout)
+        keylog.end()
+    cipher = obj.cipher()
+    der = obj.getpeercert(binary_form=True)
+    if not der:
+        raise TunnelError("TLS handshake: the peer presented no certificate")
+    return Handshake(obj, inc, out, random, der, cipher[0] if cipher else ""), secrets
+
+
+def install(sock: socket.socket, hs: Handshake, secrets: dict[str, bytes], server_side: bool) -> None:
+    """Hand the session's keys to the kernel; raises OSError(ENOENT) when it has no kTLS."""
+    mine, theirs = ("SERVER_TRAFFIC_SECRET_0", "CLIENT_TRAFFIC_SECRET_0")[:: 1 if server_side else -1]
+    if mine not in secrets or theirs not in secrets:
+        raise TunnelError(f"no traffic secrets in the key log for this handshake (have {sorted(secrets)})")
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    sock.setsockopt(SOL_TLS, TLS_TX, crypto_info(hs.cipher, secrets[mine]))
+    sock.setsockopt(SOL_TLS, TLS_RX, crypto_info(hs.cipher, secrets[theirs]))
+
+
+def kernel_has_ktls() -> bool:
+    """Whether an established TCP socket here accepts the "tls" upper-layer protocol (the
+    module is loaded on demand), probed on a loopback pair."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        with socket.create_connection(srv.getsockname(), timeout=2) as c:
+            peer, _ = srv.accept()
+            with peer:
+                try:
+                    c.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+                    return True
+                except OSError:
+                    return False
+
+
+class UserspaceTls:
+    """The same session, encrypted in Python: the fallback when the kernel has no kTLS."""
+
+    def __init__(self, sock: socket.socket, hs: Handshake) -> None:
+        self.sock, self.hs = sock, hs
+
+    def send(self, data: bytes) -> None:
+        self.hs.obj.write(data)
+        self.sock.sendall(self.hs.outgoing.read())
+
+    def recv(self, n: int = 65536) -> bytes:
+        """Plaintext, b"" at the peer's end; TunnelError when a record fails authentication."""
+        while True:
+            try:
+                return self.hs.obj.read(n)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                if not data:
+                    return b""
+                self.hs.incoming.write(data)
+            except ssl.SSLZeroReturnError:
+                return b""
+            except ssl.SSLError as e:
+                raise TunnelError(f"TLS record rejected: {e.reason or e}") from e
+
+    def close_write(self) -> None:
+        try:
+            self.hs.obj.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        out = self.hs.outgoing.read()
+        try:
+            if out:
+                self.sock.sendall(out)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def ebadmsg(e: OSError) -> bool:
+    """What a kTLS socket's read raises for a record that fails authentication."""
+    return e.errno == errno.EBADMSG

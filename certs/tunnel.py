@@ -1,0 +1,363 @@
+"""The node-to-node mTLS tunnel (DESIGN "Cross-node with mTLS").
+
+Dialing side (the source workload's node): TCP to the peer node's tunnel port, TLS 1.3 with
+the *source workload's* certificate, the peer's SPIFFE ID checked against the destination
+workload's, keys to the kernel (kTLS) when it can, then one framed header naming the source
+pod IP and the destination pod address. Accepting side: the destination workload's
+certificate (chosen by SNI), the client's SPIFFE ID and header handed to ``authorize``
+(policy), the destination connected, one framed answer, then bytes relayed.
+
+With kTLS the relay splices (socket → pipe → socket, in the kernel: no byte is copied to
+user space and the kernel encrypts); without it, the same session runs in user-space TLS.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from certs.ca import parse_spiffe_id, peer_spiffe_id
+from certs.ktls import Handshake, KeyLog, TunnelError, UserspaceTls, handshake, install
+from certs.store import IdentityStore, tls13_context
+
+KTLS, USERSPACE = "ktls", "userspace"
+MAX_HEADER = 4096
+CONNECT_TIMEOUT_S = 5.0
+# authorize(peer SPIFFE ID, source pod IP, destination "ip:port") -> None (allowed) or the reason it is denied
+Authorize = Callable[[str, str, str], "str | None"]
+
+
+def sni_of(namespace: str, service_account: str) -> str:
+    """The SNI naming the identity the dialer expects (namespaces are DNS labels: no dots)."""
+    return f"{namespace}.{service_account}"
+
+
+@dataclass
+class Session:
+    sock: socket.socket
+    mode: str  # ktls | userspace
+    peer_id: str
+    cipher: str
+    tls: UserspaceTls | None = None
+    _send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, data: bytes) -> None:
+        if self.tls is None:
+            self.sock.sendall(data)
+        else:
+            with self._send_lock:
+                self.tls.send(data)
+
+    def recv(self, n: int = 65536) -> bytes:
+        if self.tls is not None:
+            return self.tls.recv(n)
+        try:
+            return self.sock.recv(n)
+        except OSError as e:
+            if e.errno == errno.EBADMSG:
+                raise TunnelError("TLS record rejected by the kernel (EBADMSG): tampered or corrupted") from e
+            raise
+
+    def send_frame(self, obj: dict[str, object]) -> None:
+        body = json.dumps(obj).encode()
+        self.send(struct.pack("!H", len(body)) + body)
+
+    def recv_frame(self) -> dict[str, object]:
+        buf = b""
+        while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
+            if len(buf) >= 2 and struct.unpack("!H", buf[:2])[0] > MAX_HEADER:
+                raise TunnelError("tunnel header too long")
+            chunk = self.recv(1 if len(buf) < 2 else 2 + struct.unpack("!H", buf[:2])[0] - len(buf))
+            if not chunk:
+                raise TunnelError("peer closed the tunnel before its header")
+            buf += chunk
+        frame = json.loads(buf[2:])
+        if not isinstance(frame, dict):
+            raise TunnelError("tunnel header is not an object")
+        return frame
+
+    def close_write(self) -> None:
+        if self.tls is not None:
+            self.tls.close_write()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TunnelNode:
+    """One node's tunnel: its identities, key log, and whether the kernel does the records."""
+
+    def __init__(self, store: IdentityStore, keylog_path: Path, use_ktls: bool,
+                 hosted: Callable[[str, str], bool] = lambda ns, sa: True) -> None:
+        self.store, self.use_ktls = store, use_ktls
+        self.hosted = hosted  # (namespace, service account) has a workload on this node
+        self.keylog = KeyLog(keylog_path)
+        self.ktls_failures = 0
+        # the server's first context: no certificate (SNI picks the workload's), but what a
+        # handshake takes from the first context (client certificate required, verified
+        # against the bundle, TLS 1.3, no tickets) is set here
+        self._base = tls13_context(server_side=True, bundle=store.bundle)
+        self._base.sni_callback = self._pick_identity
+        self.keylog.attach(self._base)
+
+    @property
+    def mode(self) -> str:
+        return KTLS if self.use_ktls else USERSPACE
+
+    def _context(self, ns: str, sa: str, server_side: bool) -> ssl.SSLContext:
+        ctx = self.store.context(ns, sa, server_side)
+        self.keylog.attach(ctx)
+        return ctx
+
+    def _pick_identity(self, obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        ns, _, sa = (name or "").partition(".")
+        if not ns or not sa or not self.hosted(ns, sa):  # never present an identity not hosted here
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        try:
+            obj.context = self._context(ns, sa, server_side=True)
+        except ValueError:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return None
+
+    def _establish(self, sock: socket.socket, hs: Handshake, secrets: dict[str, bytes], server_side: bool) -> Session:
+        peer = peer_spiffe_id(hs.peer_der)
+        td = parse_spiffe_id(peer)[0]
+        if td != self.store.ca.trust_domain:
+            raise TunnelError(f"peer {peer} is outside trust domain {self.store.ca.trust_domain}")
+        if self.use_ktls:
+            try:
+                install(sock, hs, secrets, server_side)
+                return Session(sock, KTLS, peer, hs.cipher)
+            except OSError as e:  # the connection is unusable now: its records are half the kernel's
+                self.ktls_failures += 1
+                raise TunnelError(f"install kTLS keys: {e}") from e
+        return Session(sock, USERSPACE, peer, hs.cipher, UserspaceTls(sock, hs))
+
+    # ---- dialing side ----
+    def dial(self, peer: tuple[str, int], source: tuple[str, str], expect: tuple[str, str],
+             src_ip: str, target: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Session:
+        """A tunnel to ``target`` (ip:port) on the node at ``peer``, as workload ``source``
+        (namespace, service account), to a workload that must be ``expect``."""
+        sock = socket.create_connection(peer, timeout=timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ctx = self._context(*source, server_side=False)
+            hs, secrets = handshake(sock, ctx, False, self.keylog, server_hostname=sni_of(*expect))
+            sess = self._establish(sock, hs, secrets, server_side=False)
+            want = f"spiffe://{self.store.ca.trust_domain}/ns/{expect[0]}/sa/{expect[1]}"
+            if sess.peer_id != want:
+                raise TunnelError(f"peer presented {sess.peer_id}, expected {want}")
+            try:
+                sess.send_frame({"src": src_ip, "dst": target})
+                answer = sess.recv_frame()
+            except OSError as e:  # TLS 1.3: the server checks our certificate after we finished
+                raise TunnelError(f"{sess.peer_id} closed the tunnel before answering "
+                                  f"(our certificate refused?): {e}") from e
+            if not answer.get("ok"):
+                raise TunnelError(f"{sess.peer_id} refused the tunnel: {answer.get('reason', '?')}")
+            sock.settimeout(None)
+            return sess
+        except BaseException:
+            sock.close()
+            raise
+
+    # ---- accepting side ----
+    def accept(self, sock: socket.socket, authorize: Authorize) -> tuple[Session, socket.socket, str, str]:
+        """Handshake, authorize, connect the destination: (session, destination socket, src, dst).
+        Every refusal is a TunnelError carrying what was known (peer, src, dst) and why."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hs, secrets = handshake(sock, self._base, True, self.keylog)
+        sess = self._establish(sock, hs, secrets, server_side=True)
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            header = sess.recv_frame()
+        except (TunnelError, OSError, ValueError) as e:
+            raise TunnelError(f"read tunnel header: {e}", sess.peer_id) from e
+        src, dst = str(header.get("src", "")), str(header.get("dst", ""))
+        denied = authorize(sess.peer_id, src, dst)
+        if denied:
+            sess.send_frame({"ok": False, "reason": denied})
+            raise TunnelError(f"denied {sess.peer_id} ({src}) -> {dst}: {denied}", sess.peer_id, src, dst, True)
+        host, _, port = dst.rpartition(":")
+        try:
+            upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
+        except (OSError, ValueError) as e:
+            sess.send_frame({"ok": False, "reason": f"connect {dst}: {e}"})
+            raise TunnelError(f"connect {dst} for {sess.peer_id}: {e}", sess.peer_id, src, dst) from e
+        upstream.settimeout(None)
+        sock.settimeout(None)
+        sess.send_frame({"ok": True})
+        return sess, upstream, src, dst
+
+
+@dataclass
+class RelayStats:
+    to_tunnel: int = 0
+    from_tunnel: int = 0
+    error: str = ""
+
+
+def relay(workload: socket.socket, sess: Session) -> RelayStats:
+    """Bytes both ways until both sides are done; half-close passed on. Blocks."""
+    stats = RelayStats()
+
+    def out() -> None:  # workload -> tunnel
+        try:
+            if sess.tls is None:
+                stats.to_tunnel = _splice(workload, sess.sock)
+            else:
+                while data := workload.recv(65536):
+                    sess.send(data)
+                    stats.to_tunnel += len(data)
+        except (OSError, TunnelError) as e:
+            stats.error = stats.error or f"to tunnel: {e}"
+        finally:
+            sess.close_write()
+
+    def back() -> None:  # tunnel -> workload
+        try:
+            if sess.tls is None:
+                stats.from_tunnel = _splice(sess.sock, workload)
+            else:
+                while data := sess.recv(65536):
+                    workload.sendall(data)
+                    stats.from_tunnel += len(data)
+        except OSError as e:
+            why = "TLS record rejected by the kernel (EBADMSG): tampered or corrupted" \
+                if e.errno == errno.EBADMSG else str(e)
+            stats.error = stats.error or f"from tunnel: {why}"
+            _abort(workload, sess.sock)
+        except TunnelError as e:
+            stats.error = stats.error or f"from tunnel: {e}"
+            _abort(workload, sess.sock)
+        finally:
+            try:
+                workload.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=out, name="tunnel-out", daemon=True)
+    t.start()
+    back()
+    t.join()
+    workload.close()
+    sess.close()
+    return stats
+
+
+def _splice(src: socket.socket, dst: socket.socket, chunk: int = 1 << 16) -> int:
+    """Move bytes src -> dst through a pipe, in the kernel, until src's end of stream."""
+    r, w = os.pipe()
+    total = 0
+    try:
+        while True:
+            n = os.splice(src.fileno(), w, chunk)
+            if n == 0:
+                return total
+            while n:
+                m = os.splice(r, dst.fileno(), n)
+                n -= m
+                total += m
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _abort(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True)
+class TunnelEvent:
+    at: float
+    peer: str  # the client's SPIFFE ID ("" when the handshake failed)
+    src: str
+    dst: str
+    verdict: str  # forwarded | denied | failed
+    reason: str
+    mode: str
+    to_tunnel: int = 0
+    from_tunnel: int = 0
+
+
+class TunnelServer:
+    """The accepting side of a node: one thread per tunnel (at most ``max_conns``), every
+    outcome an event with its reason. Stops by itself after ``lifetime_s``."""
+
+    def __init__(self, node: TunnelNode, listen: socket.socket, authorize: Authorize,
+                 max_conns: int = 256, lifetime_s: float = 3600.0, max_events: int = 10000) -> None:
+        self.node, self.listen, self.authorize = node, listen, authorize
+        self.events: list[TunnelEvent] = []
+        self.max_conns, self.max_events = max_conns, max_events
+        self._slots = threading.BoundedSemaphore(max_conns)
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + lifetime_s
+        self._thread = threading.Thread(target=self._loop, name="tunnel-accept", daemon=True)
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.getsockname()[1])
+
+    def start(self) -> TunnelServer:
+        self.listen.settimeout(0.2)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.listen.close()
+
+    def _record(self, ev: TunnelEvent) -> None:
+        with self._lock:
+            self.events.append(ev)
+            del self.events[: max(0, len(self.events) - self.max_events)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                conn, _ = self.listen.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                self._record(TunnelEvent(time.time(), "", "", "", "failed",
+                                         f"more than {self.max_conns} tunnels at once", self.node.mode))
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="tunnel-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            try:
+                sess, upstream, src, dst = self.node.accept(conn, self.authorize)
+            except TunnelError as e:
+                self._record(TunnelEvent(time.time(), e.peer, e.src, e.dst, "denied" if e.denied else "failed",
+                                         str(e), self.node.mode))
+                conn.close()
+                return
+            stats = relay(upstream, sess)
+            self._record(TunnelEvent(time.time(), sess.peer_id, src, dst, "failed" if stats.error else "forwarded",
+                                     stats.error, sess.mode, stats.to_tunnel, stats.from_tunnel))
+        finally:
+            self._slots.release()

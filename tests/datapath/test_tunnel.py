@@ -1,0 +1,362 @@
+"""The node-to-node mTLS tunnel between two network namespaces linked by a veth "wire".
+
+Runs on the host (no kTLS there: the user-space fallback) and in the Debian 6.1 guest
+(`make test-vm`), where the kernel must do the records (kTLS) — there a missing kTLS fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from pyroute2 import netns
+
+from certs.ca import CertificateAuthority
+from certs.ktls import TunnelError, kernel_has_ktls
+from certs.store import IdentityStore
+from certs.tunnel import KTLS, USERSPACE, TunnelNode, TunnelServer
+from tests.conftest import SLOW
+
+pytestmark = [pytest.mark.root]
+A, B = "webbtun-a", "webbtun-b"
+IP_A, IP_B = "10.251.0.1", "10.251.0.2"
+TUNNEL_PORT, WORKLOAD_PORT, MITM_PORT = 15008, 9000, 16000
+MARKER = b"DEATH-STAR-PLANS-exhaust-port-"
+T = TypeVar("T")
+
+
+def in_ns(name: str, fn: Callable[[], T]) -> T:
+    """Run fn in a thread inside netns ``name`` (sockets made there belong to it, and so do
+    threads it starts)."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            netns.setns(name, flags=0, fork=False)
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            err.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _remove() -> None:
+    for ns in (A, B):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def wire() -> Iterator[None]:
+    _remove()
+    try:
+        for ns in (A, B):
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "route", "add", "blackhole", "10.96.0.0/16")  # safety rule, before anything
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("link", "add", "wtuna", "netns", A, "type", "veth", "peer", "name", "wtunb", "netns", B)
+        for ns, dev, ip in ((A, "wtuna", IP_A), (B, "wtunb", IP_B)):
+            _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+        yield
+    finally:
+        _remove()
+
+
+@dataclass
+class Node:
+    store: IdentityStore
+    tunnel: TunnelNode
+
+
+def make_node(tmp: Path, ca: CertificateAuthority, hosted: set[tuple[str, str]], name: str) -> Node:
+    store = IdentityStore(ca, tmp / name / "certs")
+    return Node(store, TunnelNode(store, tmp / name / "keylog", kernel_has_ktls(), lambda ns, sa: (ns, sa) in hosted))
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority.load_or_create(tmp_path / "ca", "webb.test")
+
+
+def workload_server() -> socket.socket:
+    """In netns B: answers each connection with sha256 of everything it received, at EOF."""
+    srv = socket.create_server(("127.0.0.1", WORKLOAD_PORT))
+    srv.settimeout(30 * SLOW)
+
+    def answer(c: socket.socket) -> None:
+        with c:
+            h, n = hashlib.sha256(), 0
+            while data := c.recv(65536):
+                h.update(data)
+                n += len(data)
+            c.sendall(f"got {n} {h.hexdigest()}".encode())
+
+    def loop() -> None:
+        with srv:
+            for _ in range(20):
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                c.settimeout(30 * SLOW)
+                threading.Thread(target=answer, args=(c,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv
+
+
+class Capture:
+    """Every frame on the wire (AF_PACKET in netns A), until stopped."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.sock = in_ns(A, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE  # drop nothing
+        self.sock.bind(("wtuna", 0))
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + 120 * SLOW
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.frames.append(self.sock.recv(1 << 18))  # GSO frames exceed 64 KiB
+            except TimeoutError:
+                continue
+
+    def stop(self) -> bytes:
+        time.sleep(0.2)
+        self._stop.set()
+        self._t.join()
+        self.sock.close()
+        return b"".join(self.frames)
+
+
+def serve(node: Node, authorize: Callable[[str, str, str], str | None] | None = None) -> TunnelServer:
+    def start() -> TunnelServer:
+        workload_server()
+        listen = socket.create_server((IP_B, TUNNEL_PORT))
+        return TunnelServer(node.tunnel, listen, authorize or (lambda peer, src, dst: None), lifetime_s=120 * SLOW).start()
+    return in_ns(B, start)
+
+
+def exchange(client: Node, payload: bytes, expect: tuple[str, str] = ("empire", "deathstar"),
+             source: tuple[str, str] = ("alliance", "xwing"), port: int = TUNNEL_PORT) -> tuple[str, bytes]:
+    """Dial from netns A, send payload, half-close, read the answer: (mode, answer)."""
+    def run() -> tuple[str, bytes]:
+        sess = client.tunnel.dial((IP_B, port), source, expect, "10.244.1.5", f"127.0.0.1:{WORKLOAD_PORT}",
+                                  timeout_s=10 * SLOW)
+        sess.sock.settimeout(30 * SLOW)
+        for i in range(0, len(payload), 16384):
+            sess.send(payload[i:i + 16384])
+        sess.close_write()
+        answer = b""
+        while data := sess.recv():
+            answer += data
+        sess.close()
+        return sess.mode, answer
+    return in_ns(A, run)
+
+
+def expected_answer(payload: bytes) -> bytes:
+    return f"got {len(payload)} {hashlib.sha256(payload).hexdigest()}".encode()
+
+
+def wait_events(server: TunnelServer, n: int) -> None:
+    deadline = time.monotonic() + 10 * SLOW
+    while len(server.events) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(server.events) >= n, server.events
+
+
+def test_the_guest_kernel_has_ktls() -> None:
+    """The guest run exists to exercise kTLS: its absence there is a failure, not a skip."""
+    if os.environ.get("WEBB_IN_VM"):
+        assert kernel_has_ktls(), "the 6.1 guest must accept the tls ULP (modprobe tls in tests/vm/init)"
+
+
+def test_tunnel_encrypts_on_the_wire_and_checks_both_identities(wire: None, tmp_path: Path,
+                                                                 ca: CertificateAuthority) -> None:
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server_node = make_node(tmp_path, ca, {("empire", "deathstar")}, "b")
+    seen: list[tuple[str, str, str]] = []
+    server = serve(server_node, lambda peer, src, dst: seen.append((peer, src, dst)) or None)
+    cap = Capture()
+    payload = MARKER * 20000  # ~600 KB: many records, both directions
+    mode, answer = exchange(client, payload)
+    wire_bytes = cap.stop()
+    server.stop()
+    assert answer == expected_answer(payload)
+    assert mode == (KTLS if kernel_has_ktls() else USERSPACE)
+    assert seen == [("spiffe://webb.test/ns/alliance/sa/xwing", "10.244.1.5", f"127.0.0.1:{WORKLOAD_PORT}")]
+    wait_events(server, 1)
+    ev = server.events[0]
+    assert (ev.verdict, ev.mode, ev.from_tunnel) == ("forwarded", mode, len(payload)), ev
+    assert len(wire_bytes) > len(payload), "the capture saw too little: is it on the wire?"
+    assert MARKER not in wire_bytes and b"exhaust-port" not in wire_bytes, "plaintext on the wire"
+    assert b"\x17\x03\x03" in wire_bytes  # TLS application-data records
+
+
+def test_capture_sees_plaintext_when_not_tunnelled(wire: None) -> None:
+    """The control: the same capture on the same wire does see a plain connection's bytes."""
+    def listen() -> socket.socket:
+        return socket.create_server((IP_B, WORKLOAD_PORT + 1))
+    srv = in_ns(B, listen)
+    srv.settimeout(10 * SLOW)
+    cap = Capture()
+    c = in_ns(A, lambda: socket.create_connection((IP_B, WORKLOAD_PORT + 1), timeout=10 * SLOW))
+    peer, _ = srv.accept()
+    c.sendall(MARKER)
+    assert peer.recv(100) == MARKER
+    c.close()
+    peer.close()
+    srv.close()
+    assert MARKER in cap.stop()
+
+
+def test_wrong_ca_is_refused(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    rogue = CertificateAuthority.load_or_create(tmp_path / "rogue-ca", "webb.test")  # same name, other key
+    client = make_node(tmp_path, rogue, {("alliance", "xwing")}, "a")
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+    with pytest.raises(TunnelError, match="CERTIFICATE_VERIFY_FAILED"):
+        exchange(client, b"hello")  # the client refuses the server's chain...
+    wait_events(server, 1)
+    ev = server.events[0]
+    assert ev.verdict == "failed" and "UNKNOWN_CA" in ev.reason, ev  # ...and says why
+    # the other way round: a client whose own certificate comes from the rogue CA, trusting ours
+    store = IdentityStore(rogue, tmp_path / "mixed")
+    store.bundle.write_bytes(ca.bundle_pem())
+    mixed = Node(store, TunnelNode(store, tmp_path / "mixed-keylog", kernel_has_ktls()))
+    with pytest.raises(TunnelError):
+        exchange(mixed, b"hello")
+    wait_events(server, 2)
+    server.stop()
+    ev = server.events[1]
+    assert ev.verdict == "failed" and "CERTIFICATE_VERIFY_FAILED" in ev.reason, ev
+
+
+def test_policy_denial_reaches_the_client_with_its_reason(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    reason = "no MeshPolicy of empire/deathstar allows spiffe://webb.test/ns/alliance/sa/xwing"
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"), lambda *_: reason)
+    with pytest.raises(TunnelError, match="refused the tunnel: no MeshPolicy"):
+        exchange(client, b"hello")
+    wait_events(server, 1)
+    server.stop()
+    assert (server.events[0].verdict, server.events[0].reason.endswith(reason)) == ("denied", True)
+    assert server.events[0].peer == "spiffe://webb.test/ns/alliance/sa/xwing"
+
+
+def test_an_identity_not_hosted_by_the_peer_is_not_presented(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+    with pytest.raises(TunnelError, match="handshake failed"):
+        exchange(client, b"hello", expect=("empire", "tie-fighter"))
+    server.stop()
+
+
+def test_rotation_drops_no_connection(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    now = [time.time()]
+    store_a = IdentityStore(ca, tmp_path / "a", ttl_s=60, clock=lambda: now[0])
+    store_b = IdentityStore(ca, tmp_path / "b", ttl_s=60, clock=lambda: now[0])
+    client = Node(store_a, TunnelNode(store_a, tmp_path / "ka", kernel_has_ktls()))
+    server = serve(Node(store_b, TunnelNode(store_b, tmp_path / "kb", kernel_has_ktls())))
+
+    def run() -> bytes:
+        sess = client.tunnel.dial((IP_B, TUNNEL_PORT), ("alliance", "xwing"), ("empire", "deathstar"),
+                                  "10.244.1.5", f"127.0.0.1:{WORKLOAD_PORT}", timeout_s=10 * SLOW)
+        sess.send(b"before rotation;")
+        first = store_a.get("alliance", "xwing").serial
+        now[0] += 25  # life = 60 s skew + 60 s: renewal due at 2/3, 20 s from now
+        assert store_a.rotate() == ["spiffe://webb.test/ns/alliance/sa/xwing"]
+        assert store_a.get("alliance", "xwing").serial != first
+        fresh = exchange(client, b"new tunnel, new certificate")[1]
+        assert fresh == expected_answer(b"new tunnel, new certificate")
+        sess.send(b"after rotation")  # the old tunnel still carries bytes
+        sess.close_write()
+        out = b""
+        sess.sock.settimeout(10 * SLOW)
+        while data := sess.recv():
+            out += data
+        sess.close()
+        return out
+    assert in_ns(A, run) == expected_answer(b"before rotation;after rotation")
+    assert store_b.renewals == 1  # the server side renewed on the new handshake
+    server.stop()
+
+
+def test_tampered_record_is_rejected(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    """A man in the middle (in netns B) flips one bit of the first data record after the
+    tunnel header: the receiving side must refuse the record, not deliver altered bytes."""
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+    stop = threading.Event()
+
+    def mitm() -> None:
+        lst = socket.create_server((IP_B, MITM_PORT))
+        lst.settimeout(10 * SLOW)
+        down, _ = lst.accept()
+        up = socket.create_connection((IP_B, TUNNEL_PORT))
+
+        def back() -> None:
+            try:
+                while not stop.is_set() and (d := up.recv(65536)):
+                    down.sendall(d)
+            except OSError:
+                pass
+        threading.Thread(target=back, daemon=True).start()
+        buf, app_records = b"", 0
+        down.settimeout(30 * SLOW)
+        while True:
+            try:
+                d = down.recv(65536)
+            except OSError:
+                break
+            if not d:
+                break
+            buf += d
+            while len(buf) >= 5 and len(buf) >= 5 + struct.unpack("!H", buf[3:5])[0]:
+                n = 5 + struct.unpack("!H", buf[3:5])[0]
+                rec, buf = bytearray(buf[:n]), buf[n:]
+                if rec[0] == 0x17:
+                    app_records += 1
+                    if app_records == 3:  # 1: client Finished, 2: tunnel header, 3: data
+                        rec[10] ^= 0x01
+                up.sendall(bytes(rec))
+        lst.close()
+
+    threading.Thread(target=lambda: in_ns(B, mitm), daemon=True).start()
+    time.sleep(0.3 * SLOW)
+    try:
+        _, answer = exchange(client, MARKER * 10, port=MITM_PORT)
+    except (TunnelError, OSError):
+        answer = b""
+    stop.set()
+    wait_events(server, 1)
+    server.stop()
+    assert not answer.startswith(b"got"), "the altered record was delivered"
+    ev = server.events[0]
+    assert ev.verdict == "failed", ev
+    assert any(w in ev.reason for w in ("EBADMSG", "BAD_RECORD_MAC", "bad record mac", "DECRYPTION")), ev.reason
