@@ -34,7 +34,7 @@ from datapath.maps import (
 OBJECT_PATH = Path(__file__).parent / "bpf" / "sock.bpf.o"
 BPFFS = Path("/sys/fs/bpf")
 PROGRAMS = (*(f"webb_sock{f}_{hook}" for f in (4, 6) for hook in ("connect", "sendmsg", "recvmsg", "getpeername")),
-            "webb_sockops")
+            "webb_sockops", "webb_ingress")
 MAPS = (*LAYOUT, "webb_events")
 # make-before-break: a service entry is written after its backends and removed before them
 _WRITE_ORDER = ("webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy", "webb_services")
@@ -227,8 +227,9 @@ class Datapath:
             cleanup(self.pin_dir, self.cgroup_path)
 
 
-# enum bpf_attach_type of every program in PROGRAMS (cgroup connect/sendmsg/recvmsg/getpeername, sockops)
-ATTACH_TYPES = (10, 11, 14, 15, 19, 20, 29, 30, 3)
+# enum bpf_attach_type of every program in PROGRAMS (cgroup connect/sendmsg/recvmsg/getpeername, sockops,
+# inet ingress)
+ATTACH_TYPES = (10, 11, 14, 15, 19, 20, 29, 30, 3, 0)
 
 
 def cleanup(pin_dir: Path, cgroup_path: str | None = None, timeout_s: float = 5.0) -> list[str]:

@@ -17,6 +17,8 @@ from datapath.libbpf import Map
 IDENTITY_UNKNOWN = 2
 EP_INGRESS_ENFORCED = 1
 EP_AUDIT = 2
+EP_MTLS_STRICT = 4  # MeshTLS STRICT: new TCP connections only from this node
+EP_LOCAL = 8  # a pod of this node, or the node address the mTLS tunnel delivers from
 PROTO_TCP = 6
 PROTO_UDP = 17
 
@@ -36,6 +38,7 @@ class Reason(enum.IntEnum):
     NO_BACKEND = 5
     BACKEND_MISSING = 6
     POLICY_AUDIT = 7
+    MTLS_STRICT = 8
 
     @property
     def text(self) -> str:

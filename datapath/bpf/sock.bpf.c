@@ -13,6 +13,10 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/errno.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -130,10 +134,11 @@ static __always_inline void __count(__u32 reason)
 		*n += 1;
 }
 
-static __always_inline void __emit(__u32 src_identity, const struct webb_addr *orig,
-				   __u16 orig_port, const struct webb_addr *new, __u16 new_port,
-				   __u32 dst_identity, __u8 proto, __u8 family, __u8 verdict,
-				   __u8 reason)
+static __always_inline void __emit_cg(__u64 cgroup_id, __u32 src_identity,
+				      const struct webb_addr *orig, __u16 orig_port,
+				      const struct webb_addr *new, __u16 new_port,
+				      __u32 dst_identity, __u8 proto, __u8 family, __u8 verdict,
+				      __u8 reason)
 {
 	struct flow_event *e;
 
@@ -144,7 +149,7 @@ static __always_inline void __emit(__u32 src_identity, const struct webb_addr *o
 	if (!e)
 		return;
 	e->ts_ns = bpf_ktime_get_ns();
-	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->cgroup_id = cgroup_id;
 	e->src_identity = src_identity;
 	e->dst_identity = dst_identity;
 	e->orig = *orig;
@@ -156,6 +161,16 @@ static __always_inline void __emit(__u32 src_identity, const struct webb_addr *o
 	e->proto = proto;
 	e->family = family;
 	bpf_ringbuf_submit(e, 0);
+}
+
+/* An event of a socket call: the calling task's cgroup is the source pod. */
+static __always_inline void __emit(__u32 src_identity, const struct webb_addr *orig,
+				   __u16 orig_port, const struct webb_addr *new, __u16 new_port,
+				   __u32 dst_identity, __u8 proto, __u8 family, __u8 verdict,
+				   __u8 reason)
+{
+	__emit_cg(bpf_get_current_cgroup_id(), src_identity, orig, orig_port, new, new_port,
+		  dst_identity, proto, family, verdict, reason);
 }
 
 static __always_inline int __addr_eq(const struct webb_addr *a, const struct webb_addr *b)
@@ -502,4 +517,56 @@ int webb_sk_msg(struct sk_msg_md *msg)
 	else
 		__accel_count(WEBB_ACCEL_PASSED);
 	return SK_PASS;
+}
+
+/*
+ * MeshTLS STRICT: a pod of this node in a STRICT namespace takes new TCP
+ * connections only from this node (its pods, and the node address the mTLS
+ * tunnel delivers from: both WEBB_EP_LOCAL). Only the SYN is judged, so a
+ * namespace switched from PERMISSIVE to STRICT keeps every established
+ * connection. Runs on the listening socket's cgroup (the destination pod).
+ */
+SEC("cgroup_skb/ingress")
+int webb_ingress(struct __sk_buff *skb)
+{
+	struct webb_addr src = {}, dst = {};
+	struct endpoint_value *dep, *sep;
+	struct tcphdr tcp;
+	__u32 l4off;
+	__u8 family;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) || ip.protocol != IPPROTO_TCP ||
+		    (ip.frag_off & bpf_htons(0x1fff)))
+			return 1;
+		__addr4(&src, ip.saddr);
+		__addr4(&dst, ip.daddr);
+		l4off = (ip.ihl & 0xf) * 4;
+		family = 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) || ip6.nexthdr != IPPROTO_TCP)
+			return 1;
+		__builtin_memcpy(src.w, &ip6.saddr, 16);
+		__builtin_memcpy(dst.w, &ip6.daddr, 16);
+		l4off = sizeof(ip6);
+		family = 6;
+	} else {
+		return 1;
+	}
+	if (bpf_skb_load_bytes(skb, l4off, &tcp, sizeof(tcp)) || !tcp.syn || tcp.ack)
+		return 1;
+	dep = bpf_map_lookup_elem(&webb_endpoints, &dst);
+	if (!dep || !(dep->flags & WEBB_EP_MTLS_STRICT))
+		return 1;
+	sep = bpf_map_lookup_elem(&webb_endpoints, &src);
+	if (sep && (sep->flags & WEBB_EP_LOCAL))
+		return 1;
+	__emit_cg(bpf_skb_cgroup_id(skb), sep ? sep->identity : WEBB_IDENTITY_UNKNOWN, &src, tcp.source,
+		  &dst, tcp.dest, dep->identity, IPPROTO_TCP, family, WEBB_VERDICT_DROPPED,
+		  WEBB_REASON_MTLS_STRICT);
+	return 0;
 }

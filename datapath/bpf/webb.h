@@ -12,6 +12,8 @@
 
 #define WEBB_EP_INGRESS_ENFORCED	1	/* a policy selects this endpoint */
 #define WEBB_EP_AUDIT			2	/* ...in audit mode only: count, allow */
+#define WEBB_EP_MTLS_STRICT		4	/* MeshTLS STRICT: new TCP only from this node */
+#define WEBB_EP_LOCAL			8	/* a pod of this node, or its tunnel address */
 
 enum {
 	WEBB_VERDICT_FORWARDED = 1,
@@ -28,7 +30,8 @@ enum {
 	WEBB_REASON_NO_BACKEND = 5,	/* service has no ready backend */
 	WEBB_REASON_BACKEND_MISSING = 6,/* backend slot absent: agent bug */
 	WEBB_REASON_POLICY_AUDIT = 7,	/* no rule allows it; audit mode let it pass */
-	WEBB_REASON_MAX = 8,
+	WEBB_REASON_MTLS_STRICT = 8,	/* plaintext SYN from outside the mesh to a STRICT pod */
+	WEBB_REASON_MAX = 9,
 };
 
 /* One address type for both families: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d),
