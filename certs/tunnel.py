@@ -305,7 +305,9 @@ class TunnelServer:
     def __init__(self, node: TunnelNode, listen: socket.socket, authorize: Authorize,
                  max_conns: int = 256, lifetime_s: float = 3600.0, max_events: int = 10000) -> None:
         self.node, self.listen, self.authorize = node, listen, authorize
-        self.events: list[TunnelEvent] = []
+        self.events: list[TunnelEvent] = []  # the last max_events, for tests and status
+        self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
+        self._undrained: list[TunnelEvent] = []
         self.max_conns, self.max_events = max_conns, max_events
         self._slots = threading.BoundedSemaphore(max_conns)
         self._stop = threading.Event()
@@ -331,6 +333,15 @@ class TunnelServer:
         with self._lock:
             self.events.append(ev)
             del self.events[: max(0, len(self.events) - self.max_events)]
+            self.counts[ev.verdict] += 1
+            self._undrained.append(ev)
+            del self._undrained[: max(0, len(self._undrained) - self.max_events)]
+
+    def drain(self) -> list[TunnelEvent]:
+        """Events since the last drain (at most max_events: older ones are only counted)."""
+        with self._lock:
+            out, self._undrained = self._undrained, []
+            return out
 
     def _loop(self) -> None:
         while not self._stop.is_set() and time.monotonic() < self._deadline:

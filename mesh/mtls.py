@@ -1,0 +1,132 @@
+"""Which connections of this node go through the mTLS tunnel: pure, from the state and plan.
+
+A TCP service port with a backend on another node in a namespace whose MeshTLS mode is
+STRICT or PERMISSIVE is redirected by connect4 to a tunnel listener of this node (one port
+per service port, on the bridge address, like Envoy's listeners); that listener picks a
+backend and dials the backend node's tunnel as the client pod's identity. Local backends
+are connected in plaintext (same-node traffic never leaves the host). A pod of a STRICT
+namespace takes new connections only from this node (the kernel drops other SYNs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from datapath.maps import EP_LOCAL, EP_MTLS_STRICT, PROTO_TCP, ServiceEntry
+from mesh.model import ClusterState, Pod, mtls_modes
+from mesh.reconcile import NodePlan, _alloc
+
+# above Envoy's listener range (15001-31000), below the ephemeral ports (32768+)
+TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT = 31001, 1700
+TUNNEL_PORT = 15008  # the accepting side, on the node's wire address (Istio's HBONE port)
+NODE_IDENTITY = 1  # the node itself in the endpoint map (the tunnel delivers from its address)
+MODES = ("STRICT", "PERMISSIVE", "DISABLE")
+
+
+@dataclass(frozen=True)
+class TunnelBackend:
+    ip: str
+    port: int
+    namespace: str
+    service_account: str
+    node_addr: str  # the backend node's tunnel address; "" = a pod of this node (plaintext)
+
+
+@dataclass(frozen=True)
+class OutListener:
+    name: str  # service port name, ns/svc:port
+    port: int  # on the bridge gateway
+    backends: tuple[TunnelBackend, ...]
+
+
+@dataclass(frozen=True)
+class TunnelPlan:
+    listeners: tuple[OutListener, ...]
+    endpoint_flags: tuple[tuple[str, int], ...]  # pod IP -> extra flags (EP_LOCAL, EP_MTLS_STRICT)
+    services: tuple[ServiceEntry, ...]  # the plan's, tunnelled ports redirected to their listener
+    modes: tuple[tuple[str, str], ...]  # namespace -> mode, for status
+    warnings: tuple[str, ...] = ()
+
+    def flags(self) -> dict[str, int]:
+        return dict(self.endpoint_flags)
+
+
+def plan_tunnels(state: ClusterState, plan: NodePlan, node: str, gateway: str,
+                 node_addrs: dict[str, str]) -> TunnelPlan:
+    """``node_addrs``: node name -> its tunnel address (wire IP), for every other node."""
+    pods = [p for p in state.pods if p.ip]
+    by_ip: dict[str, Pod] = {p.ip: p for p in pods}
+    modes = mtls_modes(state)
+    flags: dict[str, int] = {gateway: EP_LOCAL}
+    for p in pods:
+        if p.node == node:
+            flags[p.ip] = EP_LOCAL | (EP_MTLS_STRICT if modes.get(p.namespace) == "STRICT" else 0)
+    warnings: list[str] = []
+    tunnelled: dict[int, tuple[ServiceEntry, tuple[TunnelBackend, ...]]] = {}
+    for e in plan.services:
+        if e.proto != PROTO_TCP or ":" in e.vip:
+            continue
+        backends = []
+        for b in e.backends:
+            pod = by_ip.get(b.ip)
+            if pod is None:
+                continue
+            remote = pod.node != node and modes.get(pod.namespace, "DISABLE") != "DISABLE"
+            addr = node_addrs.get(pod.node, "") if remote else ""
+            if remote and not addr:
+                warnings.append(f"pod {pod.key} on node {pod.node!r}: no tunnel address known for that node; "
+                                "its traffic is not encrypted")
+            backends.append(TunnelBackend(b.ip, b.port, pod.namespace, pod.service_account, addr))
+        if not any(b.node_addr for b in backends):
+            continue
+        if e.proxy_port:
+            warnings.append(f"service {e.vip}:{e.port} has L7 rules and mTLS backends on other nodes: "
+                            "Envoy reaches them in plaintext (L7 over the tunnel is not implemented)")
+            continue
+        tunnelled[e.service_id] = (e, tuple(backends))
+    names = {sid: f"{e.vip}:{e.port}" for sid, (e, _) in tunnelled.items()}
+    ports = _alloc(names.values(), TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT)
+    listeners = tuple(OutListener(names[sid], ports[names[sid]], bs) for sid, (_, bs) in sorted(tunnelled.items()))
+    services = tuple(replace(e, proxy_ip=gateway, proxy_port=ports[names[e.service_id]])
+                     if e.service_id in tunnelled else e for e in plan.services)
+    return TunnelPlan(listeners, tuple(sorted(flags.items())), services, tuple(modes.items()), tuple(warnings))
+
+
+def source_identity(state: ClusterState, node: str, ip: str) -> tuple[str, str] | None:
+    """(namespace, service account) of this node's pod with address ``ip``."""
+    for p in state.pods:
+        if p.node == node and ip in (p.ip, p.ip6):
+            return p.namespace, p.service_account
+    return None
+
+
+def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_ip: str, dst: str) -> str | None:
+    """The accepting node's decision on a tunnel: None (allowed) or why it is denied. The
+    peer's certificate must be the identity of the pod it names as the source, the
+    destination a pod of this node, and the L3/L4 policy of that pod must allow the source."""
+    from certs.ca import parse_spiffe_id
+
+    _, ns, sa = parse_spiffe_id(peer_id)
+    src = next((p for p in state.pods if src_ip and src_ip in (p.ip, p.ip6)), None)
+    if src is None:
+        return f"source {src_ip} is not a pod of the mesh"
+    if (src.namespace, src.service_account) != (ns, sa):
+        return (f"source {src_ip} is pod {src.key} (service account {src.service_account}), "
+                f"but the certificate is {peer_id}")
+    host, _, port_text = dst.rpartition(":")
+    host = host.strip("[]")
+    target = next((p for p in state.pods if p.node == node and host in (p.ip, p.ip6)), None)
+    if target is None or not port_text.isdigit():
+        return f"destination {dst} is not a pod of node {node}"
+    port = int(port_text)
+    eps = {e.pod: e for e in plan.endpoints}
+    d, s = eps.get(target.key), eps.get(src.key)
+    if d is None or not d.enforced or d.audit:
+        return None
+    sid = s.identity if s else 0
+    allowed = {(e.src_identity, e.port) for e in plan.policy if e.dst_identity == d.identity and e.proto == PROTO_TCP}
+    if {(sid, port), (sid, 0), (0, port), (0, 0)} & allowed:
+        return None
+    selected = dict(plan.selected_by).get(d.identity, ())
+    return (f"{target.key} is selected by MeshPolicy {', '.join(selected) or '?'} and no ingress rule allows "
+            f"{src.key} ({peer_id}) on port {port}/TCP")

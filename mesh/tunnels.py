@@ -1,0 +1,219 @@
+"""The node's mTLS tunnels at run time: identities, the accepting server on the node's wire
+address, one outbound listener per tunnelled service port, and what each tunnel did.
+
+The agent calls :meth:`NodeTunnels.update` with every plan before the datapath redirects to
+the listeners (make-before-break) and :meth:`drain_flows` from its loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from certs.ca import CertificateAuthority
+from certs.ktls import TunnelError, kernel_has_ktls
+from certs.store import IdentityStore
+from certs.tunnel import Session, TunnelNode, TunnelServer, relay
+from mesh.model import ClusterState
+from mesh.mtls import TUNNEL_PORT, OutListener, TunnelBackend, TunnelPlan, authorize, source_identity
+from mesh.reconcile import NodePlan
+
+log = logging.getLogger("webb.tunnels")
+MAX_CONNS = 512
+ROTATE_EVERY_S = 10.0
+
+
+@dataclass
+class _Out:
+    spec: OutListener
+    sock: socket.socket
+    thread: threading.Thread
+    rr: itertools.count = field(default_factory=itertools.count)
+
+
+class NodeTunnels:
+    def __init__(self, node: str, state_dir: Path, ca_dir: Path, trust_domain: str, gateway: str,
+                 wire_addr: str = "", lifetime_s: float = 3600.0) -> None:
+        self.name, self.gateway, self.wire_addr = node, gateway, wire_addr
+        self.ca = CertificateAuthority.load_or_create(ca_dir, trust_domain)
+        self.store = IdentityStore(self.ca, state_dir / "certs")
+        self.ktls = kernel_has_ktls()
+        self.node = TunnelNode(self.store, state_dir / "tls" / "keylog", self.ktls, self._hosted)
+        self.deadline = time.monotonic() + lifetime_s
+        self.state: ClusterState = ClusterState()
+        self.plan: NodePlan | None = None
+        self.server: TunnelServer | None = None
+        self.outs: dict[int, _Out] = {}
+        self.flows: deque[dict[str, Any]] = deque(maxlen=10000)
+        self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
+        self._slots = threading.BoundedSemaphore(MAX_CONNS)
+        self._stop = threading.Event()
+        self._next_rotation = 0.0
+
+    @property
+    def mode(self) -> str:
+        return self.node.mode
+
+    def start(self) -> None:
+        if self.wire_addr:
+            listen = socket.create_server((self.wire_addr, TUNNEL_PORT), reuse_port=False)
+            self.server = TunnelServer(self.node, listen, self._authorize, MAX_CONNS,
+                                       max(1.0, self.deadline - time.monotonic())).start()
+        log.info("mTLS tunnels: %s%s", self.mode, "" if self.ktls else " (the kernel has no kTLS: records in user space)")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for out in self.outs.values():
+            out.sock.close()
+        for out in self.outs.values():
+            out.thread.join(timeout=2)
+        self.outs.clear()
+        if self.server is not None:
+            self.server.stop()
+
+    # ---- plan ----
+    def _hosted(self, ns: str, sa: str) -> bool:
+        return any(p.node == self.name and (p.namespace, p.service_account) == (ns, sa) for p in self.state.pods)
+
+    def _authorize(self, peer: str, src: str, dst: str) -> str | None:
+        if self.plan is None:
+            return "this node has no plan yet"
+        return authorize(self.state, self.plan, self.name, peer, src, dst)
+
+    def update(self, state: ClusterState, plan: NodePlan, tplan: TunnelPlan) -> None:
+        """Listeners for ``tplan`` open (and identities issued) before this returns."""
+        self.state, self.plan = state, plan
+        mine = {(p.namespace, p.service_account) for p in state.pods if p.node == self.name}
+        for ns, sa in sorted(mine):
+            self.store.get(ns, sa)  # issued now, not on the first connection
+        self.store.forget(mine)
+        want = {o.port: o for o in tplan.listeners}
+        for port in set(self.outs) - set(want):
+            self.outs.pop(port).sock.close()
+        for port, spec in want.items():
+            if port in self.outs:
+                self.outs[port].spec = spec  # new backends for new connections
+                continue
+            sock = socket.create_server((self.gateway, port))
+            sock.settimeout(0.2)
+            out = _Out(spec, sock, threading.Thread(target=self._accept, args=(port,), name=f"tunnel-out-{port}",
+                                                    daemon=True))
+            self.outs[port] = out
+            out.thread.start()
+
+    def rotate(self) -> list[str]:
+        if time.monotonic() < self._next_rotation:
+            return []
+        self._next_rotation = time.monotonic() + ROTATE_EVERY_S
+        renewed = self.store.rotate()
+        if renewed:
+            log.info("renewed %d workload certificates", len(renewed))
+        return renewed
+
+    # ---- outbound ----
+    def _accept(self, port: int) -> None:
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            out = self.outs.get(port)
+            if out is None:
+                return
+            try:
+                conn, peer = out.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                self._flow(peer[0], out.spec.name, None, "dropped", "mtls-busy", f"more than {MAX_CONNS} tunnels")
+                conn.close()
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=self._outbound, args=(conn, peer[0], out), daemon=True).start()
+
+    def _outbound(self, conn: socket.socket, src_ip: str, out: _Out) -> None:
+        try:
+            backends = out.spec.backends
+            b = backends[next(out.rr) % len(backends)]
+            ident = source_identity(self.state, self.name, src_ip)
+            if ident is None:
+                self._flow(src_ip, out.spec.name, b, "denied", "mtls-unknown-source",
+                           f"{src_ip} is not a pod of node {self.name}: no identity to present")
+                conn.close()
+                return
+            try:
+                sess = self._connect(b, ident, src_ip)
+            except (TunnelError, OSError) as e:
+                denied = "refused the tunnel" in str(e)
+                self._flow(src_ip, out.spec.name, b, "denied" if denied else "failed",
+                           "mtls-denied" if denied else "mtls-failed", str(e))
+                conn.close()
+                return
+            stats = relay(conn, sess)
+            self._flow(src_ip, out.spec.name, b, "failed" if stats.error else "forwarded",
+                       "mtls-failed" if stats.error else ("mtls-tunnel" if b.node_addr else "same-node"),
+                       stats.error, sess, stats.to_tunnel, stats.from_tunnel)
+        finally:
+            self._slots.release()
+
+    def _connect(self, b: TunnelBackend, ident: tuple[str, str], src_ip: str) -> Session:
+        if not b.node_addr:  # a pod of this node: plaintext, it never leaves the host
+            up = socket.create_connection((b.ip, b.port), timeout=5)
+            up.settimeout(None)
+            return Session(up, "plaintext", "", "")
+        return self.node.dial((b.node_addr, TUNNEL_PORT), ident, (b.namespace, b.service_account),
+                              src_ip, f"{b.ip}:{b.port}")
+
+    def _flow(self, src_ip: str, service: str, b: TunnelBackend | None, verdict: str, reason: str, why: str,
+              sess: Session | None = None, sent: int = 0, received: int = 0) -> None:
+        names = {ip: p.key for p in self.state.pods for ip in (p.ip, p.ip6) if ip}
+        flow: dict[str, Any] = {
+            "time": time.time(), "layer": "L4", "protocol": "TCP", "src": names.get(src_ip, src_ip),
+            "dst": service, "service": service, "dst_pod": names.get(b.ip) if b else None,
+            "verdict": verdict, "reason": reason, "bytes_sent": sent, "bytes_received": received,
+        }
+        if why:
+            flow["why"] = why
+        if sess is not None and sess.mode != "plaintext":
+            flow["tls"], flow["peer"] = sess.mode, sess.peer_id
+        self.counts[verdict if verdict in self.counts else "failed"] += 1
+        self.flows.append(flow)
+
+    # ---- reporting ----
+    def drain_flows(self) -> list[dict[str, Any]]:
+        out = []
+        while self.flows:
+            out.append(self.flows.popleft())
+        if self.server is not None:  # the accepting side's decisions
+            events = self.server.drain()
+            names = {ip: p.key for p in self.state.pods for ip in (p.ip, p.ip6) if ip}
+            for ev in events:
+                host = ev.dst.rpartition(":")[0]
+                out.append({"time": ev.at, "layer": "L4", "protocol": "TCP", "src": names.get(ev.src, ev.src or "?"),
+                            "dst": ev.dst, "dst_pod": names.get(host), "verdict": ev.verdict,
+                            "reason": {"forwarded": "mtls-accepted", "denied": "mtls-denied"}.get(ev.verdict, "mtls-failed"),
+                            "why": ev.reason, "peer": ev.peer, "tls": ev.mode, "direction": "ingress"})
+        return out
+
+    def status(self, tplan: TunnelPlan | None) -> dict[str, Any]:
+        st: dict[str, Any] = {
+            "records": self.mode,
+            "why": "kernel TLS (setsockopt SOL_TLS), bytes spliced in the kernel" if self.ktls
+            else "user-space TLS: this kernel has no kTLS (the tls ULP is unavailable: CONFIG_TLS)",
+            "trust_domain": self.ca.trust_domain, "ca": "intermediate" if self.ca.intermediate else "own root",
+            "listen": f"{self.wire_addr}:{TUNNEL_PORT}" if self.wire_addr else None,
+            "identities": [{"spiffe_id": c.spiffe_id, "not_after": c.not_after, "renew_at": c.renew_at}
+                           for c in self.store.identities()],
+            "renewals": self.store.renewals, "tunnels": dict(self.counts),
+            "outbound_listeners": {o.spec.name: port for port, o in self.outs.items()},
+        }
+        if self.server is not None:
+            st["accepted"] = dict(self.server.counts)
+        if tplan is not None:
+            st["namespaces"] = dict(tplan.modes)
+        return st

@@ -1,0 +1,96 @@
+"""Which service ports the node tunnels, and the accepting node's decision (pure)."""
+
+from __future__ import annotations
+
+from datapath.maps import EP_LOCAL, EP_MTLS_STRICT
+from mesh.model import (
+    ClusterState,
+    IngressRule,
+    MeshPolicy,
+    MeshTLS,
+    Namespace,
+    Pod,
+    PortRule,
+    Selector,
+    Service,
+    ServicePort,
+)
+from mesh.mtls import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT, authorize, plan_tunnels, source_identity
+from mesh.reconcile import NodeSpec, reconcile
+
+GW = "10.244.1.1"
+PEERS = {"n2": "10.250.0.2"}
+
+
+def _state(mode: str | None = "STRICT", policy: bool = False, label: str | None = None) -> ClusterState:
+    pods = (Pod("empire", "deathstar", (("app", "ds"),), service_account="deathstar", ip="10.244.2.5", node="n2"),
+            Pod("empire", "probe", (("app", "ds"),), service_account="probe", ip="10.244.1.9", node="n1"),
+            Pod("alliance", "xwing", (("app", "xwing"),), service_account="xwing", ip="10.244.1.5", node="n1"))
+    svc = Service("empire", "deathstar", (("app", "ds"),), (ServicePort(80, 8080),), cluster_ip="10.96.0.10")
+    pols = (MeshPolicy("empire", "ds", Selector((("app", "ds"),)),
+                       (IngressRule((Selector((("app", "xwing"), ("io.kubernetes.pod.namespace", "alliance"))),),
+                                    (PortRule(((8080, "TCP"),)),)),)),) if policy else ()
+    ns = (Namespace("empire", (("webb.io/mtls", label),)),) if label else ()
+    return ClusterState(namespaces=ns, pods=pods, services=(svc,), policies=pols,
+                        mtls=(MeshTLS("empire", "default", mode),) if mode else ())
+
+
+def _plan(state: ClusterState, node: str = "n1"):  # type: ignore[no-untyped-def]
+    return reconcile(state, NodeSpec(node, GW))
+
+
+def test_remote_backends_in_mtls_namespaces_go_through_a_tunnel_listener() -> None:
+    st = _state("STRICT")
+    tp = plan_tunnels(st, _plan(st), "n1", GW, PEERS)
+    (lst,) = tp.listeners
+    assert TUNNEL_OUT_BASE <= lst.port < TUNNEL_OUT_BASE + TUNNEL_OUT_COUNT
+    remote = [b for b in lst.backends if b.node_addr]
+    local = [b for b in lst.backends if not b.node_addr]
+    assert [(b.ip, b.port, b.namespace, b.service_account, b.node_addr) for b in remote] == \
+        [("10.244.2.5", 8080, "empire", "deathstar", "10.250.0.2")]
+    assert [b.ip for b in local] == ["10.244.1.9"]  # same node: plaintext
+    (svc,) = tp.services
+    assert (svc.proxy_ip, svc.proxy_port) == (GW, lst.port)  # connect4 sends the VIP to the listener
+    flags = tp.flags()
+    assert flags[GW] == EP_LOCAL and flags["10.244.1.5"] == EP_LOCAL
+    assert flags["10.244.1.9"] == EP_LOCAL | EP_MTLS_STRICT  # a STRICT pod of this node
+    assert "10.244.2.5" not in flags  # another node's pod: that node enforces
+
+
+def test_permissive_tunnels_without_strict_flags_and_disable_does_not_tunnel() -> None:
+    st = _state("PERMISSIVE")
+    tp = plan_tunnels(st, _plan(st), "n1", GW, PEERS)
+    assert len(tp.listeners) == 1 and tp.flags()["10.244.1.9"] == EP_LOCAL
+    st = _state("DISABLE")
+    tp = plan_tunnels(st, _plan(st), "n1", GW, PEERS)
+    assert tp.listeners == () and tp.services[0].proxy_port == 0
+    st = _state(None, label="STRICT")  # the namespace label shortcut
+    assert len(plan_tunnels(st, _plan(st), "n1", GW, PEERS).listeners) == 1
+
+
+def test_unknown_peer_node_is_a_warning_not_a_silent_plaintext() -> None:
+    st = _state("STRICT")
+    tp = plan_tunnels(st, _plan(st), "n1", GW, {})
+    assert tp.listeners == ()
+    assert any("no tunnel address known" in w for w in tp.warnings)
+
+
+def test_accepting_node_checks_certificate_against_the_source_pod_and_policy() -> None:
+    st = _state("STRICT", policy=True)
+    plan = _plan(st, "n2")
+    xwing = "spiffe://cluster.local/ns/alliance/sa/xwing"
+    assert authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.2.5:8080") is None
+    # a certificate of another identity than the pod it claims to be
+    why = authorize(st, plan, "n2", "spiffe://cluster.local/ns/empire/sa/probe", "10.244.1.5", "10.244.2.5:8080")
+    assert why and "but the certificate is" in why
+    # policy: the probe (same labels as the deathstar, other namespace rule) is not allowed
+    why = authorize(st, plan, "n2", "spiffe://cluster.local/ns/empire/sa/probe", "10.244.1.9", "10.244.2.5:8080")
+    assert why and "MeshPolicy empire/ds" in why and "no ingress rule allows empire/probe" in why
+    # a port the rule does not cover
+    why = authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.2.5:9090")
+    assert why and "port 9090/TCP" in why
+    # only pods of this node
+    why = authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.1.9:8080")
+    assert why and "not a pod of node n2" in why
+    assert source_identity(st, "n1", "10.244.1.5") == ("alliance", "xwing")
+    assert source_identity(st, "n1", "10.244.2.5") is None
