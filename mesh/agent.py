@@ -23,6 +23,7 @@ from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
 from mesh.model import ClusterState
 from mesh.reconcile import NodePlan, NodeSpec, reconcile
 from mesh.runtime.local import LocalNode, NodeConfig
+from mesh.runtime.peers import ClusterSource, Peers, split_pods
 from mesh.source import Source, StandaloneSource, directory_version
 from xds import resources
 from xds.cache import Snapshot, SnapshotCache
@@ -54,6 +55,9 @@ class AgentConfig:
     # outside is a deployment choice this local runtime does not make
     ingress_http_port: int = 80
     ingress_https_port: int = 443
+    # several nodes (mesh.runtime.peers): where the nodes publish their pods, and this node's wire address
+    cluster_dir: Path | None = None
+    wire_ip: str = ""
 
     @property
     def state_dir(self) -> Path:
@@ -71,6 +75,10 @@ class Agent:
         self.node = LocalNode(cfg.node)
         # the manifest directory, or the API server (mesh.operator.watch.KubeSource)
         self.source: Source = source or StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
+        self.peers: Peers | None = None
+        if cfg.cluster_dir is not None:  # several nodes: the others' pod IPs laid over the source
+            self.peers = Peers(cfg.cluster_dir, cfg.node.name, cfg.wire_ip, cfg.node.pod_cidr, cfg.node.gateway)
+            self.source = ClusterSource(self.source, self.peers)
         self.cache = SnapshotCache()
         self.flows = FlowLog(cfg.state_dir / "flows.jsonl")
         self.access_log = cfg.state_dir / "envoy-access.jsonl"
@@ -108,6 +116,7 @@ class Agent:
             self.datapath.set_acceleration(False)  # on again only after this run's self-test
             if self.cfg.sockmap:
                 self._start_accel()
+            self._publish()
             tail = Tail(self.access_log)
             tail.offset = self.access_log.stat().st_size if self.access_log.exists() else 0
             self._write_status()
@@ -116,6 +125,7 @@ class Agent:
                 version = self.source.version()
                 if version != self._seen_version:
                     self.sync(version)
+                    self._publish()
                     self._write_status()  # at once: `webb apply` and the operator wait on it
                     written = time.monotonic()
                 self.envoy.check()
@@ -151,6 +161,8 @@ class Agent:
         if self.envoy is not None:
             self.envoy.stop()
         xds.stop()
+        if self.peers is not None:
+            self.peers.withdraw()
         self.node.teardown()
         self._write_status(running=False)
 
@@ -212,15 +224,23 @@ class Agent:
         self.applied["source_version"] = version
 
     def _run_pods(self, state: ClusterState) -> ClusterState:
-        wanted = {p.key: p for p in state.pods}
+        """Run the pods of this node; the other nodes' pods pass through (with the IPs their node gave them)."""
+        mine, others = split_pods(state.pods, self.cfg.node.name)
+        wanted = {p.key: p for p in mine}
         for key in list(self.node.sandboxes):
             if key not in wanted and not key.startswith(SYSTEM_NAMESPACE + "/"):
                 self.node.remove_pod(key)
         pods = []
-        for p in sorted(state.pods, key=lambda p: p.key):
+        for p in sorted(mine, key=lambda p: p.key):
             sb = self.node.ensure_pod(p.key, p.command, env={"POD_NAME": p.name, "POD_NAMESPACE": p.namespace})
             pods.append(replace(p, ip=sb.ip, ip6=sb.ip6, node=self.cfg.node.name))
-        return replace(state, pods=tuple(pods))
+        return replace(state, pods=tuple(pods + others))
+
+    def _publish(self) -> None:
+        """Several nodes: this node's pods and addresses, for the other nodes (mesh.runtime.peers)."""
+        if self.peers is not None:
+            self.peers.publish({k: (sb.ip, sb.ip6) for k, sb in self.node.sandboxes.items()
+                                if not k.startswith(SYSTEM_NAMESPACE + "/")})
 
     # ---- observability ----
     def _collect(self, tail: Tail) -> None:

@@ -18,7 +18,7 @@ from datapath.loader import cleanup, pin_dir_for
 from mesh.agent import Agent, AgentConfig, source_version
 from mesh.flows import read_flows
 from mesh.manifests import ManifestError, parse_object, read_documents
-from mesh.runtime.local import LocalNode, NodeConfig, pod_sandbox
+from mesh.runtime.local import LocalNode, NodeConfig, enter_netns, pod_sandbox
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
 console = Console()
@@ -54,19 +54,31 @@ def agent(
     kube: Annotated[str | None, typer.Option(help="read objects from the API server: a kubeconfig, or in-cluster")] = None,
     pod_workdir: Annotated[Path | None, typer.Option(help="with --kube: where relative pod commands resolve")] = None,
     bridge: Annotated[str, typer.Option(help="the node's bridge")] = "webb0",
+    node_netns: Annotated[str, typer.Option(help="run the node in this network namespace (one of /var/run/netns, "
+                                                 "e.g. made by mesh.runtime.cluster.Wire); default: the host's")] = "",
+    cluster_cidr: Annotated[str, typer.Option(help="the supernet of every node's pod CIDR: pods route it via their node")] = "",
+    cluster_dir: Annotated[Path | None, typer.Option(help="several nodes: where they publish their pods (nodes/<node>.json); "
+                                                          "pods then need spec.nodeName")] = None,
+    wire_ip: Annotated[str, typer.Option(help="this node's address between nodes, published in the cluster dir")] = "",
 ) -> None:
     """Run the node agent on this machine (the embedded default), or on the API server's objects (--kube)."""
+    if node_netns:  # first: threads started from here on (gRPC, Envoy's supervisor) inherit it
+        enter_netns(node_netns)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if xds not in ("delta", "sotw"):
         raise typer.BadParameter(f"{xds!r}: use delta or sotw", param_hint="--xds")
     cfg = AgentConfig(
-        node=NodeConfig(name=node, bridge=bridge, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir),
+        node=NodeConfig(name=node, bridge=bridge, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir,
+                        netns=node_netns, cluster_cidr=cluster_cidr),
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
         sockmap=sockmap, xds_delta=xds == "delta", envoy_all_stats=envoy_all_stats, ingress_http_port=ingress_http_port,
-        ingress_https_port=ingress_https_port,
+        ingress_https_port=ingress_https_port, cluster_dir=cluster_dir, wire_ip=wire_ip,
     )
     if kube:
+        if cluster_dir is not None:
+            raise typer.BadParameter("with --kube, pod IPs of other nodes come from the API server; "
+                                     "--cluster-dir is for the manifest directory", param_hint="--cluster-dir")
         from mesh.operator.node import run_agent  # the kubernetes client: only paid for in a cluster
 
         run_agent(cfg, kube, pod_workdir)
@@ -100,7 +112,8 @@ def wait_converged(state_dir: Path, manifests: Path, timeout_s: float) -> dict[s
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         st = _status(state_dir)
-        if st.get("applied", {}).get("source_version") == want:
+        # an agent with --cluster-dir reports "<manifests>+<other nodes>"
+        if str(st.get("applied", {}).get("source_version", "")).split("+")[0] == want:
             return st
         time.sleep(0.05)
     raise TimeoutError(f"wait for agent: manifests version {want} not applied after {timeout_s}s "
@@ -296,9 +309,11 @@ def datapath_cleanup(node: str = "node1") -> None:
 
 @node_app.command("cleanup")
 def node_cleanup(node: str = "node1", state_dir: StateOpt = STATE, bridge: str = "webb0",
-                 service_cidr: str = "10.96.0.0/16") -> None:
+                 service_cidr: str = "10.96.0.0/16",
+                 node_netns: Annotated[str, typer.Option(help="the node's network namespace, as given to the agent")] = "",
+                 ) -> None:
     """Remove what a killed agent left: pods (their processes, netns, cgroups), bridge, pins."""
-    n = LocalNode(NodeConfig(name=node, bridge=bridge, service_cidr=service_cidr, state_dir=state_dir))
+    n = LocalNode(NodeConfig(name=node, bridge=bridge, service_cidr=service_cidr, state_dir=state_dir, netns=node_netns))
     n.teardown()
     removed = cleanup(pin_dir_for(node))
     console.print(f"node {node} removed ({len(removed)} BPF pins)")

@@ -45,6 +45,7 @@ INGRESS_VERSION = "networking.k8s.io/v1"
 KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "Ingress")
 API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "Ingress": INGRESS_VERSION}
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _METHOD = re.compile(r"^[A-Z]+$")
 _DURATION = re.compile(r"^(?:[0-9]{1,5}(?:h|m|s|ms)){1,4}$")
 _DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
@@ -433,7 +434,10 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
                           str(p.get("name", "")),
                           ctx.protocol(p.get("protocol"), f"spec.containers[0].ports[{i}].protocol"))
             for i, p in enumerate(ctx.seq(c.get("ports"), "spec.containers[0].ports")))
-        return Pod(ns, name, labels, tuple(argv), ports, str(spec.get("serviceAccountName") or "default"))
+        node = spec.get("nodeName") or ""
+        if not isinstance(node, str) or len(node) > 253 or (node and not _DNS1123_SUBDOMAIN.match(node)):
+            raise ctx.fail("spec.nodeName", f"{node!r} is not a node name; use a DNS-1123 subdomain, e.g. 'node1'")
+        return Pod(ns, name, labels, tuple(argv), ports, str(spec.get("serviceAccountName") or "default"), node=node)
     if kind == "Service":
         sports: list[ServicePort] = []
         for i, p in enumerate(ctx.seq(spec.get("ports"), "spec.ports")):

@@ -2,6 +2,9 @@
 
 The node is the host network namespace: bridge ``webb0`` holds the gateway address (where
 the node Envoy listens), every pod gets a veth into it and one address from the pod CIDR.
+With ``NodeConfig.netns`` the node is that network namespace instead (several nodes on one
+machine, ``mesh.runtime.cluster``): the agent's process enters it before anything else
+(``enter_netns``), so the bridge, Envoy and the pods' veths all live there.
 Pods are dual-stack (an IPv6 ULA next to the IPv4) and get no default route, so they reach
 only the pod CIDRs; the service CIDRs are blackholes in the host and in every pod (DESIGN safety rule): a VIP the datapath did not
 rewrite fails at once instead of leaving the machine.
@@ -39,6 +42,8 @@ class NodeConfig:
     pod_cidr6: str = "fd00:10:244::/64"  # ULA; a pod's IPv6 has the host index of its IPv4
     service_cidr6: str = "fd00:10:96::/112"
     state_dir: Path = Path("/run/webb")
+    netns: str = ""  # the node's network namespace; "": the host's (one node on this machine)
+    cluster_cidr: str = ""  # every node's pod CIDR inside it: pods route it via their gateway
 
     @property
     def gateway(self) -> str:
@@ -109,9 +114,22 @@ class LocalNode:
 
     # ---- node ----
     def check_cidrs(self) -> None:
-        """Refuse CIDRs that overlap a route the host already has (other than our own)."""
+        """Refuse CIDRs that overlap a route the host already has (other than our own).
+
+        Routes inside the cluster CIDR that do not touch this node's pod CIDR are the other
+        nodes' pod CIDRs (``mesh.runtime.cluster`` routes them over the wire): not conflicts."""
         c = self.config
         mine = {ipaddress.ip_network(n) for n in (c.pod_cidr, c.service_cidr, c.pod_cidr6, c.service_cidr6)}
+        cluster = ipaddress.ip_network(c.cluster_cidr) if c.cluster_cidr else None
+        if cluster is not None:
+            pod = ipaddress.IPv4Network(c.pod_cidr)
+            if cluster.version != 4 or not pod.subnet_of(cluster):
+                raise CidrConflictError(f"start node {c.name}: pod CIDR {pod} is not inside cluster CIDR {cluster}; "
+                                        "choose another --cluster-cidr (an IPv4 supernet of every node's --pod-cidr)")
+            for s in (c.service_cidr, c.service_cidr6):
+                if ipaddress.ip_network(s).version == 4 and ipaddress.ip_network(s).overlaps(cluster):
+                    raise CidrConflictError(f"start node {c.name}: cluster CIDR {cluster} overlaps service CIDR {s}; "
+                                            "choose another --cluster-cidr/--service-cidr")
         with IPRoute() as ipr:
             br = ipr.link_lookup(ifname=self.config.bridge)
             routes = [*ipr.get_routes(family=2, table=254), *ipr.get_routes(family=10, table=254)]
@@ -122,16 +140,24 @@ class LocalNode:
                     continue
                 if br and r.get_attr("RTA_OIF") in br:
                     continue
+                peer = cluster is not None and net.version == 4 and net.subnet_of(cluster)
+                if cluster is not None and not peer and net.version == 4 and net.overlaps(cluster):
+                    raise CidrConflictError(f"start node {c.name}: cluster CIDR {cluster} overlaps host route {net}; "
+                                            "choose another --cluster-cidr")
                 for m in mine:
                     if net.version == m.version and net.overlaps(m):
                         raise CidrConflictError(
-                            f"start node {self.config.name}: CIDR {m} overlaps host route {net}; "
+                            f"start node {self.config.name}: CIDR {m} overlaps "
+                            f"{'another node' if peer else 'host'} route {net}; "
                             "choose another --pod-cidr/--service-cidr"
                         )
 
     def setup(self) -> None:
-        self.check_cidrs()
         c = self.config
+        if c.netns and not in_netns_now(c.netns):
+            raise RuntimeError(f"start node {c.name}: this process is not in network namespace {c.netns}; "
+                               "enter it first (webb agent --node-netns does, before any thread starts)")
+        self.check_cidrs()
         with IPRoute() as ipr:
             if not ipr.link_lookup(ifname=c.bridge):
                 ipr.link("add", ifname=c.bridge, kind="bridge")
@@ -144,6 +170,7 @@ class LocalNode:
             ipr.link("set", index=br, state="up")
             _blackhole(ipr, c.service_cidr)
             _blackhole(ipr, c.service_cidr6)
+            self._peer_routes_from_gateway(ipr, True)
         c.pods_cgroup.mkdir(parents=True, exist_ok=True)
         (c.state_dir / "pods").mkdir(parents=True, exist_ok=True)
         self._adopt()
@@ -188,13 +215,43 @@ class LocalNode:
             pass
         for leftover in NETNS_DIR.glob(f"webb-{c.name}-*") if NETNS_DIR.exists() else []:
             _del_netns(leftover.name)
-        with IPRoute() as ipr:
+
+        def remove(ipr: IPRoute) -> None:
+            self._peer_routes_from_gateway(ipr, False)  # before the gateway address goes with the bridge
             if ipr.link_lookup(ifname=c.bridge):
                 ipr.link("del", ifname=c.bridge)
+            if c.netns:  # the node netns keeps its blackholes: they go with it (mesh.runtime.cluster)
+                return
             for cidr, family in ((c.service_cidr, 2), (c.service_cidr6, 10)):
                 if any(r.get_attr("RTA_DST") == cidr.split("/")[0] and r["type"] == 6  # RTN_BLACKHOLE
                        for r in ipr.get_routes(family=family, table=254)):
                     ipr.route("del", dst=cidr, type="blackhole")
+
+        if not c.netns or in_netns_now(c.netns):
+            with IPRoute() as ipr:
+                remove(ipr)
+        elif (NETNS_DIR / c.netns).exists():  # cleanup from outside (webb node cleanup, tests)
+            in_netns(c.netns, remove)
+
+    def _peer_routes_from_gateway(self, ipr: IPRoute, on: bool) -> None:
+        """Several nodes (a node netns with a cluster CIDR): the node's own connections to other
+        nodes' pods (Envoy's upstreams) leave from its gateway, which the pods there route back
+        (their cluster CIDR route), not from its wire address, which they have no route to.
+        ``on=False`` puts the routes back as they were: the kernel deletes a route whose source
+        address goes away, and the gateway goes with the bridge."""
+        c = self.config
+        if not (c.netns and c.cluster_cidr):
+            return
+        cluster, own = ipaddress.IPv4Network(c.cluster_cidr), ipaddress.IPv4Network(c.pod_cidr)
+        for r in ipr.get_routes(family=2, table=254):
+            gw, dst = r.get_attr("RTA_GATEWAY"), r.get_attr("RTA_DST")
+            if not gw or not dst:
+                continue
+            net = ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False)
+            if not net.subnet_of(cluster) or net.overlaps(own) or (r.get_attr("RTA_PREFSRC") == c.gateway) == on:
+                continue
+            extra = {"prefsrc": c.gateway} if on else {}
+            ipr.route("replace", dst=str(net), gateway=gw, oif=r.get_attr("RTA_OIF"), **extra)
 
     # ---- pods ----
     def _allocate_ip(self) -> str:
@@ -249,6 +306,8 @@ class LocalNode:
             # no DAD: the address is ours alone, and usable at once
             nsr.addr("add", index=idx, address=c.ip6_of(ip), prefixlen=64, flags=IFA_F_NODAD)
             nsr.link("set", index=idx, state="up")
+            if c.cluster_cidr:  # pods of the other nodes: through this node (no default route still)
+                nsr.route("add", dst=c.cluster_cidr, gateway=c.gateway)
 
         in_netns(ns, configure)
         cg = c.pods_cgroup / key.replace("/", "_")
@@ -329,6 +388,38 @@ def in_netns(name: str, fn: Callable[[IPRoute], None]) -> None:
     t.join()
     if failure:
         raise failure[0]
+
+
+def _ns_id(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def in_netns_now(name: str) -> bool:
+    """Whether the calling thread is in network namespace ``name`` (one of /var/run/netns)."""
+    try:
+        return _ns_id("/proc/thread-self/ns/net") == _ns_id(NETNS_DIR / name)
+    except FileNotFoundError:
+        return False
+
+
+def enter_netns(name: str) -> None:
+    """Move this process into network namespace ``name`` for good (``webb agent --node-netns``).
+
+    setns() moves the calling thread only; threads started afterwards inherit it, threads
+    already running do not: so this must run in the main thread before any other starts.
+    Not ``ip netns exec``: it also unshares the mount namespace, and the pods' netns (bind
+    mounts under /var/run/netns made by ``ip netns add``) would not be seen outside."""
+    if not (NETNS_DIR / name).exists():
+        raise RuntimeError(f"enter network namespace {name}: no {NETNS_DIR / name}; "
+                           "create the node first (mesh.runtime.cluster.Wire)")
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1 or threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(f"enter network namespace {name}: {threads} threads already run, and they would "
+                           "stay outside; enter it first thing in the main thread")
+    netns.setns(name, flags=0, fork=False)
+    if not in_netns_now(name):
+        raise RuntimeError(f"enter network namespace {name}: setns did not take effect")
 
 
 def _netns_ips(ns: str) -> list[str]:
