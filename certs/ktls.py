@@ -38,6 +38,7 @@ _CIPHERS = {  # OpenSSL name -> (kernel cipher type, key length, iv in info, sal
 }
 MAX_RECORD = 16384 + 256
 HANDSHAKE_TIMEOUT_S = 10.0
+TRUNCATE_AT = 64 << 10  # key log bytes (about 150 handshakes) kept at most while idle
 
 
 class TunnelError(Exception):
@@ -67,7 +68,8 @@ def crypto_info(cipher: str, secret: bytes, seq: int = 0) -> bytes:
 
 
 class KeyLog:
-    """The traffic secrets OpenSSL logs, by ClientHello random; emptied when idle."""
+    """The traffic secrets OpenSSL logs, by ClientHello random; emptied when idle and past
+    TRUNCATE_AT, and on close. A 0600 file on /run (tmpfs): it never reaches a disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -78,6 +80,11 @@ class KeyLog:
         self._offset = 0
         self._in_flight = 0
         self._secrets: dict[bytes, dict[str, bytes]] = {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._secrets.clear()
+            self.path.unlink(missing_ok=True)
 
     def attach(self, ctx: ssl.SSLContext) -> None:
         if ctx.keylog_filename != str(self.path):
@@ -90,8 +97,9 @@ class KeyLog:
     def end(self) -> None:
         with self._lock:
             self._in_flight -= 1
-            if self._in_flight == 0 and self._offset:
-                # no handshake can be writing now: drop every secret from the file
+            if self._in_flight == 0 and self._offset > TRUNCATE_AT:
+                # no handshake can be writing now: drop every secret from the file (not after
+                # each handshake: a truncate costs about as much as the handshake's own CPU)
                 os.truncate(self.path, 0)
                 self._offset = 0
                 self._secrets.clear()
@@ -229,9 +237,10 @@ class UserspaceTls:
         """Plaintext, b"" at the peer's end; TunnelError when a record fails authentication."""
         while True:
             try:
-                return self.hs.obj.read(n)
+                first = self.hs.obj.read(n)
+                return first + self._more(n - len(first)) if first else first
             except ssl.SSLWantReadError:
-                data = self.sock.recv(65536)
+                data = self.sock.recv(1 << 18)
                 if not data:
                     return b""
                 self.hs.incoming.write(data)
@@ -239,6 +248,20 @@ class UserspaceTls:
                 return b""
             except ssl.SSLError as e:
                 raise TunnelError(f"TLS record rejected: {e.reason or e}") from e
+
+    def _more(self, n: int) -> bytes:
+        """Whatever further records are already decryptable (one SSL read is one record: 16 KiB)."""
+        parts = []
+        while n > 0 and self.hs.incoming.pending:
+            try:
+                part = self.hs.obj.read(n)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not part:
+                break
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
 
     def close_write(self) -> None:
         try:

@@ -14,6 +14,7 @@ user space and the kernel encrypts); without it, the same session runs in user-s
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -31,6 +32,8 @@ from certs.store import IdentityStore, tls13_context
 
 KTLS, USERSPACE = "ktls", "userspace"
 MAX_HEADER = 4096
+PIPE_SIZE = 1 << 20  # one splice moves up to this much
+RELAY_CHUNK = 1 << 18  # user-space TLS: plaintext read per record batch
 CONNECT_TIMEOUT_S = 5.0
 # authorize(peer SPIFFE ID, source pod IP, destination "ip:port") -> None (allowed) or the reason it is denied
 Authorize = Callable[[str, str, str], "str | None"]
@@ -220,7 +223,7 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
             if sess.tls is None:
                 stats.to_tunnel = _splice(workload, sess.sock)
             else:
-                while data := workload.recv(65536):
+                while data := workload.recv(RELAY_CHUNK):
                     sess.send(data)
                     stats.to_tunnel += len(data)
         except (OSError, TunnelError) as e:
@@ -233,7 +236,7 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
             if sess.tls is None:
                 stats.from_tunnel = _splice(sess.sock, workload)
             else:
-                while data := sess.recv(65536):
+                while data := sess.recv(RELAY_CHUNK):
                     workload.sendall(data)
                     stats.from_tunnel += len(data)
         except OSError as e:
@@ -259,9 +262,13 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
     return stats
 
 
-def _splice(src: socket.socket, dst: socket.socket, chunk: int = 1 << 16) -> int:
+def _splice(src: socket.socket, dst: socket.socket, chunk: int = PIPE_SIZE) -> int:
     """Move bytes src -> dst through a pipe, in the kernel, until src's end of stream."""
     r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # above /proc/sys/fs/pipe-max-size for this user: the default 64 KiB
+        chunk = 1 << 16
     total = 0
     try:
         while True:

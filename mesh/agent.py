@@ -21,10 +21,12 @@ from datapath.maps import DatapathState
 from mesh.accel import SYSTEM_NAMESPACE, Accelerator
 from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
 from mesh.model import ClusterState
+from mesh.mtls import NODE_IDENTITY, TunnelPlan, plan_tunnels
 from mesh.reconcile import NodePlan, NodeSpec, reconcile
 from mesh.runtime.local import LocalNode, NodeConfig
 from mesh.runtime.peers import ClusterSource, Peers, split_pods
 from mesh.source import Source, StandaloneSource, directory_version
+from mesh.tunnels import NodeTunnels
 from xds import resources
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
@@ -58,6 +60,10 @@ class AgentConfig:
     # several nodes (mesh.runtime.peers): where the nodes publish their pods, and this node's wire address
     cluster_dir: Path | None = None
     wire_ip: str = ""
+    # mTLS (MeshTLS): the CA every node of the mesh shares (own root made on first use, or the
+    # user's intermediate), and the SPIFFE trust domain
+    ca_dir: Path | None = None  # default: <state-dir>/ca (one node)
+    trust_domain: str = "cluster.local"
 
     @property
     def state_dir(self) -> Path:
@@ -93,6 +99,8 @@ class Agent:
         self.datapath: Datapath | None = None
         self.accel: Accelerator | None = None
         self._next_canary = 0.0
+        self.tunnels: NodeTunnels | None = None
+        self.tplan: TunnelPlan | None = None
 
     # ---- lifecycle ----
     def run(self) -> None:
@@ -116,6 +124,10 @@ class Agent:
             self.datapath.set_acceleration(False)  # on again only after this run's self-test
             if self.cfg.sockmap:
                 self._start_accel()
+            self.tunnels = NodeTunnels(self.cfg.node.name, self.cfg.state_dir, self.cfg.ca_dir or self.cfg.state_dir / "ca",
+                                       self.cfg.trust_domain, self.cfg.node.gateway, self.cfg.wire_ip,
+                                       max(1.0, deadline - time.monotonic()))
+            self.tunnels.start()
             self._publish()
             tail = Tail(self.access_log)
             tail.offset = self.access_log.stat().st_size if self.access_log.exists() else 0
@@ -129,6 +141,7 @@ class Agent:
                     self._write_status()  # at once: `webb apply` and the operator wait on it
                     written = time.monotonic()
                 self.envoy.check()
+                self.tunnels.rotate()
                 if self.accel is not None and time.monotonic() > self._next_canary:
                     self._next_canary = time.monotonic() + self.cfg.canary_interval_s
                     st = self.accel.canary()
@@ -154,6 +167,8 @@ class Agent:
         self._next_canary = time.monotonic() + self.cfg.canary_interval_s
 
     def _shutdown(self, xds: XdsServer) -> None:
+        if self.tunnels is not None:
+            self.tunnels.stop()
         if self.accel is not None:
             self.accel.stop()
         if self.datapath is not None:
@@ -176,6 +191,9 @@ class Agent:
                                          ingress_https_port=self.cfg.ingress_https_port))
         for sb in self.node.sandboxes.values():
             self.node.write_hosts(sb, {vip: list(names) for vip, names in plan.hosts})
+        tplan = plan_tunnels(state, plan, self.cfg.node.name, self.cfg.node.gateway,
+                             {n: r.wire_ip for n, r in self.peers.read().items()} if self.peers else {})
+        plan = replace(plan, services=tplan.services, warnings=plan.warnings + tplan.warnings)
         try:
             snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log), list(plan.upstreams),
                                                plan.ingress, plan.secrets), previous=self.good)
@@ -190,14 +208,19 @@ class Agent:
             self._not_accepted(plan, snap, version)
             return
         self.good = snap
-        assert self.datapath is not None
+        assert self.datapath is not None and self.tunnels is not None
+        self.tunnels.update(state, plan, tplan)  # listeners open before connect4 redirects to them
+        self.tplan = tplan
         cg = {sb.cgroup_id: sb.key for sb in self.node.sandboxes.values()}
         by_pod = {e.pod: e for e in plan.endpoints}
+        extra = tplan.flags()  # this node's pods (LOCAL, STRICT) and its tunnel address
+        endpoints = {ip: (e.identity, e.flags | extra.get(e.ip, 0)) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip}
+        endpoints.setdefault(self.cfg.node.gateway, (NODE_IDENTITY, extra.get(self.cfg.node.gateway, 0)))
         dp = DatapathState(
             services=list(plan.services),
-            endpoints={**(self.accel.endpoints() if self.accel else {}),
-                       **{ip: (e.identity, e.flags) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip}},
-            cgroups={cid: (by_pod[key].identity, by_pod[key].flags) for cid, key in cg.items() if key in by_pod},
+            endpoints={**(self.accel.endpoints() if self.accel else {}), **endpoints},
+            cgroups={cid: (by_pod[key].identity, by_pod[key].flags | extra.get(by_pod[key].ip, 0))
+                     for cid, key in cg.items() if key in by_pod},
             policy=list(plan.policy),
         )
         changed = self.datapath.apply(dp)
@@ -247,6 +270,8 @@ class Agent:
         flows = []
         if self.datapath is not None:
             flows += [from_event(e, self.names) for e in self.datapath.poll_events(LOOP_WAIT_MS)]
+        if self.tunnels is not None:
+            flows += self.tunnels.drain_flows()
         for line in tail.lines():
             try:
                 flows.append(from_access_log(json.loads(line), self.names))
@@ -270,6 +295,8 @@ class Agent:
             st["services"] = [{"vip": s.vip, "port": s.port, "backends": len(s.backends),
                                "proxy_port": s.proxy_port} for s in self.plan.services]
         st["sockmap"] = vars(self.accel.status) if self.accel else {"enabled": False, "reason": "not requested (--sockmap)"}
+        if self.tunnels is not None:
+            st["mtls"] = self.tunnels.status(self.tplan)
         if self.datapath is not None and running:
             st["sockmap"]["counts"] = self.datapath.accel_counts()
             st["reason_counts"] = {r.text: n for r, n in self.datapath.reason_counts().items()}

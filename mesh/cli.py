@@ -59,7 +59,11 @@ def agent(
     cluster_cidr: Annotated[str, typer.Option(help="the supernet of every node's pod CIDR: pods route it via their node")] = "",
     cluster_dir: Annotated[Path | None, typer.Option(help="several nodes: where they publish their pods (nodes/<node>.json); "
                                                           "pods then need spec.nodeName")] = None,
-    wire_ip: Annotated[str, typer.Option(help="this node's address between nodes, published in the cluster dir")] = "",
+    wire_ip: Annotated[str, typer.Option(help="this node's address between nodes, published in the cluster dir; "
+                                              "the mTLS tunnel listens there (port 15008)")] = "",
+    ca_dir: Annotated[Path | None, typer.Option(help="the mesh CA every node shares (ca.crt, ca.key 0600, root.crt for a "
+                                                     "user intermediate); made on first use; default <state-dir>/ca")] = None,
+    trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain of workload identities")] = "cluster.local",
 ) -> None:
     """Run the node agent on this machine (the embedded default), or on the API server's objects (--kube)."""
     if node_netns:  # first: threads started from here on (gRPC, Envoy's supervisor) inherit it
@@ -74,6 +78,7 @@ def agent(
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
         sockmap=sockmap, xds_delta=xds == "delta", envoy_all_stats=envoy_all_stats, ingress_http_port=ingress_http_port,
         ingress_https_port=ingress_https_port, cluster_dir=cluster_dir, wire_ip=wire_ip,
+        ca_dir=ca_dir, trust_domain=trust_domain,
     )
     if kube:
         if cluster_dir is not None:

@@ -77,6 +77,7 @@ class NodeTunnels:
         self.outs.clear()
         if self.server is not None:
             self.server.stop()
+        self.node.keylog.close()
 
     # ---- plan ----
     def _hosted(self, ns: str, sa: str) -> bool:
