@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datapath.maps import FlowEvent, Reason, Verdict
+from mesh.mtls import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT
 from mesh.reconcile import NodePlan
 
 MAX_BYTES = 8 << 20  # rotate flows.jsonl past this; one old file kept
@@ -64,12 +65,20 @@ def from_event(e: FlowEvent, names: Names) -> dict[str, Any]:
     }
     if e.reason == Reason.L7_PROXY:
         flow["dst_pod"] = None
-        flow["via"] = f"envoy {e.new_ip}:{e.new_port}"
+        tunnel = TUNNEL_OUT_BASE <= e.new_port < TUNNEL_OUT_BASE + TUNNEL_OUT_COUNT  # mesh.mtls listeners
+        flow["via"] = f"{'mtls tunnel' if tunnel else 'envoy'} {e.new_ip}:{e.new_port}"
     if e.verdict == Verdict.DENIED:
         pols = names.policies_selecting.get(e.dst_identity, ())
         flow["policy"] = ",".join(pols)
         flow["why"] = (f"{dst_pod or e.new_ip} is selected by MeshPolicy {', '.join(pols) or '?'} "
                        f"and no ingress rule allows {src} on port {e.new_port}/TCP")
+    elif e.verdict == Verdict.DROPPED and e.reason == Reason.MTLS_STRICT:
+        # seen at the destination: orig is the sender, new the STRICT pod that refused it
+        flow["src"] = names.pod_by_ip.get(e.orig_ip, e.orig_ip)
+        flow["dst"] = f"{e.new_ip}:{e.new_port}"
+        flow["dst_pod"] = dst_pod
+        flow["why"] = (f"{dst_pod or e.new_ip} is in a MeshTLS STRICT namespace: plaintext connection from "
+                       f"{flow['src']} (outside the mesh) refused; connect through the mesh (mTLS tunnel)")
     elif e.verdict == Verdict.DROPPED:
         flow["why"] = f"service {svc or e.orig_ip} has no backend" if e.reason == Reason.NO_BACKEND else e.reason.text
     elif e.verdict == Verdict.AUDIT:

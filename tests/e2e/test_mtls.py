@@ -196,7 +196,8 @@ def test_strict_refuses_plaintext_from_outside_permissive_takes_it(cluster: Mult
     reasons = cluster.status("mn2").get("reason_counts", {})
     assert reasons.get("mtls-strict", 0) >= 1, reasons
     drop = _wait_flow(cluster, "mn2", lambda f: f.get("reason") == "mtls-strict")
-    assert drop["verdict"] == "dropped", drop
+    assert drop["verdict"] == "dropped" and drop["dst_pod"] == "empire/deathstar", drop
+    assert "MeshTLS STRICT" in drop["why"] and "outside the mesh" in drop["why"], drop
     # ...while the tunnel still gets through
     vip = _vip("empire/tie", "deathstar.empire.svc.cluster.local")
     assert _curl_retry(cluster, "empire/tie", f"http://{vip}/")[0] == 200
