@@ -209,18 +209,23 @@ def install(sock: socket.socket, hs: Handshake, secrets: dict[str, bytes], serve
     sock.setsockopt(SOL_TLS, TLS_RX, crypto_info(hs.cipher, secrets[theirs]))
 
 
-def kernel_has_ktls() -> bool:
+def ktls_probe() -> tuple[bool, str]:
     """Whether an established TCP socket here accepts the "tls" upper-layer protocol (the
-    module is loaded on demand), probed on a loopback pair."""
+    module is loaded on demand), probed on a loopback pair; and why not."""
     with socket.create_server(("127.0.0.1", 0)) as srv:
         with socket.create_connection(srv.getsockname(), timeout=2) as c:
             peer, _ = srv.accept()
             with peer:
                 try:
                     c.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
-                    return True
-                except OSError:
-                    return False
+                    return True, "available"
+                except OSError as e:
+                    return False, ("CONFIG_TLS not set (no tls module)" if e.errno == errno.ENOENT
+                                   else e.strerror or str(e))
+
+
+def kernel_has_ktls() -> bool:
+    return ktls_probe()[0]
 
 
 class UserspaceTls:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import errno
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from datapath import libbpf
 
 # enum bpf_prog_type / bpf_map_type values (UAPI, stable)
-PROG_TYPES = {"cgroup_sock_addr (connect/sendmsg/recvmsg/getpeername)": 18, "sock_ops": 13, "sk_msg": 16}
+PROG_TYPES = {"cgroup_sock_addr (connect/sendmsg/recvmsg/getpeername)": 18, "cgroup_skb (MeshTLS STRICT)": 8,
+              "sock_ops": 13, "sk_msg": 16}
 MAP_TYPES = {"hash": 1, "array": 2, "percpu_array": 6, "lru_hash": 9, "sockhash": 18, "ringbuf": 27}
-SOL_TCP_ULP = 31  # TCP_ULP
 
 
 @dataclass(frozen=True)
@@ -25,19 +23,11 @@ class Probe:
 
 def _ktls() -> Probe:
     """kTLS: the TLS ULP can be set on a connected TCP socket (loopback)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    cli = socket.create_connection(srv.getsockname())
-    peer, _ = srv.accept()
-    try:
-        cli.setsockopt(socket.IPPROTO_TCP, SOL_TCP_ULP, b"tls")
-        return Probe("kTLS (TCP_ULP tls)", True, "available", required=False)
-    except OSError as e:
-        why = "CONFIG_TLS not set (module absent)" if e.errno == errno.ENOENT else e.strerror
-        return Probe("kTLS (TCP_ULP tls)", False, f"{why}: the mTLS tunnel falls back to user-space TLS",
-                     required=False)
-    finally:
-        for s in (cli, peer, srv):
-            s.close()
+    from certs.ktls import ktls_probe
+
+    ok, why = ktls_probe()
+    return Probe("kTLS (TCP_ULP tls)", ok, why if ok else f"{why}: the mTLS tunnel falls back to user-space TLS",
+                 required=False)
 
 
 def _cgroup2() -> Probe:
@@ -65,7 +55,7 @@ def run() -> list[Probe]:
     for name, t in PROG_TYPES.items():
         ok = libbpf.probe_prog_type(t)
         out.append(Probe(f"program type {name}", ok, "supported" if ok else "missing",
-                         required=name.startswith("cgroup_sock_addr")))
+                         required=name.startswith("cgroup_")))
     for name, t in MAP_TYPES.items():
         ok = libbpf.probe_map_type(t)
         out.append(Probe(f"map type {name}", ok, "supported" if ok else "missing", required=name != "sockhash"))

@@ -280,6 +280,11 @@ def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o"
     console.print(f"  sockmap acceleration: {'on' if sm.get('enabled') else 'off'} ({sm.get('reason', '-')})")
     if st.get("reason_counts"):
         console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st["reason_counts"].items()))
+    if mt := st.get("mtls"):
+        console.print(f"  mTLS: records in {'the kernel (kTLS)' if mt['records'] == 'ktls' else 'user space'}: {mt['why']}")
+        modes = ", ".join(f"{ns}={m}" for ns, m in (mt.get("namespaces") or {}).items() if m != "DISABLE")
+        console.print(f"  mTLS: {len(mt['identities'])} identities ({mt['trust_domain']}, CA {mt['ca']}), "
+                      f"tunnels {mt['tunnels']}, namespaces: {modes or 'none'}")
     for e in st.get("errors", []):
         console.print(f"[yellow]  error: {e}[/]")
 

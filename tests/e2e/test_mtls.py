@@ -10,7 +10,10 @@ so; the kTLS records themselves are tested in the 6.1 guest (tests/datapath/test
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -171,6 +174,10 @@ def test_request_crosses_the_wire_encrypted_with_the_client_identity(cluster: Mu
     assert inbound["peer"] == "spiffe://cluster.local/ns/empire/sa/tie" and inbound["src"] == "empire/tie", inbound
     st = cluster.status("mn1")["mtls"]
     assert st["records"] == records and ("no kTLS" in st["why"]) == (records == "userspace"), st
+    text = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--state-dir", str(cluster.state("mn1"))],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "300"}).stdout
+    assert ("records in the kernel (kTLS)" if records == "ktls" else "records in user space") in text, text
+    assert "empire=STRICT" in text, text
     ids = {i["spiffe_id"] for i in cluster.status("mn2")["mtls"]["identities"]}
     assert "spiffe://cluster.local/ns/empire/sa/deathstar" in ids
 
