@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 from mesh.model import (
+    MTLS_LABEL,
+    MTLS_MODES,
     BackendRef,
     ContainerPort,
     HeaderMatch,
@@ -24,6 +26,7 @@ from mesh.model import (
     IngressTlsEntry,
     MeshPolicy,
     MeshRoute,
+    MeshTLS,
     Namespace,
     ParentRef,
     Pod,
@@ -42,8 +45,8 @@ from mesh.model import (
 API_GROUP = "webb.io"
 MESH_VERSION = f"{API_GROUP}/v1alpha1"
 INGRESS_VERSION = "networking.k8s.io/v1"
-KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "Ingress")
-API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "Ingress": INGRESS_VERSION}
+KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "MeshTLS", "Ingress")
+API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS": MESH_VERSION, "Ingress": INGRESS_VERSION}
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _METHOD = re.compile(r"^[A-Z]+$")
@@ -51,7 +54,7 @@ _DURATION = re.compile(r"^(?:[0-9]{1,5}(?:h|m|s|ms)){1,4}$")
 _DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
 _MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
 _HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-Obj = Namespace | Pod | Service | MeshPolicy | MeshRoute | Ingress | Secret
+Obj = Namespace | Pod | Service | MeshPolicy | MeshRoute | MeshTLS | Ingress | Secret
 
 
 class ManifestError(ValueError):
@@ -314,6 +317,26 @@ def _mesh_route(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshRout
     return MeshRoute(ns, name, tuple(parents), rules)
 
 
+def _mtls_mode(ctx: _Ctx, v: Any, field: str) -> str:
+    if v not in MTLS_MODES:
+        raise ctx.fail(field, f"{v!r} is not a mode; use {', '.join(MTLS_MODES[:-1])} or {MTLS_MODES[-1]}")
+    return str(v)
+
+
+def _mesh_tls(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshTLS:
+    ctx.only(spec, "spec", ("mode",), "MeshTLS spec")
+    if "mode" not in spec:
+        raise ctx.fail("spec.mode", f"is required; use {', '.join(MTLS_MODES[:-1])} or {MTLS_MODES[-1]}")
+    return MeshTLS(ns, name, _mtls_mode(ctx, spec["mode"], "spec.mode"))
+
+
+def _namespace(ctx: _Ctx, name: str, labels: tuple[tuple[str, str], ...]) -> Namespace:
+    mode = dict(labels).get(MTLS_LABEL)
+    if mode is not None:  # the label shortcut of a MeshTLS: checked like spec.mode
+        _mtls_mode(ctx, mode, f"metadata.labels.{MTLS_LABEL}")
+    return Namespace(name, labels)
+
+
 def _ingress_backend(ctx: _Ctx, v: Any, field: str) -> IngressBackend:
     svc = ctx.mapping(ctx.mapping(v, field).get("service"), f"{field}.service")
     if not svc:
@@ -414,10 +437,12 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     spec = ctx.mapping(doc.get("spec"), "spec")
     if kind == "MeshRoute":
         return _mesh_route(ctx, ns, name, spec)
+    if kind == "MeshTLS":
+        return _mesh_tls(ctx, ns, name, spec)
     if kind == "Ingress":
         return _ingress(ctx, ns, name, spec)
     if kind == "Namespace":
-        return Namespace(name, labels)
+        return _namespace(ctx, name, labels)
     if kind == "Pod":
         containers = ctx.seq(spec.get("containers"), "spec.containers")
         if len(containers) != 1:

@@ -9,6 +9,11 @@ from xds.resources import HeaderMatch, Retry, RouteMatch, TlsSecret
 __all__ = ["HeaderMatch", "Retry", "RouteMatch", "TlsSecret"]  # MeshRoute and Secret use the xDS vocabulary
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+# mTLS between nodes, per namespace (docs/crds/meshtls.md): STRICT refuses plaintext from outside
+# the mesh, PERMISSIVE takes both, DISABLE sends no tunnel. Without MeshTLS or label: DISABLE.
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
+MTLS_LABEL = "webb.io/mtls"  # the namespace label shortcut for a MeshTLS
+MTLS_DEFAULT = "DISABLE"
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,19 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class MeshTLS:
+    """The mTLS mode of a namespace: STRICT | PERMISSIVE | DISABLE."""
+
+    namespace: str
+    name: str
+    mode: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
 class ClusterState:
     namespaces: tuple[Namespace, ...] = ()
     pods: tuple[Pod, ...] = ()
@@ -242,4 +260,44 @@ class ClusterState:
     routes: tuple[MeshRoute, ...] = ()
     ingresses: tuple[Ingress, ...] = ()
     secrets: tuple[Secret, ...] = ()
+    mtls: tuple[MeshTLS, ...] = ()
     errors: tuple[str, ...] = field(default=())  # objects rejected by the source, with why
+
+
+def _in_force(state: ClusterState) -> dict[str, MeshTLS]:
+    """Per namespace, the MeshTLS that sets its mode: with several, the name that sorts first."""
+    out: dict[str, MeshTLS] = {}
+    for m in sorted(state.mtls, key=lambda m: (m.namespace, m.name)):
+        out.setdefault(m.namespace, m)
+    return out
+
+
+def _label_mode(ns: Namespace) -> str | None:
+    mode = dict(ns.labels).get(MTLS_LABEL)
+    return mode if mode in MTLS_MODES else None  # a bad value never gets here: the parser refuses it
+
+
+def mtls_mode(state: ClusterState, namespace: str) -> str:
+    """A namespace's mTLS mode: its MeshTLS (the name that sorts first, when several), else its
+    label ``webb.io/mtls``, else DISABLE."""
+    m = _in_force(state).get(namespace)
+    if m is not None:
+        return m.mode
+    ns = next((n for n in state.namespaces if n.name == namespace), None)
+    return (_label_mode(ns) if ns is not None else None) or MTLS_DEFAULT
+
+
+def mtls_modes(state: ClusterState) -> dict[str, str]:
+    """``mtls_mode`` of every namespace the state names (namespaces, pods, MeshTLS objects) at once."""
+    out = {ns: MTLS_DEFAULT for ns in sorted({p.namespace for p in state.pods})}
+    out.update((n.name, _label_mode(n) or MTLS_DEFAULT) for n in state.namespaces)
+    out.update((ns, m.mode) for ns, m in _in_force(state).items())
+    return dict(sorted(out.items()))
+
+
+def mtls_conflicts(state: ClusterState) -> list[str]:
+    """Warnings for the MeshTLS objects that are not in force (another one in the namespace sorts first)."""
+    winners = _in_force(state)
+    return [f"MeshTLS {m.key}: ignored: MeshTLS {winners[m.namespace].key} sets the mode of namespace {m.namespace} "
+            f"(one MeshTLS per namespace: the name that sorts first wins); delete one of them"
+            for m in sorted(state.mtls, key=lambda m: m.key) if winners[m.namespace].name != m.name]

@@ -14,7 +14,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from datapath.maps import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_TCP, PROTO_UDP, Backend, PolicyEntry, ServiceEntry
-from mesh.model import NAMESPACE_LABEL, ClusterState, HttpMatch, MeshPolicy, Pod, Selector, Service, ServicePort
+from mesh.model import (
+    MTLS_DEFAULT,
+    NAMESPACE_LABEL,
+    ClusterState,
+    HttpMatch,
+    MeshPolicy,
+    Pod,
+    Selector,
+    Service,
+    ServicePort,
+    mtls_conflicts,
+    mtls_modes,
+)
 from mesh.routing import IngressListen, PortInfo, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
 from xds.resources import HttpRule, HttpService, IngressGateway, RbacPolicy, TlsSecret, Upstream, service_routes
 
@@ -63,6 +75,7 @@ class NodePlan:
     upstreams: tuple[Upstream, ...] = ()  # Envoy clusters: every service port a listener or route reaches
     ingress: IngressGateway | None = None
     secrets: tuple[TlsSecret, ...] = ()  # for the ingress' HTTPS (SDS)
+    mtls: tuple[tuple[str, str], ...] = ()  # namespace -> mTLS mode, for every namespace not DISABLE
 
 
 def _alloc(names: Iterable[str], base: int, count: int) -> dict[str, int]:
@@ -172,7 +185,8 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
         tuple(sorted((i, _labels_text(tuple(sorted(lbl.items())))) for i, lbl in identities.items())),
         tuple(sorted(rule_text.items())), tuple(out.hosts),
         tuple(sorted((i, tuple(v)) for i, v in selected_by.items())),
-        tuple(state.errors) + tuple(out.warnings), out.upstreams, out.ingress, out.secrets,
+        tuple(state.errors) + tuple(out.warnings) + tuple(mtls_conflicts(state)), out.upstreams, out.ingress, out.secrets,
+        tuple((ns, mode) for ns, mode in mtls_modes(state).items() if mode != MTLS_DEFAULT),
     )
     # TlsSecret's repr shows a digest, never the key, so the version follows a new key too
     return replace(plan, version=hashlib.sha256(repr(plan).encode()).hexdigest()[:16])

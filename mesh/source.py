@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mesh.manifests import ManifestError, Obj, parse_object, read_documents
-from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, Namespace, Pod, Secret, Service
+from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
 
 
 class Source(Protocol):
@@ -137,5 +137,6 @@ class StandaloneSource:
             routes=tuple(o for o in objs.values() if isinstance(o, MeshRoute)),
             ingresses=tuple(o for o in objs.values() if isinstance(o, Ingress)),
             secrets=tuple(o for o in objs.values() if isinstance(o, Secret)),
+            mtls=tuple(o for o in objs.values() if isinstance(o, MeshTLS)),
             errors=tuple(errors),
         )

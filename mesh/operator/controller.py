@@ -1,4 +1,4 @@
-"""The operator's state and its one job: keep every MeshPolicy's and MeshRoute's status true.
+"""The operator's state and its one job: keep every MeshPolicy's, MeshRoute's and MeshTLS' status true.
 
 No kopf here (the handlers call in). ``observe`` feeds the indexer; the status of each CR is
 computed by ``status.cr_status`` and written with a merge patch of the status subresource,
@@ -19,7 +19,7 @@ from mesh.operator.translate import RESOURCES
 from mesh.operator.watch import _path, request
 
 log = logging.getLogger("webb.operator")
-STATUS_KINDS = ("MeshPolicy", "MeshRoute")
+STATUS_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS")
 
 
 @dataclass
@@ -36,12 +36,25 @@ class Controller:
             self.indexer.delete(kind, doc)
             with self._lock:
                 self._bodies.pop(key, None)
-            return
-        self.indexer.upsert(kind, doc)
-        if kind in STATUS_KINDS:
+        else:
+            self.indexer.upsert(kind, doc)
+            if kind in STATUS_KINDS:
+                with self._lock:
+                    self._bodies[key] = doc
+                self._write_status(key)
+        if kind == "MeshTLS":  # one MeshTLS per namespace is in force: the others' status follows this one
             with self._lock:
-                self._bodies[key] = doc
-            self._write_status(key)
+                siblings = [k for k in self._bodies if k[0] == kind and k[1] == key[1] and k != key]
+            for k in siblings:
+                self._write_status(k)
+
+    def _shadowed_by(self, key: Key) -> str | None:
+        """For a MeshTLS not in force: the one that is (another valid one in the namespace sorts first)."""
+        kind, ns, name = key
+        if kind != "MeshTLS":
+            return None
+        valid = sorted(k[2] for k in self.indexer.keys(kind) if k[1] == ns and self.indexer.generation(*k) is not None)
+        return f"MeshTLS {ns}/{valid[0]}" if valid and valid[0] < name else None
 
     def node_report(self, node: str, report: dict[str, Any] | None) -> None:
         with self._lock:
@@ -64,7 +77,7 @@ class Controller:
         previous = doc.get("status") or {}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         st = cr_status(f"{kind} {ns}/{name}", int(meta.get("generation") or 0), self.indexer.error(kind, ns, name),
-                       str(spec.get("mode") or "enforce"), reports, previous, now)
+                       str(spec.get("mode") or "enforce"), reports, previous, now, self._shadowed_by(key))
         if same(st, previous):
             return
         try:

@@ -1,5 +1,5 @@
 """kopf handlers: thin. Each watch event goes into the shared indexer (``mesh.operator.indexer``,
-which parses with ``mesh.manifests``); MeshPolicy and MeshRoute get their status written from
+which parses with ``mesh.manifests``); MeshPolicy, MeshRoute and MeshTLS get their status written from
 ``mesh.operator.status``; node reports (ConfigMaps ``webb-system/webb-node-<node>``) refresh
 every CR's per-node status. kopf is imported here and in ``main`` only."""
 

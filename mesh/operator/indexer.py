@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.manifests import ManifestError, Obj
-from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, Namespace, Pod, Secret, Service
+from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
 from mesh.operator.translate import NetworkPolicyDoc, from_api, namespace_labels, network_policy, network_policy_doc
 
 Key = tuple[str, str, str]  # kind, namespace ("" for Namespace), name
@@ -112,6 +112,7 @@ class Indexer:
             routes=tuple(o for o in objs if isinstance(o, MeshRoute)),
             ingresses=tuple(o for o in objs if isinstance(o, Ingress)),
             secrets=tuple(o for o in objs if isinstance(o, Secret)),
+            mtls=tuple(o for o in objs if isinstance(o, MeshTLS)),
             errors=tuple(errors),
         )
 

@@ -38,7 +38,8 @@ def node_entry(key: str, report: dict[str, Any], audit: bool) -> dict[str, Any]:
 
 
 def cr_status(key: str, generation: int, error: str | None, mode: str, reports: dict[str, dict[str, Any]],
-              previous: dict[str, Any], now: str) -> dict[str, Any]:
+              previous: dict[str, Any], now: str, shadowed_by: str | None = None) -> dict[str, Any]:
+    """``shadowed_by``: the object in force instead of this one (a second MeshTLS in a namespace)."""
     prev = list(previous.get("conditions") or [])
     valid = condition("Valid", error is None, "Invalid" if error else "Parsed", error or "the spec is valid", prev, now)
     nodes = [node_entry(key, r, mode == "audit") for _, r in sorted(reports.items())]
@@ -46,6 +47,9 @@ def cr_status(key: str, generation: int, error: str | None, mode: str, reports: 
     nacked = [n for n in nodes if n["envoy"] == "NACK"]
     if error:
         applied = condition("Applied", False, "Invalid", "this generation is not valid; the previous one stays in force", prev, now)
+    elif shadowed_by:
+        applied = condition("Applied", False, "Shadowed", f"ignored: {shadowed_by} is in force in this namespace "
+                            "(one per namespace: the name that sorts first wins); delete one of them", prev, now)
     elif nacked:
         applied = condition("Applied", False, "EnvoyRejected",
                             "; ".join(f"{n['node']}: {n['envoyError']}" for n in nacked), prev, now)

@@ -50,6 +50,7 @@ RESOURCES: dict[str, Resource] = {
     "NetworkPolicy": Resource("networking.k8s.io", "v1", "networkpolicies"),
     "MeshPolicy": Resource("webb.io", "v1alpha1", "meshpolicies"),
     "MeshRoute": Resource("webb.io", "v1alpha1", "meshroutes"),
+    "MeshTLS": Resource("webb.io", "v1alpha1", "meshtlses"),
 }
 
 

@@ -31,7 +31,7 @@ WATCH_ROUND_S = 5  # a watch request ends after this; the loop checks its stop f
 RETRY_S = 1.0
 SYSTEM_NAMESPACE = "webb-system"
 REPORT_LABEL = "webb.io/node-report"
-CR_KINDS = ("MeshPolicy", "MeshRoute", "NetworkPolicy")
+CR_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS", "NetworkPolicy")
 
 
 def report_name(node: str) -> str:

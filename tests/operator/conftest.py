@@ -12,7 +12,7 @@ import pytest
 from tests.kube.apiserver import KubeAPI, Process
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ("meshpolicies.webb.io", "meshroutes.webb.io")
+CRDS = ("meshpolicies.webb.io", "meshroutes.webb.io", "meshtlses.webb.io")
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,7 @@ def test_rbac_grants_what_the_code_does(kube_api: KubeAPI) -> None:
             assert _can(kube_api, who, "list", name), (who, name)
     assert _can(kube_api, "webb-operator", "patch", "meshpolicies.webb.io/status")
     assert _can(kube_api, "webb-operator", "patch", "meshroutes.webb.io/status")
+    assert _can(kube_api, "webb-operator", "patch", "meshtlses.webb.io/status")
     assert _can(kube_api, "webb-operator", "watch", "configmaps", "webb-system")
     assert _can(kube_api, "webb-agent", "patch", "configmaps", "webb-system")
     assert _can(kube_api, "webb-agent", "patch", "pods/status")
