@@ -23,26 +23,26 @@ class InconsistentSnapshotError(ValueError):
 
 @dataclass(frozen=True)
 class _Entry:
-    wire: bytes  # serialized once, sent as is
+    wire: bytes = field(repr=False)  # serialized once, sent as is (may hold a private key: never in repr)
     version: str  # content hash
-    needs: tuple[str, frozenset[str]]  # (type URL, names) this resource refers to
+    needs: tuple[tuple[str, frozenset[str]], ...]  # (type URL, names) this resource refers to
     mix: int  # hash of (name, version): XORed into the type's version
 
 
 def _entry(type_url: str, name: str, res: Any) -> _Entry:
     wire = res.SerializeToString(deterministic=True)
     version = hashlib.blake2b(wire, digest_size=8).hexdigest()
-    needs, names = references(type_url, res)
+    needs = tuple((t, frozenset(names)) for t, names in sorted(references(type_url, res).items()))
     mix = int.from_bytes(hashlib.blake2b(f"{name}\0{version}".encode(), digest_size=8).digest(), "big")
-    return _Entry(wire, version, (needs, frozenset(names)), mix)
+    return _Entry(wire, version, needs, mix)
 
 
 Problem = tuple[str, str, str, str]  # (type URL, name) needs (type URL, name) that is not there
 
 
 def _missing(entries: dict[str, dict[str, _Entry]], type_url: str, name: str) -> list[Problem]:
-    needs, names = entries[type_url][name].needs
-    return [(type_url, name, needs, n) for n in sorted(names) if n not in entries.get(needs, {})]
+    return [(type_url, name, needs, n) for needs, names in entries[type_url][name].needs
+            for n in sorted(names) if n not in entries.get(needs, {})]
 
 
 def _short(type_url: str) -> str:
@@ -63,8 +63,9 @@ class Snapshot:
     service's resources. ``of(resources, previous)`` does the same for every resource that is
     the very same object as in ``previous``."""
 
-    resources: dict[str, dict[str, Any]]  # type URL -> name -> proto message
-    entries: dict[str, dict[str, _Entry]]  # type URL -> name -> wire bytes, version, references
+    # repr shows neither: an SDS Secret carries a private key
+    resources: dict[str, dict[str, Any]] = field(repr=False)  # type URL -> name -> proto message
+    entries: dict[str, dict[str, _Entry]] = field(repr=False)  # type URL -> name -> wire bytes, version, references
     mixes: dict[str, int]  # type URL -> XOR of its entries' mix
     missing: tuple[Problem, ...]  # references to resources that are not there (must be none to serve)
     changed: dict[str, frozenset[str]] = field(default_factory=dict)  # names changed since the parent...

@@ -3,6 +3,11 @@
 Clusters (``Upstream``: CDS + EDS) are built apart from listeners (``HttpService``: LDS +
 RDS; ``IngressGateway``: the node's ingress listeners with inline routes and SDS secrets),
 so one service port can be a route target without having a listener, and the reverse.
+
+Workload identity by SDS: a workload's certificate is a ``tls_certificate`` Secret named by
+its SPIFFE ID, the trust bundle a ``validation_context`` Secret named ``spiffe://<trust
+domain>``; an ``Upstream`` with ``UpstreamMtls`` presents the one and verifies the peer with
+the other (and its SPIFFE ID), both fetched by Envoy over ADS, so a renewal is one SDS update.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -105,12 +110,26 @@ class HttpRoute:
 
 
 @dataclass(frozen=True)
+class UpstreamMtls:
+    """Envoy-originated mutual TLS (1.3) to a cluster: present the certificate of ``identity``
+    (the SDS tls_certificate Secret of that SPIFFE ID), verify the peer against the bundle of
+    ``trust_domain`` (the SDS validation-context Secret ``spiffe://<trust_domain>``) and accept
+    only a peer whose URI SAN is one of ``peer_ids`` (exact)."""
+
+    identity: str  # spiffe://<trust-domain>/ns/<ns>/sa/<sa> of the source workload
+    trust_domain: str
+    peer_ids: tuple[str, ...]  # the destination workloads' SPIFFE IDs
+    sni: str = ""  # what the peer selects its certificate by (certs.tunnel.sni_of); "" = none
+
+
+@dataclass(frozen=True)
 class Upstream:
     """One service port as a route target: an EDS cluster and its endpoints."""
 
     name: str  # "namespace/service:port"
     backends: tuple[tuple[str, int], ...]
     http2: bool = False  # speak HTTP/2 (h2c) to the backends: gRPC, appProtocol h2c
+    tls: UpstreamMtls | None = None  # mTLS to the backends, certificates by SDS
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,41 @@ class TlsSecret:
     def __repr__(self) -> str:
         digest = hashlib.sha256(self.cert_pem + b"\0" + self.key_pem).hexdigest()[:16]
         return f"TlsSecret({self.name!r}, sha256={digest})"
+
+
+class WorkloadIdentity(Protocol):
+    """What a workload certificate has (``certs.ca.WorkloadCert``; xds does not import certs)."""
+
+    @property
+    def spiffe_id(self) -> str: ...
+
+    @property
+    def chain_pem(self) -> bytes: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+
+def workload_secret(cert: WorkloadIdentity) -> TlsSecret:
+    """A workload certificate as an SDS Secret named by its SPIFFE ID: the leaf and any
+    intermediate, and the key (never shown by repr)."""
+    return TlsSecret(cert.spiffe_id, cert.chain_pem, cert.key_pem)
+
+
+def bundle_name(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}"
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    """The root(s) of a trust domain: an SDS validation-context Secret ``spiffe://<trust domain>``."""
+
+    trust_domain: str
+    roots_pem: bytes
+
+    @property
+    def name(self) -> str:
+        return bundle_name(self.trust_domain)
 
 
 @dataclass(frozen=True)
@@ -260,6 +314,25 @@ def _ads() -> config_source_pb2.ConfigSource:
                                           resource_api_version=config_source_pb2.V3)
 
 
+def _sds(name: str) -> secret_pb2.SdsSecretConfig:
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=_ads())
+
+
+def upstream_tls(m: UpstreamMtls) -> base_pb2.TransportSocket:
+    """TLS 1.3 presenting ``m.identity``'s certificate, the peer verified against the trust
+    domain's bundle and its SPIFFE ID (URI SAN) — both secrets by SDS over ADS."""
+    sans = [common_pb2.SubjectAltNameMatcher(san_type=common_pb2.SubjectAltNameMatcher.URI, matcher=_string_exact(p))
+            for p in m.peer_ids]
+    ctx = tls_pb2.UpstreamTlsContext(sni=m.sni, common_tls_context=tls_pb2.CommonTlsContext(
+        tls_params=common_pb2.TlsParameters(tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_3,
+                                            tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3),
+        tls_certificate_sds_secret_configs=[_sds(m.identity)],
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=common_pb2.CertificateValidationContext(match_typed_subject_alt_names=sans),
+            validation_context_sds_secret_config=_sds(bundle_name(m.trust_domain)))))
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
+
+
 def cluster(up: Upstream) -> cluster_pb2.Cluster:
     """An EDS cluster: backends come apart (ClusterLoadAssignment), so a pod change is one
     small EDS update, not a cluster rebuild that would drain its connections."""
@@ -269,6 +342,8 @@ def cluster(up: Upstream) -> cluster_pb2.Cluster:
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=up.name),
         connect_timeout=duration_pb2.Duration(seconds=2),
     )
+    if up.tls is not None:
+        c.transport_socket.CopyFrom(upstream_tls(up.tls))
     if up.http2:
         opts = upstream_http.HttpProtocolOptions(explicit_http_config=upstream_http.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()))
@@ -404,7 +479,7 @@ def _ingress_manager(gw: IngressGateway, name: str, access_log_path: str) -> hcm
 
 def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
     ctx = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
-        tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=secret, sds_config=_ads())],
+        tls_certificate_sds_secret_configs=[_sds(secret)],
         alpn_protocols=["h2", "http/1.1"]))
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
 
@@ -429,15 +504,24 @@ def ingress_listeners(gw: IngressGateway, access_log_path: str) -> dict[str, lis
 
 
 def secret(s: TlsSecret) -> secret_pb2.Secret:
+    """A tls_certificate Secret: an Ingress certificate, or a workload's (``workload_secret``)."""
     return secret_pb2.Secret(name=s.name, tls_certificate=common_pb2.TlsCertificate(
         certificate_chain=base_pb2.DataSource(inline_bytes=s.cert_pem),
         private_key=base_pb2.DataSource(inline_bytes=s.key_pem)))
 
 
+def bundle_secret(b: TrustBundle) -> secret_pb2.Secret:
+    """A validation_context Secret: the trust domain's root(s), which a peer certificate must chain to."""
+    return secret_pb2.Secret(name=b.name, validation_context=common_pb2.CertificateValidationContext(
+        trusted_ca=base_pb2.DataSource(inline_bytes=b.roots_pem)))
+
+
 def build(services: list[HttpService], access_log_path: str, upstreams: list[Upstream] | None = None,
-          ingress: IngressGateway | None = None, secrets: tuple[TlsSecret, ...] = ()) -> dict[str, dict[str, Any]]:
+          ingress: IngressGateway | None = None, secrets: tuple[TlsSecret, ...] = (),
+          bundles: tuple[TrustBundle, ...] = ()) -> dict[str, dict[str, Any]]:
     """All resources of one node, by type URL then resource name. ``upstreams`` None: one
-    cluster per service, of its own backends."""
+    cluster per service, of its own backends. ``secrets``: certificates (Ingress, workloads),
+    ``bundles``: trust bundles; Envoy fetches a Secret only while a listener or cluster names it."""
     ups = upstreams if upstreams is not None else [Upstream(s.name, s.backends) for s in services]
     listeners = {s.name: listener(s, access_log_path) for s in services}
     if ingress is not None:
@@ -445,7 +529,7 @@ def build(services: list[HttpService], access_log_path: str, upstreams: list[Ups
     return {
         CLUSTER: {u.name: cluster(u) for u in ups},
         ENDPOINT: {u.name: endpoints(u) for u in ups},
-        SECRET: {s.name: secret(s) for s in secrets},
+        SECRET: {**{s.name: secret(s) for s in secrets}, **{b.name: bundle_secret(b) for b in bundles}},
         LISTENER: listeners,
         ROUTE: {s.name: route(s) for s in services},
     }
@@ -461,13 +545,29 @@ def _route_clusters(rcfg: route_pb2.RouteConfiguration) -> set[str]:
     return out
 
 
+def _sds_names(common: tls_pb2.CommonTlsContext) -> set[str]:
+    names = {c.name for c in common.tls_certificate_sds_secret_configs}
+    for sds in (common.validation_context_sds_secret_config,
+                common.combined_validation_context.validation_context_sds_secret_config):
+        if sds.name:
+            names.add(sds.name)
+    return names
+
+
+def _transport_secrets(ts: base_pb2.TransportSocket) -> set[str]:
+    """The SDS Secrets a TLS transport socket names (certificates and validation contexts)."""
+    for kind in (tls_pb2.DownstreamTlsContext, tls_pb2.UpstreamTlsContext):
+        if ts.typed_config.Is(kind.DESCRIPTOR):
+            ctx = kind()
+            ts.typed_config.Unpack(ctx)
+            return _sds_names(ctx.common_tls_context)
+    return set()
+
+
 def _listener_dependencies(lst: listener_pb2.Listener) -> dict[str, set[str]]:
     deps: dict[str, set[str]] = {ROUTE: set(), SECRET: set(), CLUSTER: set()}
     for chain in lst.filter_chains:
-        if chain.transport_socket.typed_config.Is(tls_pb2.DownstreamTlsContext.DESCRIPTOR):
-            ctx = tls_pb2.DownstreamTlsContext()
-            chain.transport_socket.typed_config.Unpack(ctx)
-            deps[SECRET].update(c.name for c in ctx.common_tls_context.tls_certificate_sds_secret_configs)
+        deps[SECRET].update(_transport_secrets(chain.transport_socket))
         for f in chain.filters:
             if f.typed_config.Is(hcm.HttpConnectionManager.DESCRIPTOR):
                 m = hcm.HttpConnectionManager()
@@ -479,10 +579,13 @@ def _listener_dependencies(lst: listener_pb2.Listener) -> dict[str, set[str]]:
 
 
 def dependencies(type_url: str, resource: Any) -> dict[str, set[str]]:
-    """Every resource another one needs, by type URL: EDS of a cluster, RDS and SDS of a
-    listener, clusters of a route configuration (and of a listener's inline routes)."""
-    if type_url == CLUSTER and resource.type == cluster_pb2.Cluster.EDS:
-        return {ENDPOINT: {resource.eds_cluster_config.service_name or resource.name}}
+    """Every resource another one needs, by type URL: EDS and SDS of a cluster, RDS and SDS of
+    a listener, clusters of a route configuration (and of a listener's inline routes)."""
+    if type_url == CLUSTER:
+        deps = {SECRET: _transport_secrets(resource.transport_socket)}
+        if resource.type == cluster_pb2.Cluster.EDS:
+            deps[ENDPOINT] = {resource.eds_cluster_config.service_name or resource.name}
+        return {t: names for t, names in deps.items() if names}
     if type_url == LISTENER:
         return _listener_dependencies(resource)
     if type_url == ROUTE:
@@ -491,16 +594,14 @@ def dependencies(type_url: str, resource: Any) -> dict[str, set[str]]:
     return {}
 
 
-def references(type_url: str, resource: Any) -> tuple[str, set[str]]:
-    """The dependency the snapshot consistency check follows: (type URL, names). Each built
-    resource needs at most one type served by name (the ingress listeners carry their routes
-    inline and name only secrets), which is preferred; otherwise the clusters a route needs.
-    dependencies() has everything."""
+def references(type_url: str, resource: Any) -> dict[str, set[str]]:
+    """The dependencies the snapshot consistency check follows, by type URL: the types served
+    by name (EDS and SDS of a cluster; RDS and SDS of a listener — the ingress listeners carry
+    their routes inline and name only secrets) when there are any; otherwise the clusters a
+    route needs. dependencies() has everything."""
     deps = dependencies(type_url, resource)
     by_name = {t: n for t, n in deps.items() if t not in WILDCARD_TYPES}
-    if len(by_name) > 1:
-        raise ValueError(f"{type_url.rsplit('.', 1)[-1]} {resource.name} needs {sorted(by_name)}; one type at most")
-    return next(iter(by_name.items() or deps.items()), ("", set()))
+    return by_name or deps
 
 
 def describe(services: list[HttpService]) -> str:

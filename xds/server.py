@@ -172,8 +172,11 @@ class _DeltaStream(_Stream):
             return  # not subscribed
         if not first and self.at.get(type_url) == snap.versions[type_url]:
             return  # this type did not change: O(1) for the untouched types of a 10k mesh
-        changed, removed = self._diff(snap, type_url, incremental=not first and
-                                      self.at.get(type_url) == snap.parent_versions.get(type_url))
+        # incremental only when Envoy is at this snapshot's parent (not when nothing is known:
+        # a new name subscribed to a snapshot without parent must still be sent)
+        at = self.at.get(type_url)
+        changed, removed = self._diff(snap, type_url, incremental=not first and at is not None and
+                                      at == snap.parent_versions.get(type_url))
         self.at[type_url] = snap.versions[type_url]
         held = self.held.setdefault(type_url, {})
         # a resource Envoy refused at this very version is not resent: this snapshot stays NACKed

@@ -87,7 +87,7 @@ def test_gateway_plan_and_resources(tmp_path: Path) -> None:
 
     res = r.build(list(plan.http), "/tmp/a.log", list(plan.upstreams), plan.ingress, plan.secrets)
     https = res[r.LISTENER][r.INGRESS_HTTPS]
-    assert r.references(r.LISTENER, https) == (r.SECRET, {"default/shop-tls"})
+    assert r.references(r.LISTENER, https) == {r.SECRET: {"default/shop-tls"}}
     assert r.dependencies(r.LISTENER, https)[r.CLUSTER] == {"default/web-v1:80", "default/web-v2:80"}
     assert list(https.filter_chains[0].filter_chain_match.server_names) == ["shop.example.test"]
     routes = r.dependencies(r.LISTENER, res[r.LISTENER][r.INGRESS_HTTP])

@@ -132,7 +132,7 @@ def test_envoy_route_protos() -> None:
     assert (env.route.timeout.seconds, env.route.timeout.nanos) == (2, 500_000_000)
     rp = env.route.retry_policy
     assert (rp.retry_on, rp.num_retries.value, list(rp.retriable_status_codes)) == ("retriable-status-codes", 2, [503])
-    assert r.references(r.ROUTE, r.route(svc)) == (r.CLUSTER, {"ns/a:80", "ns/b:80"})
+    assert r.references(r.ROUTE, r.route(svc)) == {r.CLUSTER: {"ns/a:80", "ns/b:80"}}
 
 
 def test_clusters_and_listeners_are_built_apart() -> None:
