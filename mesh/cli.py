@@ -16,6 +16,7 @@ from rich.console import Console
 
 from datapath.loader import cleanup, pin_dir_for
 from mesh.agent import Agent, AgentConfig, source_version
+from mesh.cli_certs import app as certs_app
 from mesh.flows import read_flows
 from mesh.manifests import ManifestError, parse_object, read_documents
 from mesh.runtime.local import LocalNode, NodeConfig, enter_netns, pod_sandbox
@@ -308,6 +309,7 @@ datapath_app = typer.Typer(help="The node's eBPF datapath.", no_args_is_help=Tru
 node_app = typer.Typer(help="The local node (bridge, pods).", no_args_is_help=True)
 app.add_typer(datapath_app, name="datapath")
 app.add_typer(node_app, name="node")
+app.add_typer(certs_app, name="certs")  # mesh/cli_certs.py: webb certs, webb certs ca
 
 
 @datapath_app.command("cleanup")
