@@ -76,4 +76,5 @@ def test_meshtls_status_valid_applied_and_shadowed(kube_api: KubeAPI, namespace:
     kube_api.kubectl("delete", "mtls", "default", "-n", namespace)
     wait_for("not shadowed", lambda: _status(kube_api, namespace, "other"),
              lambda s: _cond(s, "Applied").get("reason") != "Shadowed", operator)
+    kube_api.kubectl("delete", "mtls", "other", "-n", namespace)  # the API server is shared by every suite
     kube_api.kubectl("delete", "configmap", report_name(node), "-n", SYSTEM_NAMESPACE)

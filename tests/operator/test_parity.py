@@ -62,6 +62,7 @@ def _only(st: ClusterState, ns: str) -> ClusterState:
                    routes=tuple(r for r in st.routes if r.namespace == ns),
                    ingresses=tuple(i for i in st.ingresses if i.namespace == ns),
                    secrets=tuple(x for x in st.secrets if x.namespace == ns),
+                   mtls=tuple(m for m in st.mtls if m.namespace == ns),
                    errors=tuple(e for e in st.errors if f" {ns}/" in e))
 
 
