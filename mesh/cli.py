@@ -17,6 +17,7 @@ from rich.console import Console
 from datapath.loader import cleanup, pin_dir_for
 from mesh.agent import Agent, AgentConfig, source_version
 from mesh.cli_certs import app as certs_app
+from mesh.cli_wire import app as wire_app
 from mesh.flows import read_flows
 from mesh.manifests import ManifestError, parse_object, read_documents
 from mesh.runtime.local import LocalNode, NodeConfig, enter_netns, pod_sandbox
@@ -310,6 +311,7 @@ node_app = typer.Typer(help="The local node (bridge, pods).", no_args_is_help=Tr
 app.add_typer(datapath_app, name="datapath")
 app.add_typer(node_app, name="node")
 app.add_typer(certs_app, name="certs")  # mesh/cli_certs.py: webb certs, webb certs ca
+app.add_typer(wire_app, name="wire")  # mesh/cli_wire.py: several nodes on this machine
 
 
 @datapath_app.command("cleanup")

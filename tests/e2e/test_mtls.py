@@ -24,8 +24,9 @@ import pytest
 
 from certs.ktls import kernel_has_ktls
 from mesh.runtime.cluster import Wire
-from tests.e2e.test_multinode import CLUSTER_CIDR, NODES, Capture, MultiNode, _curl
+from tests.conftest import ROOT, SLOW
 from tests.datapath.test_tunnel import in_ns
+from tests.e2e.test_multinode import CLUSTER_CIDR, NODES, Capture, MultiNode
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 MARKER = f"webb-mtls-{uuid.uuid4().hex}"
@@ -94,12 +95,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
         mn.wire.setup()
         for n in mn.wire:
             mn.start(n)
-        mn.wait_running()
+        mn.wait_running(60 * SLOW)
         www = mn.root / "www"
         www.mkdir()
         (www / "index.html").write_text(MARKER + "\n")
         mn.put("app.yaml", APP.format(www=www))
-        mn.wait_applied(mn.put("meshtls.yaml", MESHTLS.format(mode="STRICT")))
+        mn.wait_applied(mn.put("meshtls.yaml", MESHTLS.format(mode="STRICT")), timeout_s=30 * SLOW)
         yield mn
     finally:
         errors = mn.cleanup()
@@ -116,10 +117,19 @@ def _vip(pod: str, name: str) -> str:
     raise AssertionError(f"{name} not in {hosts}: {hosts.read_text()}")
 
 
+def _curl(cluster: MultiNode, node: str, pod: str, url: str) -> tuple[int, str, str]:
+    """`webb exec` curl in a pod (its netns and cgroup: connect() goes through the datapath)."""
+    r = subprocess.run([sys.executable, "-m", "mesh.cli", "exec", pod, "--node", node, "--state-dir", str(cluster.state(node)),
+                        "--", "curl", "-sS", "--max-time", str(3 * SLOW), "-w", "\n%{http_code}", url],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30 * SLOW)
+    body, _, code = r.stdout.rpartition("\n")
+    return (int(code) if r.returncode == 0 and code.isdigit() else 0), body, r.stderr
+
+
 def _set_mode(cluster: MultiNode, mode: str) -> None:
-    cluster.wait_applied(cluster.put("meshtls.yaml", MESHTLS.format(mode=mode)))
+    cluster.wait_applied(cluster.put("meshtls.yaml", MESHTLS.format(mode=mode)), timeout_s=30 * SLOW)
     for node in ("mn1", "mn2"):
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20 * SLOW
         while cluster.status(node).get("mtls", {}).get("namespaces", {}).get("empire") != mode:
             assert time.monotonic() < deadline, cluster.status(node).get("mtls")
             time.sleep(0.05)
@@ -130,7 +140,7 @@ def _flows(cluster: MultiNode, node: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 
-def _wait_flow(cluster: MultiNode, node: str, pred: Any, timeout_s: float = 10) -> dict[str, Any]:
+def _wait_flow(cluster: MultiNode, node: str, pred: Any, timeout_s: float = 10 * SLOW) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         found = [f for f in _flows(cluster, node) if pred(f)]
@@ -194,7 +204,7 @@ def test_policy_still_denies_with_a_reason(cluster: MultiNode) -> None:
 def test_strict_refuses_plaintext_from_outside_permissive_takes_it(cluster: MultiNode) -> None:
     server_ip = cluster.status("mn2")["pods"]["empire/deathstar"]["ip"]
     _set_mode(cluster, "PERMISSIVE")
-    with _from_node(cluster, "mn1", server_ip, 5) as s:  # plaintext across the wire: accepted
+    with _from_node(cluster, "mn1", server_ip, 5 * SLOW) as s:  # plaintext across the wire: accepted
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert MARKER.encode() in s.recv(4096) + s.recv(4096)
     _set_mode(cluster, "STRICT")
@@ -213,7 +223,7 @@ def test_strict_refuses_plaintext_from_outside_permissive_takes_it(cluster: Mult
 def test_permissive_to_strict_keeps_established_connections(cluster: MultiNode) -> None:
     server_ip = cluster.status("mn2")["pods"]["empire/deathstar"]["ip"]
     _set_mode(cluster, "PERMISSIVE")
-    s = _from_node(cluster, "mn1", server_ip, 10)
+    s = _from_node(cluster, "mn1", server_ip, 10 * SLOW)
     try:
         s.sendall(b"GET / HTTP/1.0\r\n")  # half a request: the connection stays open
         _set_mode(cluster, "STRICT")
