@@ -1,5 +1,7 @@
-"""Workload identity (SPIFFE X.509) and the kTLS tunnel: not built yet.
+"""Workload identity and mTLS between nodes.
 
-The walking skeleton carries no mTLS; issue 5 brings the CA, workload certificates, SDS
-and the kernel-TLS tunnel. Nothing imports this package today.
+ca.py      the mesh CA (own root or a user intermediate), SPIFFE X.509 workload certificates
+store.py   a node's identities: issued on use, renewed at 2/3 of life, keys 0600, TLS contexts
+ktls.py    TLS 1.3 handshake in user space, record keys to the kernel (kTLS) or user-space TLS
+tunnel.py  the node-to-node tunnel: dial / accept / relay (kernel splice), events with reasons
 """

@@ -82,6 +82,15 @@ def _write_private(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def private_dir(path: Path) -> None:
+    """``path`` and every directory made on the way to it: 0700 whatever the umask (mkdir's mode
+    is masked, and ``parents=True`` gives the intermediate ones the umask's mode)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in (path, *missing):
+        os.chmod(p, 0o700)
+
+
 def check_private(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
@@ -103,7 +112,7 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, directory: Path, trust_domain: str = "cluster.local") -> CertificateAuthority:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(directory)
         crt, key_file, root_file = directory / "ca.crt", directory / "ca.key", directory / "root.crt"
         if crt.exists() != key_file.exists():
             raise FileNotFoundError(f"CA in {directory}: ca.crt and ca.key go together; one of them is missing")

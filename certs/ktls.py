@@ -28,6 +28,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from certs.ca import private_dir
+
 # linux/tls.h, linux/tcp.h (Python 3.11's socket module has none of these)
 SOL_TLS, TCP_ULP, TLS_TX, TLS_RX = 282, 31, 1, 2
 TLS_1_3_VERSION = 0x0304
@@ -73,7 +75,7 @@ class KeyLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.close(fd)
         self._lock = threading.Lock()

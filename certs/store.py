@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from certs.ca import DEFAULT_TTL_S, CertificateAuthority, WorkloadCert, _write_private
+from certs.ca import DEFAULT_TTL_S, CertificateAuthority, WorkloadCert, _write_private, private_dir
 
 INDEX = "identities.json"
 
@@ -36,7 +36,7 @@ class IdentityStore:
     def __init__(self, ca: CertificateAuthority, directory: Path, ttl_s: float = DEFAULT_TTL_S,
                  clock: Callable[[], float] = time.time) -> None:
         self.ca, self.dir, self.ttl_s, self.clock = ca, directory, ttl_s, clock
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.dir)
         self.bundle = self.dir / "bundle.pem"
         self.bundle.write_bytes(ca.bundle_pem())
         self._lock = threading.Lock()
@@ -67,7 +67,7 @@ class IdentityStore:
 
     def _save(self, ns: str, sa: str, cert: WorkloadCert) -> None:
         crt, key = self._paths(ns, sa)
-        crt.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(crt.parent)
         _write_private(key, cert.key_pem)
         tmp = crt.with_suffix(".tmp")
         tmp.write_bytes(cert.chain_pem)

@@ -105,8 +105,6 @@ def test_key_files_are_0600(tmp_path: Path) -> None:
     assert _mode(tmp_path / "certs" / "shop" / "web") == _mode(tmp_path / "certs") == 0o700
 
 
-@pytest.mark.xfail(strict=True, reason="certs/store.py: mkdir(parents=True, mode=0o700) gives the namespace "
-                   "directory the umask's mode (0777 under umask 0), so another user could swap <ns>/<sa>")
 @pytest.mark.usefixtures("umask_zero")
 def test_namespace_directories_are_private_whatever_the_umask(tmp_path: Path) -> None:
     store = IdentityStore(CertificateAuthority.load_or_create(tmp_path / "ca", TD), tmp_path / "certs", clock=lambda: NOW)
