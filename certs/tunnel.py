@@ -179,31 +179,41 @@ class TunnelNode:
             raise
 
     # ---- accepting side ----
-    def accept(self, sock: socket.socket, authorize: Authorize) -> tuple[Session, socket.socket, str, str]:
+    def accept(self, sock: socket.socket, authorize: Authorize,
+               fixed_dst: str = "") -> tuple[Session, socket.socket, str, str]:
         """Handshake, authorize, connect the destination: (session, destination socket, src, dst).
-        Every refusal is a TunnelError carrying what was known (peer, src, dst) and why."""
+        Every refusal is a TunnelError carrying what was known (peer, src, dst) and why.
+        ``fixed_dst``: a pod's own mTLS port (Envoy-originated TLS): no header, no answer, the
+        destination is the port's; a refusal closes the connection."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         hs, secrets = handshake(sock, self._base, True, self.keylog)
         sess = self._establish(sock, hs, secrets, server_side=True)
         sock.settimeout(CONNECT_TIMEOUT_S)
-        try:
-            header = sess.recv_frame()
-        except (TunnelError, OSError, ValueError) as e:
-            raise TunnelError(f"read tunnel header: {e}", sess.peer_id) from e
-        src, dst = str(header.get("src", "")), str(header.get("dst", ""))
+        if fixed_dst:
+            src, dst = "", fixed_dst
+        else:
+            try:
+                header = sess.recv_frame()
+            except (TunnelError, OSError, ValueError) as e:
+                raise TunnelError(f"read tunnel header: {e}", sess.peer_id) from e
+            src, dst = str(header.get("src", "")), str(header.get("dst", ""))
         denied = authorize(sess.peer_id, src, dst)
         if denied:
-            sess.send_frame({"ok": False, "reason": denied})
-            raise TunnelError(f"denied {sess.peer_id} ({src}) -> {dst}: {denied}", sess.peer_id, src, dst, True)
+            if not fixed_dst:
+                sess.send_frame({"ok": False, "reason": denied})
+            raise TunnelError(f"denied {sess.peer_id} ({src or 'node proxy'}) -> {dst}: {denied}",
+                              sess.peer_id, src, dst, True)
         host, _, port = dst.rpartition(":")
         try:
             upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
         except (OSError, ValueError) as e:
-            sess.send_frame({"ok": False, "reason": f"connect {dst}: {e}"})
+            if not fixed_dst:
+                sess.send_frame({"ok": False, "reason": f"connect {dst}: {e}"})
             raise TunnelError(f"connect {dst} for {sess.peer_id}: {e}", sess.peer_id, src, dst) from e
         upstream.settimeout(None)
         sock.settimeout(None)
-        sess.send_frame({"ok": True})
+        if not fixed_dst:
+            sess.send_frame({"ok": True})
         return sess, upstream, src, dst
 
 
@@ -310,8 +320,9 @@ class TunnelServer:
     outcome an event with its reason. Stops by itself after ``lifetime_s``."""
 
     def __init__(self, node: TunnelNode, listen: socket.socket, authorize: Authorize,
-                 max_conns: int = 256, lifetime_s: float = 3600.0, max_events: int = 10000) -> None:
-        self.node, self.listen, self.authorize = node, listen, authorize
+                 max_conns: int = 256, lifetime_s: float = 3600.0, max_events: int = 10000,
+                 fixed_dst: str = "") -> None:
+        self.node, self.listen, self.authorize, self.fixed_dst = node, listen, authorize, fixed_dst
         self.events: list[TunnelEvent] = []  # the last max_events, for tests and status
         self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
         self._undrained: list[TunnelEvent] = []
@@ -368,7 +379,7 @@ class TunnelServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             try:
-                sess, upstream, src, dst = self.node.accept(conn, self.authorize)
+                sess, upstream, src, dst = self.node.accept(conn, self.authorize, self.fixed_dst)
             except TunnelError as e:
                 self._record(TunnelEvent(time.time(), e.peer, e.src, e.dst, "denied" if e.denied else "failed",
                                          str(e), self.node.mode))

@@ -21,7 +21,7 @@ from datapath.maps import DatapathState
 from mesh.accel import SYSTEM_NAMESPACE, Accelerator
 from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
 from mesh.model import ClusterState
-from mesh.mtls import NODE_IDENTITY, TunnelPlan, plan_tunnels
+from mesh.mtls import NODE_IDENTITY, TunnelPlan, mtls_upstreams, plan_tunnels, proxy_id
 from mesh.reconcile import NodePlan, NodeSpec, reconcile
 from mesh.runtime.local import LocalNode, NodeConfig
 from mesh.runtime.peers import ClusterSource, Peers, split_pods
@@ -141,7 +141,8 @@ class Agent:
                     self._write_status()  # at once: `webb apply` and the operator wait on it
                     written = time.monotonic()
                 self.envoy.check()
-                self.tunnels.rotate()
+                if proxy_id(self.cfg.trust_domain) in self.tunnels.rotate():
+                    self._seen_version = ""  # Envoy's certificate was renewed: a new snapshot (SDS) at once
                 if self.accel is not None and time.monotonic() > self._next_canary:
                     self._next_canary = time.monotonic() + self.cfg.canary_interval_s
                     st = self.accel.canary()
@@ -191,12 +192,17 @@ class Agent:
                                          ingress_https_port=self.cfg.ingress_https_port))
         for sb in self.node.sandboxes.values():
             self.node.write_hosts(sb, {vip: list(names) for vip, names in plan.hosts})
+        records = self.peers.read() if self.peers else {}
         tplan = plan_tunnels(state, plan, self.cfg.node.name, self.cfg.node.gateway,
-                             {n: r.wire_ip for n, r in self.peers.read().items()} if self.peers else {})
-        plan = replace(plan, services=tplan.services, warnings=plan.warnings + tplan.warnings)
+                             {n: r.wire_ip for n, r in records.items()})
+        ups, up_warnings = mtls_upstreams(plan.upstreams, state, self.cfg.node.name, self.cfg.trust_domain,
+                                          {n: (r.wire_ip, dict(r.mtls_ports)) for n, r in records.items()})
+        plan = replace(plan, services=tplan.services, upstreams=ups,
+                       warnings=plan.warnings + tplan.warnings + up_warnings)
+        secrets, bundles = self._mtls_secrets(plan)
         try:
             snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log), list(plan.upstreams),
-                                               plan.ingress, plan.secrets), previous=self.good)
+                                               plan.ingress, plan.secrets + secrets, bundles), previous=self.good)
             self.cache.set_snapshot(self.cfg.node.name, snap)
         except (ValueError, KeyError) as e:  # a translation bug must not stop the node: keep the last plan
             log.exception("build Envoy config for plan %s", plan.version)
@@ -232,6 +238,14 @@ class Agent:
                         "datapath_changes": changed, "at": time.time()}
         log.info("applied plan %s (%d map entries changed)", plan.version, changed)
 
+    def _mtls_secrets(self, plan: NodePlan) -> tuple[tuple[resources.TlsSecret, ...], tuple[resources.TrustBundle, ...]]:
+        """The node proxy's certificate and the trust bundle, by SDS, when a cluster names them
+        (Envoy-originated mTLS to another node's pods); Envoy asks only for named secrets."""
+        if self.tunnels is None or not any(u.mtls_backends for u in plan.upstreams):
+            return (), ()
+        return ((resources.workload_secret(self.tunnels.proxy_identity()),),
+                (resources.TrustBundle(self.cfg.trust_domain, self.tunnels.ca.bundle_pem()),))
+
     def _not_accepted(self, plan: NodePlan, snap: Snapshot, version: str) -> None:
         """Envoy refused (NACK) or did not answer in time. The datapath stays on the last plan
         Envoy accepted: it never redirects to a listener Envoy does not have. A refused snapshot
@@ -263,7 +277,8 @@ class Agent:
         """Several nodes: this node's pods and addresses, for the other nodes (mesh.runtime.peers)."""
         if self.peers is not None:
             self.peers.publish({k: (sb.ip, sb.ip6) for k, sb in self.node.sandboxes.items()
-                                if not k.startswith(SYSTEM_NAMESPACE + "/")})
+                                if not k.startswith(SYSTEM_NAMESPACE + "/")},
+                               dict(self.tplan.inbound) if self.tplan else {})
 
     # ---- observability ----
     def _collect(self, tail: Tail) -> None:

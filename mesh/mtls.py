@@ -15,10 +15,15 @@ from dataclasses import dataclass, replace
 from datapath.maps import EP_LOCAL, EP_MTLS_STRICT, PROTO_TCP, ServiceEntry
 from mesh.model import ClusterState, Pod, mtls_modes
 from mesh.reconcile import NodePlan, _alloc
+from xds.resources import MtlsEndpoint, Upstream, UpstreamMtls
 
 # above Envoy's listener range (15001-31000), below the ephemeral ports (32768+)
 TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT = 31001, 1700
 TUNNEL_PORT = 15008  # the accepting side, on the node's wire address (Istio's HBONE port)
+# Envoy-originated mTLS (L7 ports): one port per backend pod:port on the wire address (Envoy
+# merges endpoints of one address, so each destination needs its own)
+DIRECT_BASE, DIRECT_COUNT = 10000, 5000
+PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT = "webb-system", "webb-node-proxy"  # the identity of every node's Envoy
 NODE_IDENTITY = 1  # the node itself in the endpoint map (the tunnel delivers from its address)
 MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 
@@ -46,6 +51,7 @@ class TunnelPlan:
     services: tuple[ServiceEntry, ...]  # the plan's, tunnelled ports redirected to their listener
     modes: tuple[tuple[str, str], ...]  # namespace -> mode, for status
     warnings: tuple[str, ...] = ()
+    inbound: tuple[tuple[str, int], ...] = ()  # "pod ip:port" of this node -> its mTLS port on the wire address
 
     def flags(self) -> dict[str, int]:
         return dict(self.endpoint_flags)
@@ -79,17 +85,24 @@ def plan_tunnels(state: ClusterState, plan: NodePlan, node: str, gateway: str,
             backends.append(TunnelBackend(b.ip, b.port, pod.namespace, pod.service_account, addr))
         if not any(b.node_addr for b in backends):
             continue
-        if e.proxy_port:
-            warnings.append(f"service {e.vip}:{e.port} has L7 rules and mTLS backends on other nodes: "
-                            "Envoy reaches them in plaintext (L7 over the tunnel is not implemented)")
+        if e.proxy_port:  # an L7 port: Envoy originates the mTLS (mtls_upstreams)
             continue
         tunnelled[e.service_id] = (e, tuple(backends))
+    # this node's backends other nodes may reach with Envoy-originated mTLS: a port each on the wire address
+    inbound = sorted({f"{b.ip}:{b.port}" for e in plan.services if e.proto == PROTO_TCP for b in e.backends
+                      if _local_mtls(by_ip.get(b.ip), node, modes)})
+    direct = _alloc(inbound, DIRECT_BASE, DIRECT_COUNT)
     names = {sid: f"{e.vip}:{e.port}" for sid, (e, _) in tunnelled.items()}
     ports = _alloc(names.values(), TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT)
     listeners = tuple(OutListener(names[sid], ports[names[sid]], bs) for sid, (_, bs) in sorted(tunnelled.items()))
     services = tuple(replace(e, proxy_ip=gateway, proxy_port=ports[names[e.service_id]])
                      if e.service_id in tunnelled else e for e in plan.services)
-    return TunnelPlan(listeners, tuple(sorted(flags.items())), services, tuple(modes.items()), tuple(warnings))
+    return TunnelPlan(listeners, tuple(sorted(flags.items())), services, tuple(modes.items()), tuple(warnings),
+                      tuple(sorted(direct.items())))
+
+
+def _local_mtls(pod: Pod | None, node: str, modes: dict[str, str]) -> bool:
+    return pod is not None and pod.node == node and modes.get(pod.namespace, "DISABLE") != "DISABLE"
 
 
 def source_identity(state: ClusterState, node: str, ip: str) -> tuple[str, str] | None:
@@ -107,6 +120,13 @@ def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_
     from certs.ca import parse_spiffe_id
 
     _, ns, sa = parse_spiffe_id(peer_id)
+    if not src_ip:  # Envoy-originated (a pod's mTLS port): only another node's proxy dials those
+        if (ns, sa) != (PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT):
+            return f"{peer_id} is not a node proxy: a workload reaches other nodes through its node's tunnel"
+        host = dst.rpartition(":")[0].strip("[]")
+        if not any(p.node == node and host in (p.ip, p.ip6) for p in state.pods):
+            return f"destination {dst} is not a pod of node {node}"
+        return None  # the L7 policy was enforced by that node's Envoy (RBAC), as for a local request
     src = next((p for p in state.pods if src_ip and src_ip in (p.ip, p.ip6)), None)
     if src is None:
         return f"source {src_ip} is not a pod of the mesh"
@@ -130,3 +150,37 @@ def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_
     selected = dict(plan.selected_by).get(d.identity, ())
     return (f"{target.key} is selected by MeshPolicy {', '.join(selected) or '?'} and no ingress rule allows "
             f"{src.key} ({peer_id}) on port {port}/TCP")
+
+
+def proxy_id(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{PROXY_NAMESPACE}/sa/{PROXY_SERVICE_ACCOUNT}"
+
+
+def mtls_upstreams(upstreams: tuple[Upstream, ...], state: ClusterState, node: str, trust_domain: str,
+                   peers: dict[str, tuple[str, dict[str, int]]]) -> tuple[tuple[Upstream, ...], tuple[str, ...]]:
+    """Envoy's clusters with every backend on another node in an mTLS namespace moved to that
+    node's mTLS port for it (TLS 1.3 as the node proxy, the pod's identity expected).
+    ``peers``: node -> (wire address, its published "ip:port" -> mTLS port)."""
+    by_ip = {p.ip: p for p in state.pods if p.ip}
+    modes = mtls_modes(state)
+    out, warnings = [], []
+    for up in upstreams:
+        plain: list[tuple[str, int]] = []
+        tls: list[MtlsEndpoint] = []
+        for ip, port in up.backends:
+            pod = by_ip.get(ip)
+            if pod is None or pod.node == node or modes.get(pod.namespace, "DISABLE") == "DISABLE":
+                plain.append((ip, port))
+                continue
+            addr, ports = peers.get(pod.node, ("", {}))
+            lp = ports.get(f"{ip}:{port}")
+            if not addr or not lp:
+                warnings.append(f"upstream {up.name}: node {pod.node} has not published an mTLS port for {pod.key} "
+                                f"({ip}:{port}) yet; Envoy leaves that backend out")
+                continue
+            tls.append(MtlsEndpoint(addr, lp, UpstreamMtls(proxy_id(trust_domain), trust_domain,
+                                                           (f"spiffe://{trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}",),
+                                                           f"{pod.namespace}.{pod.service_account}")))
+        out.append(replace(up, backends=tuple(plain), mtls_backends=tuple(tls)) if tls or len(plain) != len(up.backends)
+                   else up)
+    return tuple(out), tuple(warnings)

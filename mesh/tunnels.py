@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from certs.ca import CertificateAuthority
+from certs.ca import CertificateAuthority, WorkloadCert
 from certs.ktls import TunnelError, kernel_has_ktls
 from certs.store import IdentityStore
 from certs.tunnel import Session, TunnelNode, TunnelServer, relay
 from mesh.model import ClusterState
-from mesh.mtls import TUNNEL_PORT, OutListener, TunnelBackend, TunnelPlan, authorize, source_identity
+from mesh.mtls import (
+    PROXY_NAMESPACE,
+    PROXY_SERVICE_ACCOUNT,
+    TUNNEL_PORT,
+    OutListener,
+    TunnelBackend,
+    TunnelPlan,
+    authorize,
+    source_identity,
+)
 from mesh.reconcile import NodePlan
 
 log = logging.getLogger("webb.tunnels")
@@ -50,6 +59,7 @@ class NodeTunnels:
         self.state: ClusterState = ClusterState()
         self.plan: NodePlan | None = None
         self.server: TunnelServer | None = None
+        self.direct: dict[str, tuple[int, TunnelServer]] = {}  # "pod ip:port" -> (port, server): Envoy-originated mTLS
         self.outs: dict[int, _Out] = {}
         self.flows: deque[dict[str, Any]] = deque(maxlen=10000)
         self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
@@ -75,6 +85,9 @@ class NodeTunnels:
         for out in self.outs.values():
             out.thread.join(timeout=2)
         self.outs.clear()
+        for _, srv in self.direct.values():
+            srv.stop()
+        self.direct.clear()
         if self.server is not None:
             self.server.stop()
         self.node.keylog.close()
@@ -94,7 +107,8 @@ class NodeTunnels:
         mine = {(p.namespace, p.service_account) for p in state.pods if p.node == self.name}
         for ns, sa in sorted(mine):
             self.store.get(ns, sa)  # issued now, not on the first connection
-        self.store.forget(mine)
+        self.store.forget(mine | {(PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT)})  # the node Envoy's identity stays
+        self._update_direct(dict(tplan.inbound))
         want = {o.port: o for o in tplan.listeners}
         for port in set(self.outs) - set(want):
             self.outs.pop(port).sock.close()
@@ -108,6 +122,23 @@ class NodeTunnels:
                                                     daemon=True))
             self.outs[port] = out
             out.thread.start()
+
+    def _update_direct(self, want: dict[str, int]) -> None:
+        """A TLS port on the wire address for each backend of this node other nodes' Envoys reach."""
+        if not self.wire_addr:
+            return
+        for dst in [d for d, (port, _) in self.direct.items() if want.get(d) != port]:
+            self.direct.pop(dst)[1].stop()
+        for dst, port in want.items():
+            if dst in self.direct:
+                continue
+            listen = socket.create_server((self.wire_addr, port))
+            self.direct[dst] = (port, TunnelServer(self.node, listen, self._authorize, MAX_CONNS,
+                                                   max(1.0, self.deadline - time.monotonic()), fixed_dst=dst).start())
+
+    def proxy_identity(self) -> WorkloadCert:
+        """The certificate the node's Envoy presents to other nodes (SDS)."""
+        return self.store.get(PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT)
 
     def rotate(self) -> list[str]:
         if time.monotonic() < self._next_rotation:
@@ -190,12 +221,13 @@ class NodeTunnels:
         out = []
         while self.flows:
             out.append(self.flows.popleft())
-        if self.server is not None:  # the accepting side's decisions
-            events = self.server.drain()
-            names = {ip: p.key for p in self.state.pods for ip in (p.ip, p.ip6) if ip}
-            for ev in events:
+        servers = ([self.server] if self.server is not None else []) + [srv for _, srv in self.direct.values()]
+        names = {ip: p.key for p in self.state.pods for ip in (p.ip, p.ip6) if ip}
+        for srv in servers:  # the accepting side's decisions
+            for ev in srv.drain():
                 host = ev.dst.rpartition(":")[0]
-                out.append({"time": ev.at, "layer": "L4", "protocol": "TCP", "src": names.get(ev.src, ev.src or "?"),
+                out.append({"time": ev.at, "layer": "L4", "protocol": "TCP",
+                            "src": names.get(ev.src, ev.src or ("node proxy" if srv.fixed_dst else "?")),
                             "dst": ev.dst, "dst_pod": names.get(host), "verdict": ev.verdict,
                             "reason": {"forwarded": "mtls-accepted", "denied": "mtls-denied"}.get(ev.verdict, "mtls-failed"),
                             "why": ev.reason, "peer": ev.peer, "tls": ev.mode, "direction": "ingress"})
@@ -215,6 +247,7 @@ class NodeTunnels:
         }
         if self.server is not None:
             st["accepted"] = dict(self.server.counts)
+            st["envoy_mtls_ports"] = {d: port for d, (port, _) in sorted(self.direct.items())}
         if tplan is not None:
             st["namespaces"] = dict(tplan.modes)
         return st

@@ -123,6 +123,16 @@ class UpstreamMtls:
 
 
 @dataclass(frozen=True)
+class MtlsEndpoint:
+    """A backend reached by Envoy-originated mTLS (another node's tunnel port for one pod),
+    next to plaintext ones in the same cluster (transport_socket_matches by endpoint metadata)."""
+
+    address: str
+    port: int
+    tls: UpstreamMtls
+
+
+@dataclass(frozen=True)
 class Upstream:
     """One service port as a route target: an EDS cluster and its endpoints."""
 
@@ -130,6 +140,7 @@ class Upstream:
     backends: tuple[tuple[str, int], ...]
     http2: bool = False  # speak HTTP/2 (h2c) to the backends: gRPC, appProtocol h2c
     tls: UpstreamMtls | None = None  # mTLS to the backends, certificates by SDS
+    mtls_backends: tuple[MtlsEndpoint, ...] = ()  # more backends, each with its own mTLS
 
 
 @dataclass(frozen=True)
@@ -344,6 +355,9 @@ def cluster(up: Upstream) -> cluster_pb2.Cluster:
     )
     if up.tls is not None:
         c.transport_socket.CopyFrom(upstream_tls(up.tls))
+    for i, tls in enumerate(_mtls_kinds(up)):
+        m = c.transport_socket_matches.add(name=f"mtls-{i}", transport_socket=upstream_tls(tls))
+        m.match.fields[MTLS_MATCH_KEY].string_value = str(i)
     if up.http2:
         opts = upstream_http.HttpProtocolOptions(explicit_http_config=upstream_http.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()))
@@ -351,10 +365,28 @@ def cluster(up: Upstream) -> cluster_pb2.Cluster:
     return c
 
 
-def endpoints(up: Upstream) -> endpoint_pb2.ClusterLoadAssignment:
-    eps = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+MTLS_MATCH_KEY = "webb-mtls"
+
+
+def _mtls_kinds(up: Upstream) -> list[UpstreamMtls]:
+    """The distinct mTLS settings of a cluster's endpoints (usually one: the pods of a service
+    share a service account), in a stable order."""
+    return sorted({e.tls for e in up.mtls_backends}, key=repr)
+
+
+def _lb_endpoint(ip: str, port: int) -> endpoint_components_pb2.LbEndpoint:
+    return endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))))
-        for ip, port in up.backends]
+
+
+def endpoints(up: Upstream) -> endpoint_pb2.ClusterLoadAssignment:
+    eps = [_lb_endpoint(ip, port) for ip, port in up.backends]
+    kinds = {tls: i for i, tls in enumerate(_mtls_kinds(up))}
+    for e in up.mtls_backends:
+        ep = _lb_endpoint(e.address, e.port)
+        ep.metadata.filter_metadata["envoy.transport_socket_match"].fields[MTLS_MATCH_KEY].string_value = \
+            str(kinds[e.tls])
+        eps.append(ep)
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=up.name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=eps)])
 
@@ -582,7 +614,8 @@ def dependencies(type_url: str, resource: Any) -> dict[str, set[str]]:
     """Every resource another one needs, by type URL: EDS and SDS of a cluster, RDS and SDS of
     a listener, clusters of a route configuration (and of a listener's inline routes)."""
     if type_url == CLUSTER:
-        deps = {SECRET: _transport_secrets(resource.transport_socket)}
+        deps = {SECRET: _transport_secrets(resource.transport_socket).union(
+            *(_transport_secrets(m.transport_socket) for m in resource.transport_socket_matches))}
         if resource.type == cluster_pb2.Cluster.EDS:
             deps[ENDPOINT] = {resource.eds_cluster_config.service_name or resource.name}
         return {t: names for t, names in deps.items() if names}

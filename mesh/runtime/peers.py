@@ -56,10 +56,13 @@ class NodeRecord:
     pod_cidr: str
     gateway: str
     pods: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # "ns/name" -> {"ip", "ip6"}
+    # mTLS: "pod ip:port" -> the port on wire_ip where this node takes Envoy-originated mTLS for it
+    mtls_ports: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"node": self.node, "wire_ip": self.wire_ip, "pod_cidr": self.pod_cidr, "gateway": self.gateway,
-                           "pods": {k: dict(v) for k, v in sorted(self.pods.items())}}, indent=1, sort_keys=True) + "\n"
+                           "pods": {k: dict(v) for k, v in sorted(self.pods.items())},
+                           "mtls_ports": dict(sorted(self.mtls_ports.items()))}, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def parse(cls, text: str, where: str) -> NodeRecord:
@@ -69,7 +72,10 @@ class NodeRecord:
             if not isinstance(d, dict) or not isinstance(d.get("pods", {}), dict):
                 raise ValueError("not a JSON object with a 'pods' object")
             rec = cls(str(d["node"]), str(d.get("wire_ip", "")), str(d["pod_cidr"]), str(d.get("gateway", "")),
-                      {str(k): {"ip": str(v.get("ip", "")), "ip6": str(v.get("ip6", ""))} for k, v in d["pods"].items()})
+                      {str(k): {"ip": str(v.get("ip", "")), "ip6": str(v.get("ip6", ""))} for k, v in d["pods"].items()},
+                      {str(k): int(v) for k, v in dict(d.get("mtls_ports") or {}).items()})
+            if any(not 0 < p < 65536 for p in rec.mtls_ports.values()):
+                raise ValueError("mtls_ports: a port is outside 1-65535")
             net = ipaddress.IPv4Network(rec.pod_cidr)
             for key, p in rec.pods.items():
                 if ipaddress.IPv4Address(p["ip"]) not in net:
@@ -129,10 +135,11 @@ class Peers:
         self.errors = errors
         return out
 
-    def publish(self, pods: Mapping[str, tuple[str, str]]) -> bool:
-        """Write this node's file (``pods``: key -> (ip, ip6)) when its content changed; True if written."""
+    def publish(self, pods: Mapping[str, tuple[str, str]], mtls_ports: Mapping[str, int] | None = None) -> bool:
+        """Write this node's file (``pods``: key -> (ip, ip6); ``mtls_ports``: see NodeRecord) when
+        its content changed; True if written."""
         rec = NodeRecord(self.node, self.wire_ip, self.pod_cidr, self.gateway,
-                         {k: {"ip": ip, "ip6": ip6} for k, (ip, ip6) in pods.items()})
+                         {k: {"ip": ip, "ip6": ip6} for k, (ip, ip6) in pods.items()}, dict(mtls_ports or {}))
         text = rec.to_json()
         if text == self._published and self.path.exists():
             return False

@@ -246,3 +246,59 @@ def test_certificates_are_listed_and_keys_private(cluster: MultiNode) -> None:
     key = certs / "empire" / "deathstar" / "key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
     assert (Path(cluster.root) / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
+
+
+L7 = """\
+apiVersion: webb.io/v1alpha1
+kind: MeshRoute
+metadata: {name: deathstar, namespace: empire}
+spec:
+  parentRefs: [{name: deathstar, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{name: deathstar, port: 80}]
+    timeouts: {request: 5s}
+"""
+
+
+def _envoy_admin(cluster: MultiNode, node: str, path: str) -> Any:
+    import urllib.request
+
+    def get() -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:15000{path}", timeout=10 * SLOW) as r:
+            return json.loads(r.read())
+    return in_ns(cluster.wire.node(node).netns, get)
+
+
+def test_l7_service_across_nodes_is_envoy_originated_mtls_with_sds_certificates(cluster: MultiNode) -> None:
+    """A MeshRoute makes deathstar:80 layer 7: mn1's Envoy reaches mn2's pod through mn2's mTLS port
+    for it, presenting the node proxy certificate it got by SDS; STRICT is satisfied."""
+    _set_mode(cluster, "STRICT")
+    cluster.wait_applied(cluster.put("l7.yaml", L7), timeout_s=30 * SLOW)
+    try:
+        wire = cluster.wire.node("mn2")
+        deadline = time.monotonic() + 20 * SLOW
+        while not cluster.status("mn2").get("mtls", {}).get("envoy_mtls_ports"):
+            assert time.monotonic() < deadline, cluster.status("mn2").get("mtls")
+            time.sleep(0.1)
+        (port,) = cluster.status("mn2")["mtls"]["envoy_mtls_ports"].values()
+        vip = _vip("empire/tie", "deathstar.empire.svc.cluster.local")
+        with Capture(cluster.wire.netns, wire.wire_if) as cap:
+            code, body, err = _curl_retry(cluster, "empire/tie", f"http://{vip}/")
+            time.sleep(0.2)
+        assert (code, body.strip()) == (200, MARKER), (code, body, err, cluster.status("mn1")["errors"])
+        frames = b"".join(cap.frames)
+        assert MARKER.encode() not in frames and b"GET / HTTP" not in frames, "plaintext on the wire"
+        log = cluster.state("mn1") / "envoy-access.jsonl"
+        entries = [json.loads(x) for x in log.read_text().splitlines()]
+        assert any(e.get("upstream") == f"{wire.wire_ip}:{port}" and e.get("status") == 200 for e in entries), entries[-3:]
+        inbound = _wait_flow(cluster, "mn2", lambda f: f.get("reason") == "mtls-accepted" and f.get("src") == "node proxy")
+        assert inbound["peer"] == "spiffe://cluster.local/ns/webb-system/sa/webb-node-proxy", inbound
+        assert inbound["dst_pod"] == "empire/deathstar"
+        # SDS: Envoy holds the node proxy certificate and the trust bundle, the key redacted
+        dump = _envoy_admin(cluster, "mn1", "/config_dump?resource=dynamic_active_secrets")
+        names = {c["name"] for c in dump["configs"]}
+        assert {"spiffe://cluster.local/ns/webb-system/sa/webb-node-proxy", "spiffe://cluster.local"} <= names, names
+        assert "PRIVATE KEY" not in json.dumps(dump)
+    finally:
+        cluster.wait_applied(cluster.remove("l7.yaml"), timeout_s=30 * SLOW)

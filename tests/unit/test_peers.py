@@ -48,7 +48,7 @@ def test_publish_assign_and_version(tmp_path: Path) -> None:
     assert n2.version() != v0  # ...but is part of the other's
     rec = json.loads(node_file(tmp_path, "n1").read_text())
     assert rec == {"node": "n1", "wire_ip": "10.250.0.1", "pod_cidr": "10.244.231.0/24", "gateway": "10.244.231.1",
-                   "pods": {"default/a": {"ip": "10.244.231.2", "ip6": "fd00:10:244::2"}}}
+                   "pods": {"default/a": {"ip": "10.244.231.2", "ip6": "fd00:10:244::2"}}, "mtls_ports": {}}
     assert not list(tmp_path.glob("nodes/*.tmp"))
 
     state = ClusterState(pods=(Pod("default", "a", node="n1"), Pod("default", "b", node="n2"),
