@@ -95,6 +95,8 @@ class Agent:
         self.good: Snapshot | None = None  # the last snapshot Envoy ACKed: served again after a NACK
         self._stop = False
         self._seen_version = ""
+        self._retry_at = 0.0  # an unanswered snapshot (no ACK, no NACK) is tried again then
+        self._retry_backoff_s = 0.0
         self.envoy: Envoy | None = None
         self.datapath: Datapath | None = None
         self.accel: Accelerator | None = None
@@ -135,6 +137,9 @@ class Agent:
             written = time.monotonic()
             while not self._stop and time.monotonic() < deadline:
                 version = self.source.version()
+                if self._retry_at and time.monotonic() >= self._retry_at:
+                    self._retry_at = 0.0
+                    self._seen_version = ""  # Envoy did not answer the last snapshot: sync again
                 if version != self._seen_version:
                     self.sync(version)
                     self._publish()
@@ -214,6 +219,7 @@ class Agent:
             self._not_accepted(plan, snap, version)
             return
         self.good = snap
+        self._retry_at, self._retry_backoff_s = 0.0, 0.0
         assert self.datapath is not None and self.tunnels is not None
         self.tunnels.update(state, plan, tplan)  # listeners open before connect4 redirects to them
         self.tplan = tplan
@@ -256,6 +262,10 @@ class Agent:
         if rejected and self.good is not None:
             self.cache.set_snapshot(self.cfg.node.name, self.good)
         why = "rejected it" if rejected else f"did not ACK it within {self.cfg.ack_timeout_s:.0f} s"
+        if not rejected:  # a NACK is final for this config; silence is retried, backing off to 60 s
+            self._retry_backoff_s = min(60.0, max(1.0, 2 * self._retry_backoff_s))
+            self._retry_at = time.monotonic() + self._retry_backoff_s
+            why += f" (retrying in {self._retry_backoff_s:.0f} s)"
         self.errors = list(plan.warnings) + rejected + [
             f"Envoy {why}: plan {plan.version} not applied; Envoy and datapath kept on the last accepted plan"]
         self.applied["source_version"] = version

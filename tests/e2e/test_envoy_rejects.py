@@ -64,3 +64,40 @@ def test_envoy_rejection_is_shown_and_last_good_config_serves(tmp_path: Path) ->
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
     assert leftovers("webb-node1-") == []
+
+
+def test_envoy_silence_is_retried_not_forgotten(tmp_path: Path) -> None:
+    """An Envoy that neither ACKs nor NACKs (stopped with SIGSTOP): the agent reports it, keeps the
+    last plan, and syncs again with backoff, so the config lands once Envoy answers."""
+    import json
+    import os
+
+    state = tmp_path / "state"
+    state.mkdir()
+    node = NodeConfig(state_dir=state)
+    agent = _start_agent(state)
+    envoy_pid = 0
+    try:
+        assert _webb("apply", "-f", str(ROOT / "examples/starwars/01-app.yaml"), "--state-dir", str(state)).returncode == 0
+        envoy_pid = json.loads((state / "status.json").read_text())["envoy_pid"]
+        os.kill(envoy_pid, signal.SIGSTOP)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY)
+        assert _webb("apply", "-f", str(policy), "--state-dir", str(state), "--wait", "0").returncode == 0
+        deadline = time.monotonic() + 30
+        while not any("did not ACK it within" in e and "retrying in" in e
+                      for e in json.loads((state / "status.json").read_text())["errors"]):
+            assert time.monotonic() < deadline, (state / "status.json").read_text()
+            time.sleep(0.2)
+        os.kill(envoy_pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while _exhaust(node) != "Access denied":  # the L7 policy landed without any new change
+            assert time.monotonic() < deadline, (state / "status.json").read_text()
+            time.sleep(0.3)
+        assert json.loads((state / "status.json").read_text())["errors"] == []
+    finally:
+        if envoy_pid:
+            os.kill(envoy_pid, signal.SIGCONT)
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+    assert leftovers("webb-node1-") == []
