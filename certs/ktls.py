@@ -32,6 +32,8 @@ from certs.ca import private_dir
 
 # linux/tls.h, linux/tcp.h (Python 3.11's socket module has none of these)
 SOL_TLS, TCP_ULP, TLS_TX, TLS_RX = 282, 31, 1, 2
+TLS_SET_RECORD_TYPE, TLS_GET_RECORD_TYPE = 1, 2  # cmsg types on a kTLS socket
+ALERT, CLOSE_NOTIFY = 21, b"\x01\x00"  # record type; alert level warning, description close_notify
 TLS_1_3_VERSION = 0x0304
 _CIPHERS = {  # OpenSSL name -> (kernel cipher type, key length, iv in info, salt, hash)
     "TLS_AES_128_GCM_SHA256": (51, 16, 8, 4, hashes.SHA256),
@@ -287,3 +289,21 @@ class UserspaceTls:
 def ebadmsg(e: OSError) -> bool:
     """What a kTLS socket's read raises for a record that fails authentication."""
     return e.errno == errno.EBADMSG
+
+
+def ktls_control_record(sock: socket.socket) -> bytes:
+    """Read the non-data record a kTLS socket stopped at (its plain read fails with EIO, a splice
+    with EINVAL): b"" for the peer's close_notify (its end of stream); TunnelError for anything
+    else (another alert, a post-handshake message this tunnel never sends)."""
+    data, anc, _, _ = sock.recvmsg(MAX_RECORD, socket.CMSG_SPACE(1))
+    rtype = next((d[0] for level, kind, d in anc if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and d), None)
+    if rtype == ALERT and data[:2] == CLOSE_NOTIFY:
+        return b""
+    if rtype is None and not data:
+        return b""  # the connection ended
+    raise TunnelError(f"peer sent TLS record type {rtype} ({data[:2].hex()}): not data, not close_notify")
+
+
+def ktls_close_notify(sock: socket.socket) -> None:
+    """Our end of the stream, TLS-style: a close_notify alert record (the kernel encrypts it)."""
+    sock.sendmsg([CLOSE_NOTIFY], [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([ALERT]))])

@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from certs.ca import parse_spiffe_id, peer_spiffe_id
-from certs.ktls import Handshake, KeyLog, TunnelError, UserspaceTls, handshake, install
+from certs.ktls import (
+    Handshake,
+    KeyLog,
+    TunnelError,
+    UserspaceTls,
+    handshake,
+    install,
+    ktls_close_notify,
+    ktls_control_record,
+)
 from certs.store import IdentityStore, tls13_context
 
 KTLS, USERSPACE = "ktls", "userspace"
@@ -68,6 +77,8 @@ class Session:
         except OSError as e:
             if e.errno == errno.EBADMSG:
                 raise TunnelError("TLS record rejected by the kernel (EBADMSG): tampered or corrupted") from e
+            if e.errno == errno.EIO and self.mode == KTLS:  # a control record: close_notify or an alert
+                return ktls_control_record(self.sock)
             raise
 
     def send_frame(self, obj: dict[str, object]) -> None:
@@ -93,6 +104,8 @@ class Session:
             self.tls.close_write()
             return
         try:
+            if self.mode == KTLS:
+                ktls_close_notify(self.sock)
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
@@ -244,7 +257,7 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
     def back() -> None:  # tunnel -> workload
         try:
             if sess.tls is None:
-                stats.from_tunnel = _splice(sess.sock, workload)
+                stats.from_tunnel = _splice(sess.sock, workload, ktls_src=sess.mode == KTLS)
             else:
                 while data := sess.recv(RELAY_CHUNK):
                     workload.sendall(data)
@@ -272,8 +285,9 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
     return stats
 
 
-def _splice(src: socket.socket, dst: socket.socket, chunk: int = PIPE_SIZE) -> int:
-    """Move bytes src -> dst through a pipe, in the kernel, until src's end of stream."""
+def _splice(src: socket.socket, dst: socket.socket, chunk: int = PIPE_SIZE, ktls_src: bool = False) -> int:
+    """Move bytes src -> dst through a pipe, in the kernel, until src's end of stream (for a
+    kTLS source: also its close_notify, at which the kernel's splice stops with EINVAL)."""
     r, w = os.pipe()
     try:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -282,7 +296,13 @@ def _splice(src: socket.socket, dst: socket.socket, chunk: int = PIPE_SIZE) -> i
     total = 0
     try:
         while True:
-            n = os.splice(src.fileno(), w, chunk)
+            try:
+                n = os.splice(src.fileno(), w, chunk)
+            except OSError as e:
+                if not (ktls_src and e.errno in (errno.EINVAL, errno.EIO)):
+                    raise
+                ktls_control_record(src)  # close_notify: the end; another record raises
+                return total
             if n == 0:
                 return total
             while n:
