@@ -1,5 +1,5 @@
-"""The node-to-node mTLS tunnel vs plaintext over the same veth wire between two network
-namespaces (root). Throughput: a workload socket in node A → relay → tunnel → node B's
+"""The node-to-node mTLS tunnel vs plaintext over the same wire between two nodes
+(mesh.runtime.cluster.Wire: a network namespace each; root). Throughput: a workload socket in node A → relay → tunnel → node B's
 tunnel server → relay → a sink in B, against a direct plaintext connection A → B and
 against the same relays without TLS. Handshakes: full tunnel set-ups per second against
 plaintext TCP connects per second, sequentially.
@@ -12,69 +12,28 @@ from __future__ import annotations
 
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
-
-from pyroute2 import netns
 
 from certs.ca import CertificateAuthority
 from certs.ktls import kernel_has_ktls
 from certs.store import IdentityStore
 from certs.tunnel import Session, TunnelNode, TunnelServer, relay
+from mesh.runtime.cluster import Wire
+from mesh.runtime.local import call_in_netns
 
-A, B = "webbbt-a", "webbbt-b"
-IP_A, IP_B = "10.252.0.1", "10.252.0.2"
+WIRE = Wire((("bta", "10.244.253.0/24"), ("btb", "10.244.254.0/24")), prefix="bt", wire_cidr="10.252.0.0/24")
+A, B = WIRE.node("bta").netns, WIRE.node("btb").netns
+IP_A, IP_B = WIRE.node("bta").wire_ip, WIRE.node("btb").wire_ip
 TUNNEL_PORT, SINK_PORT, RELAY_PORT = 15008, 9100, 9101
 BULK = 64 << 20  # bytes per round
 ROUNDS = 3
 HANDSHAKES, HANDSHAKE_BUDGET_S = 300, 10.0
 CHUNK = b"\x5a" * (256 << 10)
-T = TypeVar("T")
-
-
-def _in(ns: str, fn: Callable[[], T]) -> T:
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            netns.setns(ns, flags=0, fork=False)
-            out.append(fn())
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            err.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if err:
-        raise err[0]
-    return out[0]
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def _wire_up() -> None:
-    _wire_down()
-    for ns in (A, B):
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "route", "add", "blackhole", "10.96.0.0/16")
-        _ip("-n", ns, "link", "set", "lo", "up")
-    _ip("link", "add", "wbta", "netns", A, "type", "veth", "peer", "name", "wbtb", "netns", B)
-    for ns, dev, ip in ((A, "wbta", IP_A), (B, "wbtb", IP_B)):
-        _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-        _ip("-n", ns, "link", "set", dev, "up")
-
-
-def _wire_down() -> None:
-    for ns in (A, B):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+_in = call_in_netns
 
 
 def _serve_forever(srv: socket.socket, handle: Callable[[socket.socket], None], stop: threading.Event) -> None:
@@ -120,7 +79,7 @@ def _push(addr: tuple[str, int]) -> float:
 def run() -> tuple[dict[str, float], list[list[str]]]:
     stop = threading.Event()
     tmp = Path(tempfile.mkdtemp(prefix="webb-bench-tunnel-"))
-    _wire_up()
+    WIRE.setup()
     try:
         ca = CertificateAuthority.load_or_create(tmp / "ca", "bench.local")
         ktls = kernel_has_ktls()
@@ -162,7 +121,7 @@ def run() -> tuple[dict[str, float], list[list[str]]]:
         server.stop()
     finally:
         stop.set()
-        _wire_down()
+        WIRE.teardown()
     mode = "ktls" if ktls else "userspace"
     figures: dict[str, float] = {
         f"tunnel.{mode}_throughput_ratio": round(t / d, 3),

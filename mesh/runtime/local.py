@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from pyroute2 import IPRoute, netns
 
 from mesh.runtime import cgroups
 
 NETNS_DIR = Path("/var/run/netns")
+T = TypeVar("T")
 IFA_F_NODAD = 0x02
 
 
@@ -367,19 +368,17 @@ def _blackhole(ipr: IPRoute, cidr: str) -> None:
             raise
 
 
-def in_netns(name: str, fn: Callable[[IPRoute], None]) -> None:
-    """Run ``fn`` with a netlink socket inside netns ``name``.
-
-    setns() moves only the calling thread, so a short-lived thread does it; pyroute2's
-    NetNS would fork the (multi-threaded) agent instead.
-    """
+def call_in_netns(name: str, fn: Callable[[], T]) -> T:
+    """``fn()`` in a short-lived thread inside netns ``name``: setns() moves only the calling
+    thread (pyroute2's NetNS would fork the multi-threaded agent instead). Sockets made there
+    stay in that netns, and threads it starts inherit it."""
+    out: list[T] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
             netns.setns(name, flags=0, fork=False)
-            with IPRoute() as ipr:
-                fn(ipr)
+            out.append(fn())
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             failure.append(e)
 
@@ -388,6 +387,15 @@ def in_netns(name: str, fn: Callable[[IPRoute], None]) -> None:
     t.join()
     if failure:
         raise failure[0]
+    return out[0]
+
+
+def in_netns(name: str, fn: Callable[[IPRoute], None]) -> None:
+    """Run ``fn`` with a netlink socket inside netns ``name``."""
+    def with_ipr() -> None:
+        with IPRoute() as ipr:
+            fn(ipr)
+    call_in_netns(name, with_ipr)
 
 
 def _ns_id(path: str | Path) -> tuple[int, int]:

@@ -10,76 +10,37 @@ import hashlib
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from pyroute2 import netns
 
 from certs.ca import CertificateAuthority
 from certs.ktls import TunnelError, kernel_has_ktls
 from certs.store import IdentityStore
 from certs.tunnel import KTLS, USERSPACE, TunnelNode, TunnelServer
+from mesh.runtime.cluster import Wire
+from mesh.runtime.local import call_in_netns
 from tests.conftest import SLOW
 
 pytestmark = [pytest.mark.root]
-A, B = "webbtun-a", "webbtun-b"
-IP_A, IP_B = "10.251.0.1", "10.251.0.2"
+NODES = (("tna", "10.244.251.0/24"), ("tnb", "10.244.252.0/24"))
+WIRE = Wire(NODES, prefix="tn", wire_cidr="10.251.0.0/24")
+A, B = WIRE.node("tna").netns, WIRE.node("tnb").netns
+IP_A, IP_B = WIRE.node("tna").wire_ip, WIRE.node("tnb").wire_ip
 TUNNEL_PORT, WORKLOAD_PORT, MITM_PORT = 15008, 9000, 16000
 MARKER = b"DEATH-STAR-PLANS-exhaust-port-"
-T = TypeVar("T")
-
-
-def in_ns(name: str, fn: Callable[[], T]) -> T:
-    """Run fn in a thread inside netns ``name`` (sockets made there belong to it, and so do
-    threads it starts)."""
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            netns.setns(name, flags=0, fork=False)
-            out.append(fn())
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            err.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if err:
-        raise err[0]
-    return out[0]
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def _remove() -> None:
-    for ns in (A, B):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+in_ns = call_in_netns
 
 
 @pytest.fixture
 def wire() -> Iterator[None]:
-    _remove()
-    try:
-        for ns in (A, B):
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "route", "add", "blackhole", "10.96.0.0/16")  # safety rule, before anything
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("link", "add", "wtuna", "netns", A, "type", "veth", "peer", "name", "wtunb", "netns", B)
-        for ns, dev, ip in ((A, "wtuna", IP_A), (B, "wtunb", IP_B)):
-            _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
+    """Two nodes (a netns each) on one wire (mesh.runtime.cluster), removed even on failure."""
+    with WIRE:
         yield
-    finally:
-        _remove()
 
 
 @dataclass
@@ -126,13 +87,13 @@ def workload_server() -> socket.socket:
 
 
 class Capture:
-    """Every frame on the wire (AF_PACKET in netns A), until stopped."""
+    """Every frame node A exchanges on the wire (AF_PACKET on its port of the wire bridge), until stopped."""
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
-        self.sock = in_ns(A, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
-        self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE  # drop nothing
-        self.sock.bind(("wtuna", 0))
+        self.sock = in_ns(WIRE.netns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: drop nothing
+        self.sock.bind((WIRE.node("tna").wire_if, 0))
         self.sock.settimeout(0.1)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)

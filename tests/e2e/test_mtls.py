@@ -24,9 +24,9 @@ import pytest
 
 from certs.ktls import kernel_has_ktls
 from mesh.runtime.cluster import Wire
-from tests.conftest import ROOT, SLOW
-from tests.datapath.test_tunnel import in_ns
-from tests.e2e.test_multinode import CLUSTER_CIDR, NODES, Capture, MultiNode
+from mesh.runtime.local import call_in_netns as in_ns
+from tests.conftest import SLOW
+from tests.e2e.test_multinode import CLUSTER_CIDR, NODES, Capture, MultiNode, _curl, _vip
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 MARKER = f"webb-mtls-{uuid.uuid4().hex}"
@@ -107,25 +107,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
         assert not errors, errors
 
 
-def _vip(pod: str, name: str) -> str:
-    """The VIP of a Service, from the hosts file the agent writes for a pod of mn1."""
-    hosts = Path("/etc/netns") / f"webb-mn1-{pod.replace('/', '-')}" / "hosts"
-    for line in hosts.read_text().splitlines():
-        ip, *names = line.split()
-        if name in names:
-            return ip
-    raise AssertionError(f"{name} not in {hosts}: {hosts.read_text()}")
-
-
-def _curl(cluster: MultiNode, node: str, pod: str, url: str) -> tuple[int, str, str]:
-    """`webb exec` curl in a pod (its netns and cgroup: connect() goes through the datapath)."""
-    r = subprocess.run([sys.executable, "-m", "mesh.cli", "exec", pod, "--node", node, "--state-dir", str(cluster.state(node)),
-                        "--", "curl", "-sS", "--max-time", str(3 * SLOW), "-w", "\n%{http_code}", url],
-                       cwd=ROOT, capture_output=True, text=True, timeout=30 * SLOW)
-    body, _, code = r.stdout.rpartition("\n")
-    return (int(code) if r.returncode == 0 and code.isdigit() else 0), body, r.stderr
-
-
 def _set_mode(cluster: MultiNode, mode: str) -> None:
     cluster.wait_applied(cluster.put("meshtls.yaml", MESHTLS.format(mode=mode)), timeout_s=30 * SLOW)
     for node in ("mn1", "mn2"):
@@ -166,7 +147,7 @@ def _from_node(cluster: MultiNode, node: str, ip: str, timeout: float) -> socket
 
 def test_request_crosses_the_wire_encrypted_with_the_client_identity(cluster: MultiNode) -> None:
     _set_mode(cluster, "STRICT")
-    vip = _vip("empire/tie", "deathstar.empire.svc.cluster.local")
+    vip = _vip(cluster, "mn1", "empire/tie", "deathstar.empire.svc.cluster.local")
     wire = cluster.wire.node("mn2")
     with Capture(cluster.wire.netns, wire.wire_if) as cap:
         code, body, err = _curl_retry(cluster, "empire/tie", f"http://{vip}/")
@@ -194,7 +175,7 @@ def test_request_crosses_the_wire_encrypted_with_the_client_identity(cluster: Mu
 
 def test_policy_still_denies_with_a_reason(cluster: MultiNode) -> None:
     _set_mode(cluster, "STRICT")
-    vip = _vip("default/xwing", "deathstar.empire.svc.cluster.local")
+    vip = _vip(cluster, "mn1", "default/xwing", "deathstar.empire.svc.cluster.local")
     code, _, err = _curl(cluster, "mn1", "default/xwing", f"http://{vip}/")
     assert code == 0, err  # refused at connect() on mn1, before any packet
     denied = _wait_flow(cluster, "mn1", lambda f: f.get("verdict") == "denied" and f.get("src") == "default/xwing")
@@ -216,7 +197,7 @@ def test_strict_refuses_plaintext_from_outside_permissive_takes_it(cluster: Mult
     assert drop["verdict"] == "dropped" and drop["dst_pod"] == "empire/deathstar", drop
     assert "MeshTLS STRICT" in drop["why"] and "outside the mesh" in drop["why"], drop
     # ...while the tunnel still gets through
-    vip = _vip("empire/tie", "deathstar.empire.svc.cluster.local")
+    vip = _vip(cluster, "mn1", "empire/tie", "deathstar.empire.svc.cluster.local")
     assert _curl_retry(cluster, "empire/tie", f"http://{vip}/")[0] == 200
 
 
@@ -282,7 +263,7 @@ def test_l7_service_across_nodes_is_envoy_originated_mtls_with_sds_certificates(
             assert time.monotonic() < deadline, cluster.status("mn2").get("mtls")
             time.sleep(0.1)
         (port,) = cluster.status("mn2")["mtls"]["envoy_mtls_ports"].values()
-        vip = _vip("empire/tie", "deathstar.empire.svc.cluster.local")
+        vip = _vip(cluster, "mn1", "empire/tie", "deathstar.empire.svc.cluster.local")
         with Capture(cluster.wire.netns, wire.wire_if) as cap:
             code, body, err = _curl_retry(cluster, "empire/tie", f"http://{vip}/")
             time.sleep(0.2)

@@ -26,7 +26,7 @@ from mesh.runtime.cluster import Wire, WireNode
 from mesh.runtime.local import NETNS_DIR, LocalNode, NodeConfig
 from mesh.runtime.peers import node_file
 from mesh.source import directory_version
-from tests.conftest import ROOT, leftovers
+from tests.conftest import ROOT, SLOW, leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 
@@ -214,7 +214,8 @@ def _ipv4(frame: bytes) -> tuple[str, str] | None:
 
 def _vip(mn: MultiNode, node: str, pod: str, name: str) -> str:
     """The VIP of a Service, from the hosts file the agent writes for its pods."""
-    hosts = Path("/etc/netns") / f"webb-{node}-default-{pod}" / "hosts"
+    key = pod if "/" in pod else f"default/{pod}"
+    hosts = Path("/etc/netns") / f"webb-{node}-{key.replace('/', '-')}" / "hosts"
     for line in hosts.read_text().splitlines():
         ip, *names = line.split()
         if name in names:
@@ -225,8 +226,8 @@ def _vip(mn: MultiNode, node: str, pod: str, name: str) -> str:
 def _curl(mn: MultiNode, node: str, pod: str, url: str) -> tuple[int, str, str]:
     """`webb exec` curl in a pod (its netns and cgroup: connect() goes through the datapath)."""
     r = subprocess.run([sys.executable, "-m", "mesh.cli", "exec", pod, "--node", node, "--state-dir", str(mn.state(node)),
-                        "--", "curl", "-sS", "--max-time", "3", "-w", "\n%{http_code}", url],
-                       cwd=ROOT, capture_output=True, text=True, timeout=20)
+                        "--", "curl", "-sS", "--max-time", str(3 * SLOW), "-w", "\n%{http_code}", url],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30 * SLOW)
     body, _, code = r.stdout.rpartition("\n")
     return (int(code) if r.returncode == 0 and code.isdigit() else 0), body, r.stderr
 
