@@ -221,7 +221,7 @@ class Agent:
         self.good = snap
         self._retry_at, self._retry_backoff_s = 0.0, 0.0
         assert self.datapath is not None and self.tunnels is not None
-        self.tunnels.update(state, plan, tplan)  # listeners open before connect4 redirects to them
+        tunnel_errors = self.tunnels.update(state, plan, tplan)  # listeners open before connect4 redirects to them
         self.tplan = tplan
         cg = {sb.cgroup_id: sb.key for sb in self.node.sandboxes.values()}
         by_pod = {e.pod: e for e in plan.endpoints}
@@ -238,7 +238,7 @@ class Agent:
         changed = self.datapath.apply(dp)
         self.plan = plan
         self.names = Names.of(plan, cg)
-        self.errors = list(plan.warnings)
+        self.errors = list(plan.warnings) + tunnel_errors
         self.applied = {"source_version": version, "applied_source_version": version, "plan_version": plan.version,
                         "datapath_version": plan.version, "envoy_version": snap.version,
                         "datapath_changes": changed, "at": time.time()}

@@ -73,7 +73,11 @@ class NodeTunnels:
 
     def start(self) -> None:
         if self.wire_addr:
-            listen = socket.create_server((self.wire_addr, TUNNEL_PORT), reuse_port=False)
+            try:
+                listen = socket.create_server((self.wire_addr, TUNNEL_PORT))
+            except OSError as e:
+                raise RuntimeError(f"mTLS tunnel: cannot listen on {self.wire_addr}:{TUNNEL_PORT}: {e.strerror}; "
+                                   "--wire-ip must be an address of this node, the port free") from None
             self.server = TunnelServer(self.node, listen, self._authorize, MAX_CONNS,
                                        max(1.0, self.deadline - time.monotonic())).start()
         log.info("mTLS tunnels: %s%s", self.mode, "" if self.ktls else " (the kernel has no kTLS: records in user space)")
@@ -101,14 +105,16 @@ class NodeTunnels:
             return "this node has no plan yet"
         return authorize(self.state, self.plan, self.name, peer, src, dst)
 
-    def update(self, state: ClusterState, plan: NodePlan, tplan: TunnelPlan) -> None:
-        """Listeners for ``tplan`` open (and identities issued) before this returns."""
+    def update(self, state: ClusterState, plan: NodePlan, tplan: TunnelPlan) -> list[str]:
+        """Listeners for ``tplan`` open (and identities issued) before this returns; the ones
+        that could not be opened, with why (their connections are refused: fail closed)."""
+        errors: list[str] = []
         self.state, self.plan = state, plan
         mine = {(p.namespace, p.service_account) for p in state.pods if p.node == self.name}
         for ns, sa in sorted(mine):
             self.store.get(ns, sa)  # issued now, not on the first connection
         self.store.forget(mine | {(PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT)})  # the node Envoy's identity stays
-        self._update_direct(dict(tplan.inbound))
+        errors += self._update_direct(dict(tplan.inbound))
         want = {o.port: o for o in tplan.listeners}
         for port in set(self.outs) - set(want):
             self.outs.pop(port).sock.close()
@@ -116,25 +122,38 @@ class NodeTunnels:
             if port in self.outs:
                 self.outs[port].spec = spec  # new backends for new connections
                 continue
-            sock = socket.create_server((self.gateway, port))
+            try:
+                sock = socket.create_server((self.gateway, port))
+            except OSError as e:
+                errors.append(f"mTLS tunnel listener {self.gateway}:{port} for {spec.name}: {e.strerror}; "
+                              "its connections are refused")
+                continue
             sock.settimeout(0.2)
             out = _Out(spec, sock, threading.Thread(target=self._accept, args=(port,), name=f"tunnel-out-{port}",
                                                     daemon=True))
             self.outs[port] = out
             out.thread.start()
+        return errors
 
-    def _update_direct(self, want: dict[str, int]) -> None:
+    def _update_direct(self, want: dict[str, int]) -> list[str]:
         """A TLS port on the wire address for each backend of this node other nodes' Envoys reach."""
         if not self.wire_addr:
-            return
+            return []
+        errors = []
         for dst in [d for d, (port, _) in self.direct.items() if want.get(d) != port]:
             self.direct.pop(dst)[1].stop()
         for dst, port in want.items():
             if dst in self.direct:
                 continue
-            listen = socket.create_server((self.wire_addr, port))
+            try:
+                listen = socket.create_server((self.wire_addr, port))
+            except OSError as e:
+                errors.append(f"mTLS port {self.wire_addr}:{port} for {dst}: {e.strerror}; other nodes' Envoys "
+                              "cannot reach that backend")
+                continue
             self.direct[dst] = (port, TunnelServer(self.node, listen, self._authorize, MAX_CONNS,
                                                    max(1.0, self.deadline - time.monotonic()), fixed_dst=dst).start())
+        return errors
 
     def proxy_identity(self) -> WorkloadCert:
         """The certificate the node's Envoy presents to other nodes (SDS)."""

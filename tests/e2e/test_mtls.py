@@ -152,7 +152,7 @@ def test_request_crosses_the_wire_encrypted_with_the_client_identity(cluster: Mu
     with Capture(cluster.wire.netns, wire.wire_if) as cap:
         code, body, err = _curl_retry(cluster, "empire/tie", f"http://{vip}/")
         time.sleep(0.2)
-    assert (code, body.strip()) == (200, MARKER), (code, body, err, cluster.log("mn1"))
+    assert (code, body.strip()) == (200, MARKER), (code, body, err, cluster.log("mn1"), cluster.status("mn1"))
     frames = b"".join(cap.frames)
     assert len(cap.frames) > 5, "the capture saw nothing: not on the wire?"
     assert MARKER.encode() not in frames and b"GET / HTTP" not in frames, "plaintext on the wire"
