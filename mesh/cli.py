@@ -283,7 +283,8 @@ def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o"
     if st.get("reason_counts"):
         console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st["reason_counts"].items()))
     if mt := st.get("mtls"):
-        console.print(f"  mTLS: records in {'the kernel (kTLS)' if mt['records'] == 'ktls' else 'user space'}: {mt['why']}")
+        where = "the kernel (kTLS)" if mt["records"] == "ktls" else "user space"
+        console.print(f"  mTLS: records in {where}: {mt['why'].split(': ', 1)[-1]}")
         modes = ", ".join(f"{ns}={m}" for ns, m in (mt.get("namespaces") or {}).items() if m != "DISABLE")
         console.print(f"  mTLS: {len(mt['identities'])} identities ({mt['trust_domain']}, CA {mt['ca']}), "
                       f"tunnels {mt['tunnels']}, namespaces: {modes or 'none'}")

@@ -45,13 +45,15 @@ def up(nodes: NodesOpt = "n1=10.244.1.0/24,n2=10.244.2.0/24", prefix: str = "web
     w = _wire(nodes, prefix, cluster_cidr)
     w.setup()
     manifests, cluster_dir, ca = root / "manifests", root / "cluster", root / "ca"
-    console.print(f"wire {w.netns} ({w.wire_cidr}); start one agent per node, then `webb apply --state-dir "
-                  f"{root}/<node> -f ...` (pods need spec.nodeName):")
+    console.print(f"wire {w.netns} ({w.wire_cidr}); start one agent per node:")
     for n in w:
         argv = ["webb", "agent", "--node", n.name, "--node-netns", n.netns, "--pod-cidr", n.pod_cidr,
                 "--cluster-cidr", cluster_cidr, "--cluster-dir", str(cluster_dir), "--wire-ip", n.wire_ip,
                 "--ca-dir", str(ca), "--state-dir", str(root / n.name), "--manifests", str(manifests)]
         console.print(shlex.join(argv) + " &", soft_wrap=True)
+    console.print(f"then: webb apply --state-dir {root} --wait 0 -f FILE (pods need spec.nodeName); "
+                  f"webb status --state-dir {root}/<node>; webb exec --node <node> --state-dir {root}/<node> POD -- CMD",
+                  soft_wrap=True)
 
 
 @app.command()
