@@ -10,6 +10,7 @@ Files in the CA directory (private keys 0600, refused when group/world readable)
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import re
 import stat
@@ -74,7 +75,7 @@ class WorkloadCert:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # another process may write the same file
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -112,7 +113,18 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, directory: Path, trust_domain: str = "cluster.local") -> CertificateAuthority:
+        """Load the CA of ``directory``, or make its own root there first. Several agents may
+        start at once on one directory: the first makes the root, the others wait and load it."""
         private_dir(directory)
+        fd = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return cls._load_or_create(directory, trust_domain)
+        finally:
+            os.close(fd)  # releases the lock
+
+    @classmethod
+    def _load_or_create(cls, directory: Path, trust_domain: str) -> CertificateAuthority:
         crt, key_file, root_file = directory / "ca.crt", directory / "ca.key", directory / "root.crt"
         if crt.exists() != key_file.exists():
             raise FileNotFoundError(f"CA in {directory}: ca.crt and ca.key go together; one of them is missing")
@@ -147,7 +159,9 @@ class CertificateAuthority:
                 .sign(key, hashes.SHA256()))
         _write_private(directory / "ca.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        (directory / "ca.crt").write_bytes(_pem(cert))
+        tmp = directory / f".ca.crt.{os.getpid()}.tmp"
+        tmp.write_bytes(_pem(cert))
+        tmp.replace(directory / "ca.crt")
         return cls(cert, key, [cert], trust_domain)
 
     def bundle_pem(self) -> bytes:

@@ -78,7 +78,7 @@ class MultiNode:
             ["setpriv", "--pdeathsig", "SIGTERM", "--", sys.executable, "-m", "mesh.cli", "agent",
              "--node", n.name, "--node-netns", n.netns, "--bridge", BRIDGE, "--pod-cidr", n.pod_cidr,
              "--cluster-cidr", CLUSTER_CIDR, "--cluster-dir", str(self.cluster_dir), "--wire-ip", n.wire_ip,
-             "--state-dir", str(state), "--manifests", str(self.manifests), "--lifetime", "240",
+             "--state-dir", str(state), "--manifests", str(self.manifests), "--lifetime", str(int(240 * SLOW)),
              "--ca-dir", str(self.root / "ca")],  # one mesh CA for every node
             cwd=ROOT, stdout=open(state / "agent.log", "ab"), stderr=subprocess.STDOUT)
 

@@ -197,3 +197,19 @@ def test_rotate_renews_only_what_is_due(tmp_path: Path) -> None:
     assert renewed.serial != early.serial and renewed.not_before > early.not_before
     assert store.get("shop", "late") == late and store.renewals == 1
     assert {e["serial"] for e in read_index(tmp_path / "certs")} == {f"{renewed.serial:x}", f"{late.serial:x}"}
+
+
+def _ca_fingerprint(directory: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes as h
+
+    return CertificateAuthority.load_or_create(Path(directory), TD).cert.fingerprint(h.SHA256())
+
+
+def test_agents_starting_at_once_share_one_root(tmp_path: Path) -> None:
+    """Several agents on one CA directory at the same moment: one root is made, all load it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        prints = pool.map(_ca_fingerprint, [str(tmp_path / "ca")] * 8)
+    assert len(set(prints)) == 1
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == [".lock", "ca.crt", "ca.key"]
