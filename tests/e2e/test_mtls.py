@@ -166,7 +166,7 @@ def test_request_crosses_the_wire_encrypted_with_the_client_identity(cluster: Mu
     st = cluster.status("mn1")["mtls"]
     assert st["records"] == records and ("no kTLS" in st["why"]) == (records == "userspace"), st
     text = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--state-dir", str(cluster.state("mn1"))],
-                          capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "300"}).stdout
+                          capture_output=True, text=True, timeout=30 * SLOW, env={**os.environ, "COLUMNS": "300"}).stdout
     assert ("records in the kernel (kTLS)" if records == "ktls" else "records in user space") in text, text
     assert "empire=STRICT" in text, text
     ids = {i["spiffe_id"] for i in cluster.status("mn2")["mtls"]["identities"]}
