@@ -35,7 +35,7 @@ def main() -> None:
          ("measure", "direct (no hook)", "mesh path (VIP)", "ratio")),
         (xds.run, "xDS: 10,000 services into a real Envoy (ratio = delta / state of the world, same run)",
          ("measure", "state of the world", "delta", "ratio")),
-        (tunnel.run, "mTLS tunnel between two netns over a veth wire (ratio = tunnel / plaintext, same run)",
+        (tunnel.run, "mTLS tunnel between two nodes (netns) on a wire (ratio = tunnel / plaintext, same run)",
          ("measure", "plaintext", "tunnel", "ratio")),
         (operator.run, "operator: MeshPolicy on a real kube-apiserver → agent --kube (BPF + Envoy) converged, one node",
          ("measure", "p50", "p99", "note")),
