@@ -184,7 +184,8 @@ class TunnelNode:
                 raise TunnelError(f"{sess.peer_id} closed the tunnel before answering "
                                   f"(our certificate refused?): {e}") from e
             if not answer.get("ok"):
-                raise TunnelError(f"{sess.peer_id} refused the tunnel: {answer.get('reason', '?')}")
+                raise TunnelError(f"{sess.peer_id} refused the tunnel: {answer.get('reason', '?')}",
+                                  sess.peer_id, src_ip, target, denied=bool(answer.get("denied")))
             sock.settimeout(None)
             return sess
         except BaseException:
@@ -213,7 +214,7 @@ class TunnelNode:
         denied = authorize(sess.peer_id, src, dst)
         if denied:
             if not fixed_dst:
-                sess.send_frame({"ok": False, "reason": denied})
+                sess.send_frame({"ok": False, "reason": denied, "denied": True})
             raise TunnelError(f"denied {sess.peer_id} ({src or 'node proxy'}) -> {dst}: {denied}",
                               sess.peer_id, src, dst, True)
         host, _, port = dst.rpartition(":")

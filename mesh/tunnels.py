@@ -190,19 +190,26 @@ class NodeTunnels:
     def _outbound(self, conn: socket.socket, src_ip: str, out: _Out) -> None:
         try:
             backends = out.spec.backends
-            b = backends[next(out.rr) % len(backends)]
+            start = next(out.rr)
             ident = source_identity(self.state, self.name, src_ip)
             if ident is None:
-                self._flow(src_ip, out.spec.name, b, "denied", "mtls-unknown-source",
+                self._flow(src_ip, out.spec.name, None, "denied", "mtls-unknown-source",
                            f"{src_ip} is not a pod of node {self.name}: no identity to present")
                 conn.close()
                 return
-            try:
-                sess = self._connect(b, ident, src_ip)
-            except (TunnelError, OSError) as e:
-                denied = "refused the tunnel" in str(e)
-                self._flow(src_ip, out.spec.name, b, "denied" if denied else "failed",
-                           "mtls-denied" if denied else "mtls-failed", str(e))
+            sess = None
+            for i in range(len(backends)):  # round robin; a backend that fails: the next one
+                b = backends[(start + i) % len(backends)]
+                try:
+                    sess = self._connect(b, ident, src_ip)
+                    break
+                except (TunnelError, OSError) as e:
+                    denied = isinstance(e, TunnelError) and e.denied  # by policy, not a failure
+                    self._flow(src_ip, out.spec.name, b, "denied" if denied else "failed",
+                               "mtls-denied" if denied else "mtls-failed", str(e))
+                    if denied:  # the destination's policy: another pod of it would say the same
+                        break
+            if sess is None:
                 conn.close()
                 return
             stats = relay(conn, sess)

@@ -222,8 +222,9 @@ def test_policy_denial_reaches_the_client_with_its_reason(wire: None, tmp_path: 
     client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
     reason = "no MeshPolicy of empire/deathstar allows spiffe://webb.test/ns/alliance/sa/xwing"
     server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"), lambda *_: reason)
-    with pytest.raises(TunnelError, match="refused the tunnel: no MeshPolicy"):
+    with pytest.raises(TunnelError, match="refused the tunnel: no MeshPolicy") as e:
         exchange(client, b"hello")
+    assert e.value.denied  # a policy decision, told apart from a failure (the dialer tries no other pod)
     wait_events(server, 1)
     server.stop()
     assert (server.events[0].verdict, server.events[0].reason.endswith(reason)) == ("denied", True)

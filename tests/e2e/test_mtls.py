@@ -283,3 +283,34 @@ def test_l7_service_across_nodes_is_envoy_originated_mtls_with_sds_certificates(
         assert "PRIVATE KEY" not in json.dumps(dump)
     finally:
         cluster.wait_applied(cluster.remove("l7.yaml"), timeout_s=30 * SLOW)
+
+
+BROKEN = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: deathstar-broken, namespace: empire, labels: {app: deathstar}}
+spec:
+  nodeName: mn2
+  serviceAccountName: deathstar
+  containers: [{name: c, image: busybox, command: [sleep, "300"]}]
+"""
+
+
+def test_a_backend_that_fails_is_skipped(cluster: MultiNode) -> None:
+    """A second deathstar pod that listens on nothing: the tunnel listener tries the next backend,
+    every request still succeeds, and the failure is a flow with its reason."""
+    _set_mode(cluster, "STRICT")
+    cluster.wait_applied(cluster.put("broken.yaml", BROKEN), timeout_s=30 * SLOW)
+    try:
+        vip = _vip(cluster, "mn1", "empire/tie", "deathstar.empire.svc.cluster.local")
+        deadline = time.monotonic() + 20 * SLOW
+        while not any(s["vip"] == vip and s["backends"] == 2 for s in cluster.status("mn1")["services"]):
+            assert time.monotonic() < deadline, cluster.status("mn1")["services"]
+            time.sleep(0.1)
+        for _ in range(4):  # round robin: both pods are tried first at least once
+            code, body, err = _curl(cluster, "mn1", "empire/tie", f"http://{vip}/")
+            assert (code, body.strip()) == (200, MARKER), (code, body, err)
+        failed = _wait_flow(cluster, "mn1", lambda f: f.get("reason") == "mtls-failed" and "connect" in f.get("why", ""))
+        assert failed["verdict"] == "failed" and failed["dst_pod"] == "empire/deathstar-broken", failed
+    finally:
+        cluster.wait_applied(cluster.remove("broken.yaml"), timeout_s=30 * SLOW)
