@@ -33,7 +33,10 @@ def directory_version(directory: Path) -> str:
     """Content hash of a manifest directory; `webb apply` waits for the agent to reach it."""
     h = hashlib.sha256()
     for p in sorted(directory.glob("*.y*ml")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        try:
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        except FileNotFoundError:  # removed while we looked: the next look sees the new state
+            continue
     return h.hexdigest()[:16]
 
 
@@ -97,6 +100,8 @@ class StandaloneSource:
         for path in sorted(self.directory.glob("*.y*ml")):
             try:
                 docs = read_documents(path)
+            except FileNotFoundError:  # deleted between listing and reading: its objects are gone
+                continue
             except ManifestError as e:
                 errors.append(str(e))
                 # keep every object this file had before

@@ -143,3 +143,20 @@ def test_cluster_with_mtls_backends_matches_transport_sockets_by_endpoint_metada
     assert remote.metadata.filter_metadata["envoy.transport_socket_match"].fields[r.MTLS_MATCH_KEY].string_value == "0"
     # the snapshot's consistency check follows the secrets the match names
     assert r.dependencies(r.CLUSTER, c)[r.SECRET] == {"spiffe://td/ns/webb-system/sa/webb-node-proxy", "spiffe://td"}
+
+
+def test_a_manifest_removed_while_the_source_reads_it_is_simply_gone(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Found in the guest: `rm` between the directory listing and the read crashed the agent."""
+    from mesh import source
+
+    (tmp_path / "a.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
+    (tmp_path / "b.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n")
+    real = source.read_documents
+
+    def vanishing(path):  # type: ignore[no-untyped-def]
+        if path.name == "b.yaml":
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+    monkeypatch.setattr(source, "read_documents", vanishing)
+    state = source.StandaloneSource(tmp_path, "10.96.0.0/16").load()
+    assert [n.name for n in state.namespaces] == ["a"] and not state.errors
