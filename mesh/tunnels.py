@@ -39,6 +39,15 @@ MAX_CONNS = 512
 ROTATE_EVERY_S = 10.0
 
 
+def _listen(addr: str, port: int, errors: list[str], what: str, effect: str) -> socket.socket | None:
+    """A listening socket, or None with the reason added to ``errors`` (the sync goes on)."""
+    try:
+        return socket.create_server((addr, port))
+    except OSError as e:
+        errors.append(f"{what} ({addr}:{port}): {e.strerror}; {effect}")
+        return None
+
+
 @dataclass
 class _Out:
     spec: OutListener
@@ -122,11 +131,9 @@ class NodeTunnels:
             if port in self.outs:
                 self.outs[port].spec = spec  # new backends for new connections
                 continue
-            try:
-                sock = socket.create_server((self.gateway, port))
-            except OSError as e:
-                errors.append(f"mTLS tunnel listener {self.gateway}:{port} for {spec.name}: {e.strerror}; "
-                              "its connections are refused")
+            sock = _listen(self.gateway, port, errors, f"mTLS tunnel listener for {spec.name}",
+                           "its connections are refused")
+            if sock is None:
                 continue
             sock.settimeout(0.2)
             out = _Out(spec, sock, threading.Thread(target=self._accept, args=(port,), name=f"tunnel-out-{port}",
@@ -139,17 +146,15 @@ class NodeTunnels:
         """A TLS port on the wire address for each backend of this node other nodes' Envoys reach."""
         if not self.wire_addr:
             return []
-        errors = []
+        errors: list[str] = []
         for dst in [d for d, (port, _) in self.direct.items() if want.get(d) != port]:
             self.direct.pop(dst)[1].stop()
         for dst, port in want.items():
             if dst in self.direct:
                 continue
-            try:
-                listen = socket.create_server((self.wire_addr, port))
-            except OSError as e:
-                errors.append(f"mTLS port {self.wire_addr}:{port} for {dst}: {e.strerror}; other nodes' Envoys "
-                              "cannot reach that backend")
+            listen = _listen(self.wire_addr, port, errors, f"mTLS port for {dst}",
+                             "other nodes' Envoys cannot reach that backend")
+            if listen is None:
                 continue
             self.direct[dst] = (port, TunnelServer(self.node, listen, self._authorize, MAX_CONNS,
                                                    max(1.0, self.deadline - time.monotonic()), fixed_dst=dst).start())
