@@ -233,33 +233,48 @@ def kernel_has_ktls() -> bool:
 
 
 class UserspaceTls:
-    """The same session, encrypted in Python: the fallback when the kernel has no kTLS."""
+    """The same session, encrypted in Python: the fallback when the kernel has no kTLS.
+
+    The relay reads on one thread and writes on another; OpenSSL's SSL object is not safe to
+    use from two threads at once (a read and a write at the same moment corrupted the
+    session: seen as a spurious end of stream), so every use of it holds ``_ssl``. Socket
+    I/O happens outside that lock (a blocked read must not stop the writer)."""
 
     def __init__(self, sock: socket.socket, hs: Handshake) -> None:
         self.sock, self.hs = sock, hs
+        self._ssl = threading.Lock()  # the SSL object and its two memory BIOs
+        self._send = threading.Lock()  # encrypt + sendall: records leave in the order they were made
 
     def send(self, data: bytes) -> None:
-        self.hs.obj.write(data)
-        self.sock.sendall(self.hs.outgoing.read())
+        with self._send:
+            with self._ssl:
+                self.hs.obj.write(data)
+                out = self.hs.outgoing.read()
+            self.sock.sendall(out)
 
     def recv(self, n: int = 65536) -> bytes:
-        """Plaintext, b"" at the peer's end; TunnelError when a record fails authentication."""
+        """Plaintext; b"" at the peer's close_notify; TunnelError when a record fails
+        authentication or the connection ends without close_notify (the stream may be cut)."""
         while True:
             try:
-                first = self.hs.obj.read(n)
-                return first + self._more(n - len(first)) if first else first
+                with self._ssl:
+                    first = self.hs.obj.read(n)
+                    return first + self._more(n - len(first)) if first else first
             except ssl.SSLWantReadError:
                 data = self.sock.recv(1 << 18)
                 if not data:
-                    return b""
-                self.hs.incoming.write(data)
+                    raise TunnelError("the peer closed the connection without close_notify: "
+                                      "the stream may have been cut short") from None
+                with self._ssl:
+                    self.hs.incoming.write(data)
             except ssl.SSLZeroReturnError:
                 return b""
             except ssl.SSLError as e:
                 raise TunnelError(f"TLS record rejected: {e.reason or e}") from e
 
     def _more(self, n: int) -> bytes:
-        """Whatever further records are already decryptable (one SSL read is one record: 16 KiB)."""
+        """Whatever further records are already decryptable (one SSL read is one record: 16 KiB).
+        Called holding ``_ssl``."""
         parts = []
         while n > 0 and self.hs.incoming.pending:
             try:
@@ -273,17 +288,19 @@ class UserspaceTls:
         return b"".join(parts)
 
     def close_write(self) -> None:
-        try:
-            self.hs.obj.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLError):
-            pass
-        out = self.hs.outgoing.read()
-        try:
-            if out:
-                self.sock.sendall(out)
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        with self._send:
+            with self._ssl:
+                try:
+                    self.hs.obj.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLError):
+                    pass
+                out = self.hs.outgoing.read()
+            try:
+                if out:
+                    self.sock.sendall(out)
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
 
 def ebadmsg(e: OSError) -> bool:

@@ -44,8 +44,21 @@ MAX_HEADER = 4096
 PIPE_SIZE = 1 << 20  # one splice moves up to this much
 RELAY_CHUNK = 1 << 18  # user-space TLS: plaintext read per record batch
 CONNECT_TIMEOUT_S = 5.0
-# authorize(peer SPIFFE ID, source pod IP, destination "ip:port") -> None (allowed) or the reason it is denied
-Authorize = Callable[[str, str, str], "str | None"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the accepting node will not carry a tunnel. ``final``: a decision (policy, identity)
+    every backend of the service would repeat, so the dialer stops; not final: only this
+    node's view (the destination not, or not yet, one of its pods), so the dialer tries the next."""
+
+    reason: str
+    final: bool = True
+
+
+# authorize(peer SPIFFE ID, source pod IP, destination "ip:port") -> None (allowed) or why not
+# (a plain string is a final refusal)
+Authorize = Callable[[str, str, str], "Refusal | str | None"]
 
 
 def sni_of(namespace: str, service_account: str) -> str:
@@ -211,12 +224,13 @@ class TunnelNode:
             except (TunnelError, OSError, ValueError) as e:
                 raise TunnelError(f"read tunnel header: {e}", sess.peer_id) from e
             src, dst = str(header.get("src", "")), str(header.get("dst", ""))
-        denied = authorize(sess.peer_id, src, dst)
-        if denied:
+        verdict = authorize(sess.peer_id, src, dst)
+        if verdict:
+            refusal = Refusal(verdict) if isinstance(verdict, str) else verdict
             if not fixed_dst:
-                sess.send_frame({"ok": False, "reason": denied, "denied": True})
-            raise TunnelError(f"denied {sess.peer_id} ({src or 'node proxy'}) -> {dst}: {denied}",
-                              sess.peer_id, src, dst, True)
+                sess.send_frame({"ok": False, "reason": refusal.reason, "denied": refusal.final})
+            raise TunnelError(f"{'denied' if refusal.final else 'refused'} {sess.peer_id} ({src or 'node proxy'}) "
+                              f"-> {dst}: {refusal.reason}", sess.peer_id, src, dst, refusal.final)
         host, _, port = dst.rpartition(":")
         try:
             upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
@@ -305,6 +319,9 @@ def _splice(src: socket.socket, dst: socket.socket, chunk: int = PIPE_SIZE, ktls
                 ktls_control_record(src)  # close_notify: the end; another record raises
                 return total
             if n == 0:
+                if ktls_src:  # a FIN without close_notify: whoever sent it, the stream may be cut
+                    raise TunnelError("the peer closed the connection without close_notify: "
+                                      "the stream may have been cut short")
                 return total
             while n:
                 m = os.splice(r, dst.fileno(), n)
@@ -404,6 +421,10 @@ class TunnelServer:
             except TunnelError as e:
                 self._record(TunnelEvent(time.time(), e.peer, e.src, e.dst, "denied" if e.denied else "failed",
                                          str(e), self.node.mode))
+                conn.close()
+                return
+            except (OSError, ValueError) as e:  # the dialer vanished or sent garbage mid-handshake
+                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"tunnel set-up: {e}", self.node.mode))
                 conn.close()
                 return
             stats = relay(upstream, sess)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from certs.tunnel import Refusal
 from datapath.maps import EP_LOCAL, EP_MTLS_STRICT, PROTO_TCP, ServiceEntry
 from mesh.model import ClusterState, Pod, mtls_modes
 from mesh.reconcile import NodePlan, _alloc
@@ -113,10 +114,13 @@ def source_identity(state: ClusterState, node: str, ip: str) -> tuple[str, str] 
     return None
 
 
-def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_ip: str, dst: str) -> str | None:
+def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_ip: str,
+              dst: str) -> Refusal | str | None:
     """The accepting node's decision on a tunnel: None (allowed) or why it is denied. The
     peer's certificate must be the identity of the pod it names as the source, the
-    destination a pod of this node, and the L3/L4 policy of that pod must allow the source."""
+    destination a pod of this node, and the L3/L4 policy of that pod must allow the source.
+    What only this node's view decides (a source or destination it does not know, perhaps
+    not yet) is a Refusal that is not final: the dialer tries the service's next backend."""
     from certs.ca import parse_spiffe_id
 
     _, ns, sa = parse_spiffe_id(peer_id)
@@ -125,11 +129,11 @@ def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_
             return f"{peer_id} is not a node proxy: a workload reaches other nodes through its node's tunnel"
         host = dst.rpartition(":")[0].strip("[]")
         if not any(p.node == node and host in (p.ip, p.ip6) for p in state.pods):
-            return f"destination {dst} is not a pod of node {node}"
+            return Refusal(f"destination {dst} is not a pod of node {node}", final=False)
         return None  # the L7 policy was enforced by that node's Envoy (RBAC), as for a local request
     src = next((p for p in state.pods if src_ip and src_ip in (p.ip, p.ip6)), None)
     if src is None:
-        return f"source {src_ip} is not a pod of the mesh"
+        return Refusal(f"source {src_ip} is not a pod of the mesh (as node {node} knows it)", final=False)
     if (src.namespace, src.service_account) != (ns, sa):
         return (f"source {src_ip} is pod {src.key} (service account {src.service_account}), "
                 f"but the certificate is {peer_id}")
@@ -137,7 +141,7 @@ def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_
     host = host.strip("[]")
     target = next((p for p in state.pods if p.node == node and host in (p.ip, p.ip6)), None)
     if target is None or not port_text.isdigit():
-        return f"destination {dst} is not a pod of node {node}"
+        return Refusal(f"destination {dst} is not a pod of node {node}", final=False)
     port = int(port_text)
     eps = {e.pod: e for e in plan.endpoints}
     d, s = eps.get(target.key), eps.get(src.key)

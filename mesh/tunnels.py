@@ -20,7 +20,7 @@ from typing import Any
 from certs.ca import CertificateAuthority, WorkloadCert
 from certs.ktls import TunnelError, kernel_has_ktls
 from certs.store import IdentityStore
-from certs.tunnel import Session, TunnelNode, TunnelServer, relay
+from certs.tunnel import Refusal, Session, TunnelNode, TunnelServer, relay
 from mesh.model import ClusterState
 from mesh.mtls import (
     PROXY_NAMESPACE,
@@ -109,9 +109,9 @@ class NodeTunnels:
     def _hosted(self, ns: str, sa: str) -> bool:
         return any(p.node == self.name and (p.namespace, p.service_account) == (ns, sa) for p in self.state.pods)
 
-    def _authorize(self, peer: str, src: str, dst: str) -> str | None:
+    def _authorize(self, peer: str, src: str, dst: str) -> Refusal | str | None:
         if self.plan is None:
-            return "this node has no plan yet"
+            return Refusal("this node has no plan yet", final=False)
         return authorize(self.state, self.plan, self.name, peer, src, dst)
 
     def update(self, state: ClusterState, plan: NodePlan, tplan: TunnelPlan) -> list[str]:
@@ -208,7 +208,7 @@ class NodeTunnels:
                 try:
                     sess = self._connect(b, ident, src_ip)
                     break
-                except (TunnelError, OSError) as e:
+                except (TunnelError, OSError, ValueError) as e:  # ValueError: a malformed answer
                     denied = isinstance(e, TunnelError) and e.denied  # by policy, not a failure
                     self._flow(src_ip, out.spec.name, b, "denied" if denied else "failed",
                                "mtls-denied" if denied else "mtls-failed", str(e))
@@ -221,7 +221,11 @@ class NodeTunnels:
             self._flow(src_ip, out.spec.name, b, "failed" if stats.error else "forwarded",
                        "mtls-failed" if stats.error else ("mtls-tunnel" if b.node_addr else "same-node"),
                        stats.error, sess, stats.to_tunnel, stats.from_tunnel)
+        except Exception as e:  # a bug must not end a connection silently: a flow says why
+            log.exception("mTLS tunnel listener for %s", out.spec.name)
+            self._flow(src_ip, out.spec.name, None, "failed", "mtls-failed", f"internal error: {e!r}")
         finally:
+            conn.close()
             self._slots.release()
 
     def _connect(self, b: TunnelBackend, ident: tuple[str, str], src_ip: str) -> Session:

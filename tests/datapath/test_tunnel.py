@@ -269,11 +269,11 @@ def test_rotation_drops_no_connection(wire: None, tmp_path: Path, ca: Certificat
     server.stop()
 
 
-def test_tampered_record_is_rejected(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
-    """A man in the middle (in netns B) flips one bit of the first data record after the
-    tunnel header: the receiving side must refuse the record, not deliver altered bytes."""
-    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
-    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+def start_mitm(change: Callable[[int, bytearray], bytes | None]) -> threading.Event:
+    """A man in the middle in netns B on MITM_PORT, in front of the tunnel port: every record
+    from the client passes through ``change(n, record)`` (n counts application-data records
+    from 1: the client's Finished, the tunnel header, then data); None cuts the stream there
+    (a FIN to the server, the rest of the client's bytes swallowed). Set the event to stop."""
     stop = threading.Event()
 
     def mitm() -> None:
@@ -289,7 +289,7 @@ def test_tampered_record_is_rejected(wire: None, tmp_path: Path, ca: Certificate
             except OSError:
                 pass
         threading.Thread(target=back, daemon=True).start()
-        buf, app_records = b"", 0
+        buf, app_records, cut = b"", 0, False
         down.settimeout(30 * SLOW)
         while True:
             try:
@@ -299,18 +299,35 @@ def test_tampered_record_is_rejected(wire: None, tmp_path: Path, ca: Certificate
             if not d:
                 break
             buf += d
-            while len(buf) >= 5 and len(buf) >= 5 + struct.unpack("!H", buf[3:5])[0]:
+            while not cut and len(buf) >= 5 and len(buf) >= 5 + struct.unpack("!H", buf[3:5])[0]:
                 n = 5 + struct.unpack("!H", buf[3:5])[0]
                 rec, buf = bytearray(buf[:n]), buf[n:]
-                if rec[0] == 0x17:
-                    app_records += 1
-                    if app_records == 3:  # 1: client Finished, 2: tunnel header, 3: data
-                        rec[10] ^= 0x01
-                up.sendall(bytes(rec))
+                app_records += rec[0] == 0x17
+                out = change(app_records, rec) if rec[0] == 0x17 else bytes(rec)
+                if out is None:
+                    up.shutdown(socket.SHUT_WR)
+                    cut = True
+                else:
+                    up.sendall(out)
+        down.close()
         lst.close()
 
     threading.Thread(target=lambda: in_ns(B, mitm), daemon=True).start()
     time.sleep(0.3 * SLOW)
+    return stop
+
+
+def test_tampered_record_is_rejected(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    """A man in the middle flips one bit of the first data record after the tunnel header:
+    the receiving side must refuse the record, not deliver altered bytes."""
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+
+    def flip(n: int, rec: bytearray) -> bytes:
+        if n == 3:  # 1: client Finished, 2: tunnel header, 3: data
+            rec[10] ^= 0x01
+        return bytes(rec)
+    stop = start_mitm(flip)
     try:
         _, answer = exchange(client, MARKER * 10, port=MITM_PORT)
     except (TunnelError, OSError):
@@ -322,3 +339,92 @@ def test_tampered_record_is_rejected(wire: None, tmp_path: Path, ca: Certificate
     ev = server.events[0]
     assert ev.verdict == "failed", ev
     assert any(w in ev.reason for w in ("EBADMSG", "BAD_RECORD_MAC", "bad record mac", "DECRYPTION")), ev.reason
+
+
+def test_a_cut_stream_is_an_error_not_an_end(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    """A FIN without close_notify after the first data record (a truncation): the server must
+    not hand the workload a clean end of stream (it would answer for a partial request)."""
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+    cut = threading.Event()
+    stop = start_mitm(lambda n, rec: None if cut.is_set() else bytes(rec))
+
+    def run() -> bytes:
+        # the dial returns on the server's answer: its keys are in place before anything is cut
+        sess = client.tunnel.dial((IP_B, MITM_PORT), ("alliance", "xwing"), ("empire", "deathstar"),
+                                  "10.244.1.5", f"127.0.0.1:{WORKLOAD_PORT}", timeout_s=10 * SLOW)
+        sess.sock.settimeout(30 * SLOW)
+        sess.send(MARKER)  # passes
+        time.sleep(0.5 * SLOW)
+        cut.set()
+        sess.send(MARKER)  # the man in the middle sends a FIN instead
+        sess.close_write()
+        answer = b""
+        try:
+            while data := sess.recv():
+                answer += data
+        except (TunnelError, OSError):
+            pass
+        sess.close()
+        return answer
+    answer = in_ns(A, run)
+    stop.set()
+    wait_events(server, 1)
+    server.stop()
+    assert not answer.startswith(b"got"), "the workload took a cut stream for a whole one"
+    ev = server.events[0]
+    assert ev.verdict == "failed" and "without close_notify" in ev.reason, ev
+    assert ev.from_tunnel == len(MARKER), ev  # the record before the cut was delivered
+
+
+def echo_server(port: int) -> socket.socket:
+    """In netns B: echoes every byte as it arrives (both directions busy at once)."""
+    srv = socket.create_server(("127.0.0.1", port))
+    srv.settimeout(30 * SLOW)
+
+    def loop() -> None:
+        with srv:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(30 * SLOW)
+                while data := c.recv(65536):
+                    c.sendall(data)
+    threading.Thread(target=loop, daemon=True).start()
+    return srv
+
+
+def test_full_duplex_stream_arrives_intact(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    """16 MiB each way at once through an echoing workload: both relays read and write one
+    session on two threads at the same time (a user-space TLS session shared unlocked by the
+    two corrupted it: a spurious end of stream, seen in the e2e)."""
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+    in_ns(B, lambda: echo_server(WORKLOAD_PORT + 2))
+    payload = os.urandom(16 << 20)
+
+    def run() -> bytes:
+        sess = client.tunnel.dial((IP_B, TUNNEL_PORT), ("alliance", "xwing"), ("empire", "deathstar"),
+                                  "10.244.1.5", f"127.0.0.1:{WORKLOAD_PORT + 2}", timeout_s=10 * SLOW)
+        sess.sock.settimeout(60 * SLOW)
+
+        def send() -> None:
+            for i in range(0, len(payload), 1 << 16):
+                sess.send(payload[i:i + (1 << 16)])
+            sess.close_write()
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        got = bytearray()
+        while data := sess.recv(1 << 18):
+            got += data
+        t.join(timeout=60 * SLOW)
+        sess.close()
+        return bytes(got)
+    got = in_ns(A, run)
+    wait_events(server, 1)
+    server.stop()
+    assert len(got) == len(payload) and hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    ev = server.events[0]
+    assert (ev.verdict, ev.to_tunnel, ev.from_tunnel) == ("forwarded", len(payload), len(payload)), ev

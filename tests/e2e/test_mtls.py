@@ -309,7 +309,8 @@ def test_a_backend_that_fails_is_skipped(cluster: MultiNode) -> None:
             time.sleep(0.1)
         for _ in range(4):  # round robin: both pods are tried first at least once
             code, body, err = _curl(cluster, "mn1", "empire/tie", f"http://{vip}/")
-            assert (code, body.strip()) == (200, MARKER), (code, body, err)
+            assert (code, body.strip()) == (200, MARKER), json.dumps(
+                [code, body, err, _flows(cluster, "mn1")[-4:], _flows(cluster, "mn2")[-4:]], indent=1)
         failed = _wait_flow(cluster, "mn1", lambda f: f.get("reason") == "mtls-failed" and "connect" in f.get("why", ""))
         assert failed["verdict"] == "failed" and failed["dst_pod"] == "empire/deathstar-broken", failed
     finally:

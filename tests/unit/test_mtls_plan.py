@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from certs.tunnel import Refusal
 from datapath.maps import EP_LOCAL, EP_MTLS_STRICT
 from mesh.model import (
     ClusterState,
@@ -89,9 +90,11 @@ def test_accepting_node_checks_certificate_against_the_source_pod_and_policy() -
     # a port the rule does not cover
     why = authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.2.5:9090")
     assert why and "port 9090/TCP" in why
-    # only pods of this node
+    # only pods of this node; that is this node's view, not a decision: the dialer tries the next backend
     why = authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.1.9:8080")
-    assert why and "not a pod of node n2" in why
+    assert isinstance(why, Refusal) and not why.final and "not a pod of node n2" in why.reason, why
+    why = authorize(st, plan, "n2", xwing, "10.244.9.9", "10.244.2.5:8080")
+    assert isinstance(why, Refusal) and not why.final and "not a pod of the mesh" in why.reason, why
     assert source_identity(st, "n1", "10.244.1.5") == ("alliance", "xwing")
     assert source_identity(st, "n1", "10.244.2.5") is None
 
