@@ -259,7 +259,7 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
     def out() -> None:  # workload -> tunnel
         try:
             if sess.tls is None:
-                stats.to_tunnel = _splice(workload, sess.sock)
+                _splice(workload, sess.sock, lambda n: setattr(stats, "to_tunnel", stats.to_tunnel + n))
             else:
                 while data := workload.recv(RELAY_CHUNK):
                     sess.send(data)
@@ -272,7 +272,8 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
     def back() -> None:  # tunnel -> workload
         try:
             if sess.tls is None:
-                stats.from_tunnel = _splice(sess.sock, workload, ktls_src=sess.mode == KTLS)
+                _splice(sess.sock, workload, lambda n: setattr(stats, "from_tunnel", stats.from_tunnel + n),
+                        ktls_src=sess.mode == KTLS)
             else:
                 while data := sess.recv(RELAY_CHUNK):
                     workload.sendall(data)
@@ -300,15 +301,16 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
     return stats
 
 
-def _splice(src: socket.socket, dst: socket.socket, chunk: int = PIPE_SIZE, ktls_src: bool = False) -> int:
+def _splice(src: socket.socket, dst: socket.socket, moved: Callable[[int], None], chunk: int = PIPE_SIZE,
+            ktls_src: bool = False) -> None:
     """Move bytes src -> dst through a pipe, in the kernel, until src's end of stream (for a
-    kTLS source: also its close_notify, at which the kernel's splice stops with EINVAL)."""
+    kTLS source: also its close_notify, at which the kernel's splice stops with EINVAL);
+    ``moved(n)`` after each piece delivered, so the count survives an error."""
     r, w = os.pipe()
     try:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:  # above /proc/sys/fs/pipe-max-size for this user: the default 64 KiB
         chunk = 1 << 16
-    total = 0
     try:
         while True:
             try:
@@ -317,16 +319,16 @@ def _splice(src: socket.socket, dst: socket.socket, chunk: int = PIPE_SIZE, ktls
                 if not (ktls_src and e.errno in (errno.EINVAL, errno.EIO)):
                     raise
                 ktls_control_record(src)  # close_notify: the end; another record raises
-                return total
+                return
             if n == 0:
                 if ktls_src:  # a FIN without close_notify: whoever sent it, the stream may be cut
                     raise TunnelError("the peer closed the connection without close_notify: "
                                       "the stream may have been cut short")
-                return total
+                return
             while n:
                 m = os.splice(r, dst.fileno(), n)
                 n -= m
-                total += m
+                moved(m)
     finally:
         os.close(r)
         os.close(w)
