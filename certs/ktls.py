@@ -21,6 +21,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ _CIPHERS = {  # OpenSSL name -> (kernel cipher type, key length, iv in info, sal
 MAX_RECORD = 16384 + 256
 HANDSHAKE_TIMEOUT_S = 10.0
 TRUNCATE_AT = 64 << 10  # key log bytes (about 150 handshakes) kept at most while idle
+FORCE_TRUNCATE_AT = 16 << 20  # never idle (steady handshakes): truncated anyway past this
+SECRET_TTL_S = 60.0  # secrets of a handshake that never asked for them (it failed) are dropped after this
 
 
 class TunnelError(Exception):
@@ -84,11 +87,19 @@ class KeyLog:
         self._offset = 0
         self._in_flight = 0
         self._secrets: dict[bytes, dict[str, bytes]] = {}
+        self._seen: dict[bytes, float] = {}  # client random -> when its first secret was read
 
     def close(self) -> None:
         with self._lock:
-            self._secrets.clear()
+            self._clear()
             self.path.unlink(missing_ok=True)
+
+    def _clear(self) -> None:
+        if self.path.exists():
+            os.truncate(self.path, 0)
+        self._offset = 0
+        self._secrets.clear()
+        self._seen.clear()
 
     def attach(self, ctx: ssl.SSLContext) -> None:
         if ctx.keylog_filename != str(self.path):
@@ -101,12 +112,12 @@ class KeyLog:
     def end(self) -> None:
         with self._lock:
             self._in_flight -= 1
-            if self._in_flight == 0 and self._offset > TRUNCATE_AT:
-                # no handshake can be writing now: drop every secret from the file (not after
-                # each handshake: a truncate costs about as much as the handshake's own CPU)
-                os.truncate(self.path, 0)
-                self._offset = 0
-                self._secrets.clear()
+            if (self._in_flight == 0 and self._offset > TRUNCATE_AT) or self._offset > FORCE_TRUNCATE_AT:
+                # idle: no handshake can be writing now, so every secret goes from the file (not
+                # after each handshake: a truncate costs about as much as the handshake's own CPU).
+                # Past FORCE_TRUNCATE_AT (handshakes without pause) a handshake in flight may lose
+                # its secrets: it fails saying so, and the dialer tries again.
+                self._clear()
 
     def take(self, client_random: bytes) -> dict[str, bytes]:
         with self._lock:
@@ -115,17 +126,27 @@ class KeyLog:
                 data = f.read()
             end = data.rfind(b"\n") + 1
             self._offset += end
+            now = time.monotonic()
             for line in data[:end].splitlines():
                 parts = line.split()
                 if len(parts) == 3:
-                    self._secrets.setdefault(bytes.fromhex(parts[1].decode()), {})[parts[0].decode()] = \
-                        bytes.fromhex(parts[2].decode())
+                    rnd = bytes.fromhex(parts[1].decode())
+                    self._secrets.setdefault(rnd, {})[parts[0].decode()] = bytes.fromhex(parts[2].decode())
+                    self._seen.setdefault(rnd, now)
+            for rnd in [r for r, t in self._seen.items() if now - t > SECRET_TTL_S]:
+                self._secrets.pop(rnd, None)  # a failed handshake's: nobody will take them
+                del self._seen[rnd]
+            self._seen.pop(client_random, None)
             return self._secrets.pop(client_random, {})
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:  # a deadline for the whole handshake: a byte every few seconds does not hold a slot
+            raise TunnelError(f"the TLS handshake took longer than {HANDSHAKE_TIMEOUT_S:.0f} s")
+        sock.settimeout(left)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise TunnelError(f"peer closed the connection during the TLS handshake ({len(buf)}/{n} bytes of a record)")
@@ -133,12 +154,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _read_record(sock: socket.socket) -> bytes:
-    head = _recv_exact(sock, 5)
+def _read_record(sock: socket.socket, deadline: float) -> bytes:
+    head = _recv_exact(sock, 5, deadline)
     length = struct.unpack("!H", head[3:5])[0]
     if length > MAX_RECORD:
         raise TunnelError(f"peer sent a {length}-byte TLS record (max {MAX_RECORD}): not TLS")
-    return head + _recv_exact(sock, length)
+    return head + _recv_exact(sock, length, deadline)
 
 
 @dataclass
@@ -160,6 +181,7 @@ def handshake(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, keylo
     random = b""
     keylog.begin()
     old_timeout = sock.gettimeout()
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
     try:
         while True:
@@ -172,7 +194,7 @@ def handshake(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, keylo
                     if not random and not server_side:
                         random = pending[11:43]  # record(5) + handshake header(4) + version(2)
                     sock.sendall(pending)
-                record = _read_record(sock)
+                record = _read_record(sock, deadline)
                 if not random and server_side:
                     random = record[11:43]
                 inc.write(record)
@@ -244,6 +266,8 @@ class UserspaceTls:
         self.sock, self.hs = sock, hs
         self._ssl = threading.Lock()  # the SSL object and its two memory BIOs
         self._send = threading.Lock()  # encrypt + sendall: records leave in the order they were made
+        self._early = b""  # plaintext decrypted by close_write before its shutdown, not yet returned
+        self._early_end = False  # close_write met the peer's close_notify
 
     def send(self, data: bytes) -> None:
         with self._send:
@@ -258,6 +282,9 @@ class UserspaceTls:
         while True:
             try:
                 with self._ssl:
+                    if self._early or self._early_end:
+                        out, self._early = self._early[:n], self._early[n:]
+                        return out
                     first = self.hs.obj.read(n)
                     return first + self._more(n - len(first)) if first else first
             except ssl.SSLWantReadError:
@@ -290,6 +317,22 @@ class UserspaceTls:
     def close_write(self) -> None:
         with self._send:
             with self._ssl:
+                # unwrap() also reads: a data record waiting in the incoming buffer would make it
+                # fail (APPLICATION_DATA_AFTER_CLOSE_NOTIFY) and break the direction still open.
+                # So first everything decryptable is taken out, for recv() to return.
+                parts = [self._early]
+                while True:
+                    try:
+                        part = self.hs.obj.read(1 << 16)
+                    except ssl.SSLZeroReturnError:
+                        self._early_end = True
+                        break
+                    except ssl.SSLError:
+                        break  # WantRead (nothing whole left), or a bad record recv() will meet again
+                    if not part:
+                        break
+                    parts.append(part)
+                self._early = b"".join(parts)
                 try:
                     self.hs.obj.unwrap()
                 except (ssl.SSLWantReadError, ssl.SSLError):

@@ -43,7 +43,11 @@ KTLS, USERSPACE = "ktls", "userspace"
 MAX_HEADER = 4096
 PIPE_SIZE = 1 << 20  # one splice moves up to this much
 RELAY_CHUNK = 1 << 18  # user-space TLS: plaintext read per record batch
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # the accepting node's connect to the destination
+ANSWER_TIMEOUT_S = CONNECT_TIMEOUT_S + 3.0  # the dialer waits longer: it hears that connect's failure
+# an idle tunnel whose peer vanished (node down, cable cut) ends instead of holding two threads
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 30), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
+USER_TIMEOUT_MS = 60_000  # unacknowledged data for this long: the connection is dead
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,15 @@ class Refusal:
 # authorize(peer SPIFFE ID, source pod IP, destination "ip:port") -> None (allowed) or why not
 # (a plain string is a final refusal)
 Authorize = Callable[[str, str, str], "Refusal | str | None"]
+
+
+def _tune(sock: socket.socket) -> None:
+    """A tunnel socket: no Nagle (small frames), keepalive and a user timeout (dead peers end)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 def sni_of(namespace: str, service_account: str) -> str:
@@ -86,13 +99,17 @@ class Session:
         if self.tls is not None:
             return self.tls.recv(n)
         try:
-            return self.sock.recv(n)
+            data = self.sock.recv(n)
         except OSError as e:
             if e.errno == errno.EBADMSG:
                 raise TunnelError("TLS record rejected by the kernel (EBADMSG): tampered or corrupted") from e
             if e.errno == errno.EIO and self.mode == KTLS:  # a control record: close_notify or an alert
                 return ktls_control_record(self.sock)
             raise
+        if not data and n and self.mode == KTLS:  # a FIN before close_notify
+            raise TunnelError("the peer closed the connection without close_notify: "
+                              "the stream may have been cut short")
+        return data
 
     def send_frame(self, obj: dict[str, object]) -> None:
         body = json.dumps(obj).encode()
@@ -105,7 +122,7 @@ class Session:
                 raise TunnelError("tunnel header too long")
             chunk = self.recv(1 if len(buf) < 2 else 2 + struct.unpack("!H", buf[:2])[0] - len(buf))
             if not chunk:
-                raise TunnelError("peer closed the tunnel before its header")
+                raise TunnelError("peer closed the tunnel before its frame (header or answer)")
             buf += chunk
         frame = json.loads(buf[2:])
         if not isinstance(frame, dict):
@@ -183,7 +200,7 @@ class TunnelNode:
         (namespace, service account), to a workload that must be ``expect``."""
         sock = socket.create_connection(peer, timeout=timeout_s)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(sock)
             ctx = self._context(*source, server_side=False)
             hs, secrets = handshake(sock, ctx, False, self.keylog, server_hostname=sni_of(*expect))
             sess = self._establish(sock, hs, secrets, server_side=False)
@@ -192,8 +209,11 @@ class TunnelNode:
                 raise TunnelError(f"peer presented {sess.peer_id}, expected {want}")
             try:
                 sess.send_frame({"src": src_ip, "dst": target})
+                sock.settimeout(max(timeout_s, ANSWER_TIMEOUT_S))
                 answer = sess.recv_frame()
-            except OSError as e:  # TLS 1.3: the server checks our certificate after we finished
+            except TimeoutError as e:
+                raise TunnelError(f"{sess.peer_id} did not answer within {max(timeout_s, ANSWER_TIMEOUT_S):.0f} s") from e
+            except (OSError, TunnelError) as e:  # TLS 1.3: the server checks our certificate after we finished
                 raise TunnelError(f"{sess.peer_id} closed the tunnel before answering "
                                   f"(our certificate refused?): {e}") from e
             if not answer.get("ok"):
@@ -212,7 +232,7 @@ class TunnelNode:
         Every refusal is a TunnelError carrying what was known (peer, src, dst) and why.
         ``fixed_dst``: a pod's own mTLS port (Envoy-originated TLS): no header, no answer, the
         destination is the port's; a refusal closes the connection."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune(sock)
         hs, secrets = handshake(sock, self._base, True, self.keylog)
         sess = self._establish(sock, hs, secrets, server_side=True)
         sock.settimeout(CONNECT_TIMEOUT_S)
@@ -228,21 +248,33 @@ class TunnelNode:
         if verdict:
             refusal = Refusal(verdict) if isinstance(verdict, str) else verdict
             if not fixed_dst:
-                sess.send_frame({"ok": False, "reason": refusal.reason, "denied": refusal.final})
+                _answer(sess, {"ok": False, "reason": refusal.reason, "denied": refusal.final})
             raise TunnelError(f"{'denied' if refusal.final else 'refused'} {sess.peer_id} ({src or 'node proxy'}) "
                               f"-> {dst}: {refusal.reason}", sess.peer_id, src, dst, refusal.final)
         host, _, port = dst.rpartition(":")
         try:
             upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, OverflowError) as e:
             if not fixed_dst:
-                sess.send_frame({"ok": False, "reason": f"connect {dst}: {e}"})
+                _answer(sess, {"ok": False, "reason": f"connect {dst}: {e}"})
             raise TunnelError(f"connect {dst} for {sess.peer_id}: {e}", sess.peer_id, src, dst) from e
         upstream.settimeout(None)
         sock.settimeout(None)
         if not fixed_dst:
-            sess.send_frame({"ok": True})
+            try:
+                sess.send_frame({"ok": True})
+            except OSError as e:
+                upstream.close()
+                raise TunnelError(f"the dialer left before the answer: {e}", sess.peer_id, src, dst) from e
         return sess, upstream, src, dst
+
+
+def _answer(sess: Session, frame: dict[str, object]) -> None:
+    """A refusal to the dialer; one that left already changes nothing (the refusal is recorded)."""
+    try:
+        sess.send_frame(frame)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -253,8 +285,18 @@ class RelayStats:
 
 
 def relay(workload: socket.socket, sess: Session) -> RelayStats:
-    """Bytes both ways until both sides are done; half-close passed on. Blocks."""
+    """Bytes both ways until both sides are done. A clean end is passed on as one (the
+    workload's FIN as close_notify, the peer's close_notify as a FIN); an error on either side
+    ends both at once: the tunnel without close_notify, the workload with a TCP reset — a
+    stream cut short must never look whole to the other end. Blocks."""
     stats = RelayStats()
+    aborted = threading.Event()
+
+    def abort(why: str) -> None:
+        stats.error = stats.error or why
+        aborted.set()  # before the sockets are shut: the other thread then sees it, whatever it reads
+        _reset(sess.sock, wake_writers=True)  # the peer sees no close_notify: its side fails too
+        _reset(workload, wake_writers=False)  # no FIN: the reset comes with the close below
 
     def out() -> None:  # workload -> tunnel
         try:
@@ -265,8 +307,9 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
                     sess.send(data)
                     stats.to_tunnel += len(data)
         except (OSError, TunnelError) as e:
-            stats.error = stats.error or f"to tunnel: {e}"
-        finally:
+            if not aborted.is_set():
+                abort(f"to tunnel: {e}")
+        if not aborted.is_set():  # the workload's clean FIN: close_notify, the other way still open
             sess.close_write()
 
     def back() -> None:  # tunnel -> workload
@@ -279,26 +322,37 @@ def relay(workload: socket.socket, sess: Session) -> RelayStats:
                     workload.sendall(data)
                     stats.from_tunnel += len(data)
         except OSError as e:
-            why = "TLS record rejected by the kernel (EBADMSG): tampered or corrupted" \
-                if e.errno == errno.EBADMSG else str(e)
-            stats.error = stats.error or f"from tunnel: {why}"
-            _abort(workload, sess.sock)
+            if not aborted.is_set():
+                abort("from tunnel: " + ("TLS record rejected by the kernel (EBADMSG): tampered or corrupted"
+                                         if e.errno == errno.EBADMSG else str(e)))
         except TunnelError as e:
-            stats.error = stats.error or f"from tunnel: {e}"
-            _abort(workload, sess.sock)
-        finally:
+            if not aborted.is_set():
+                abort(f"from tunnel: {e}")
+        if not aborted.is_set():  # the peer's close_notify: a FIN to the workload
             try:
                 workload.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
 
     t = threading.Thread(target=out, name="tunnel-out", daemon=True)
-    t.start()
-    back()
-    t.join()
-    workload.close()
-    sess.close()
+    try:
+        t.start()
+        back()
+        t.join()
+    finally:
+        workload.close()
+        sess.close()
     return stats
+
+
+def _reset(sock: socket.socket, wake_writers: bool) -> None:
+    """Make the coming close() a TCP reset, and wake the threads blocked on ``sock``: readers
+    always (SHUT_RD sends nothing), writers too when asked (SHUT_RDWR: a FIN goes first)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR if wake_writers else socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def _splice(src: socket.socket, dst: socket.socket, moved: Callable[[int], None], chunk: int = PIPE_SIZE,
@@ -332,14 +386,6 @@ def _splice(src: socket.socket, dst: socket.socket, moved: Callable[[int], None]
     finally:
         os.close(r)
         os.close(w)
-
-
-def _abort(*socks: socket.socket) -> None:
-    for s in socks:
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -387,6 +433,14 @@ class TunnelServer:
         self._thread.join(timeout=5)
         self.listen.close()
 
+    @staticmethod
+    def stop_all(servers: list[TunnelServer]) -> None:
+        """Several at once: every loop told first, then each joined (one accept timeout in all, not each)."""
+        for srv in servers:
+            srv._stop.set()
+        for srv in servers:
+            srv.stop()
+
     def _record(self, ev: TunnelEvent) -> None:
         with self._lock:
             self.events.append(ev)
@@ -407,14 +461,23 @@ class TunnelServer:
                 conn, _ = self.listen.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError as e:
+                if self._stop.is_set() or e.errno in (errno.EBADF, errno.EINVAL):
+                    return  # the listener was closed
+                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"accept: {e}", self.node.mode))
+                time.sleep(0.1)  # out of descriptors or memory: the backlog waits, the listener stays
+                continue
             if not self._slots.acquire(blocking=False):
                 self._record(TunnelEvent(time.time(), "", "", "", "failed",
                                          f"more than {self.max_conns} tunnels at once", self.node.mode))
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="tunnel-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="tunnel-conn", daemon=True).start()
+            except RuntimeError as e:  # no thread to be had
+                self._slots.release()
+                conn.close()
+                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"start a thread: {e}", self.node.mode))
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -425,8 +488,8 @@ class TunnelServer:
                                          str(e), self.node.mode))
                 conn.close()
                 return
-            except (OSError, ValueError) as e:  # the dialer vanished or sent garbage mid-handshake
-                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"tunnel set-up: {e}", self.node.mode))
+            except (OSError, ValueError, RecursionError) as e:  # the dialer vanished or sent garbage (deep JSON)
+                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"tunnel set-up: {e!r}", self.node.mode))
                 conn.close()
                 return
             stats = relay(upstream, sess)

@@ -143,6 +143,8 @@ def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_
     if target is None or not port_text.isdigit():
         return Refusal(f"destination {dst} is not a pod of node {node}", final=False)
     port = int(port_text)
+    if not 0 < port < 65536:
+        return f"destination {dst}: port {port} is not a TCP port"
     eps = {e.pod: e for e in plan.endpoints}
     d, s = eps.get(target.key), eps.get(src.key)
     if d is None or not d.enforced or d.audit:

@@ -7,6 +7,7 @@ the listeners (make-before-break) and :meth:`drain_flows` from its loop.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import socket
@@ -65,16 +66,21 @@ class NodeTunnels:
         self.ktls = kernel_has_ktls()
         self.node = TunnelNode(self.store, state_dir / "tls" / "keylog", self.ktls, self._hosted)
         self.deadline = time.monotonic() + lifetime_s
-        self.state: ClusterState = ClusterState()
-        self.plan: NodePlan | None = None
+        # (state, plan) replaced as one: an accepting thread never pairs a new state with an old plan
+        self._view: tuple[ClusterState, NodePlan | None] = (ClusterState(), None)
         self.server: TunnelServer | None = None
         self.direct: dict[str, tuple[int, TunnelServer]] = {}  # "pod ip:port" -> (port, server): Envoy-originated mTLS
         self.outs: dict[int, _Out] = {}
         self.flows: deque[dict[str, Any]] = deque(maxlen=10000)
         self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
+        self._counts_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONNS)
         self._stop = threading.Event()
         self._next_rotation = 0.0
+
+    @property
+    def state(self) -> ClusterState:
+        return self._view[0]
 
     @property
     def mode(self) -> str:
@@ -98,8 +104,7 @@ class NodeTunnels:
         for out in self.outs.values():
             out.thread.join(timeout=2)
         self.outs.clear()
-        for _, srv in self.direct.values():
-            srv.stop()
+        TunnelServer.stop_all([srv for _, srv in self.direct.values()])
         self.direct.clear()
         if self.server is not None:
             self.server.stop()
@@ -110,15 +115,16 @@ class NodeTunnels:
         return any(p.node == self.name and (p.namespace, p.service_account) == (ns, sa) for p in self.state.pods)
 
     def _authorize(self, peer: str, src: str, dst: str) -> Refusal | str | None:
-        if self.plan is None:
+        state, plan = self._view
+        if plan is None:
             return Refusal("this node has no plan yet", final=False)
-        return authorize(self.state, self.plan, self.name, peer, src, dst)
+        return authorize(state, plan, self.name, peer, src, dst)
 
     def update(self, state: ClusterState, plan: NodePlan, tplan: TunnelPlan) -> list[str]:
         """Listeners for ``tplan`` open (and identities issued) before this returns; the ones
         that could not be opened, with why (their connections are refused: fail closed)."""
         errors: list[str] = []
-        self.state, self.plan = state, plan
+        self._view = (state, plan)
         mine = {(p.namespace, p.service_account) for p in state.pods if p.node == self.name}
         for ns, sa in sorted(mine):
             self.store.get(ns, sa)  # issued now, not on the first connection
@@ -128,9 +134,11 @@ class NodeTunnels:
         for port in set(self.outs) - set(want):
             self.outs.pop(port).sock.close()
         for port, spec in want.items():
-            if port in self.outs:
+            if port in self.outs and self.outs[port].spec.name == spec.name:
                 self.outs[port].spec = spec  # new backends for new connections
                 continue
+            if port in self.outs:  # the port now belongs to another service: never mix their clients
+                self.outs.pop(port).sock.close()
             sock = _listen(self.gateway, port, errors, f"mTLS tunnel listener for {spec.name}",
                            "its connections are refused")
             if sock is None:
@@ -147,8 +155,8 @@ class NodeTunnels:
         if not self.wire_addr:
             return []
         errors: list[str] = []
-        for dst in [d for d, (port, _) in self.direct.items() if want.get(d) != port]:
-            self.direct.pop(dst)[1].stop()
+        TunnelServer.stop_all([self.direct.pop(d)[1] for d, (port, _) in list(self.direct.items())
+                               if want.get(d) != port])
         for dst, port in want.items():
             if dst in self.direct:
                 continue
@@ -183,14 +191,23 @@ class NodeTunnels:
                 conn, peer = out.sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError as e:
+                if self._stop.is_set() or self.outs.get(port) is not out or e.errno in (errno.EBADF, errno.EINVAL):
+                    return  # closed: the service went, or the port passed to another
+                self._flow("", out.spec.name, None, "failed", "mtls-failed", f"accept: {e}")
+                time.sleep(0.1)  # out of descriptors or memory: the backlog waits, the listener stays
+                continue
             if not self._slots.acquire(blocking=False):
                 self._flow(peer[0], out.spec.name, None, "dropped", "mtls-busy", f"more than {MAX_CONNS} tunnels")
                 conn.close()
                 continue
             conn.settimeout(None)
-            threading.Thread(target=self._outbound, args=(conn, peer[0], out), daemon=True).start()
+            try:
+                threading.Thread(target=self._outbound, args=(conn, peer[0], out), daemon=True).start()
+            except RuntimeError as e:  # no thread to be had
+                self._slots.release()
+                conn.close()
+                self._flow(peer[0], out.spec.name, None, "failed", "mtls-failed", f"start a thread: {e}")
 
     def _outbound(self, conn: socket.socket, src_ip: str, out: _Out) -> None:
         try:
@@ -198,8 +215,8 @@ class NodeTunnels:
             start = next(out.rr)
             ident = source_identity(self.state, self.name, src_ip)
             if ident is None:
-                self._flow(src_ip, out.spec.name, None, "denied", "mtls-unknown-source",
-                           f"{src_ip} is not a pod of node {self.name}: no identity to present")
+                self._flow(src_ip, out.spec.name, None, "failed", "mtls-unknown-source",
+                           f"{src_ip} is not a pod of node {self.name} (as it knows them now): no identity to present")
                 conn.close()
                 return
             sess = None
@@ -248,7 +265,8 @@ class NodeTunnels:
             flow["why"] = why
         if sess is not None and sess.mode != "plaintext":
             flow["tls"], flow["peer"] = sess.mode, sess.peer_id
-        self.counts[verdict if verdict in self.counts else "failed"] += 1
+        with self._counts_lock:
+            self.counts[verdict if verdict in self.counts else "failed"] += 1
         self.flows.append(flow)
 
     # ---- reporting ----

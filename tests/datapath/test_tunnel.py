@@ -59,17 +59,26 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.load_or_create(tmp_path / "ca", "webb.test")
 
 
+ENDINGS: list[str] = []  # how the workload's connections ended: "eof" (clean) or "reset"
+
+
 def workload_server() -> socket.socket:
     """In netns B: answers each connection with sha256 of everything it received, at EOF."""
     srv = socket.create_server(("127.0.0.1", WORKLOAD_PORT))
     srv.settimeout(30 * SLOW)
+    ENDINGS.clear()
 
     def answer(c: socket.socket) -> None:
         with c:
             h, n = hashlib.sha256(), 0
-            while data := c.recv(65536):
-                h.update(data)
-                n += len(data)
+            try:
+                while data := c.recv(65536):
+                    h.update(data)
+                    n += len(data)
+            except ConnectionResetError:
+                ENDINGS.append("reset")
+                return
+            ENDINGS.append("eof")
             c.sendall(f"got {n} {h.hexdigest()}".encode())
 
     def loop() -> None:
@@ -375,6 +384,10 @@ def test_a_cut_stream_is_an_error_not_an_end(wire: None, tmp_path: Path, ca: Cer
     ev = server.events[0]
     assert ev.verdict == "failed" and "without close_notify" in ev.reason, ev
     assert ev.from_tunnel == len(MARKER), ev  # the record before the cut was delivered
+    deadline = time.monotonic() + 5 * SLOW
+    while not ENDINGS and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ENDINGS == ["reset"], ENDINGS  # a reset, not a clean end of a partial request
 
 
 def echo_server(port: int) -> socket.socket:
@@ -428,3 +441,62 @@ def test_full_duplex_stream_arrives_intact(wire: None, tmp_path: Path, ca: Certi
     assert len(got) == len(payload) and hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     ev = server.events[0]
     assert (ev.verdict, ev.to_tunnel, ev.from_tunnel) == ("forwarded", len(payload), len(payload)), ev
+
+
+def speaker_server(port: int, size: int, count: int) -> socket.socket:
+    """In netns B: sends ``size`` bytes on each connection at once, then reads until EOF."""
+    srv = socket.create_server(("127.0.0.1", port))
+    srv.settimeout(30 * SLOW)
+
+    def one(c: socket.socket) -> None:
+        with c:
+            c.settimeout(30 * SLOW)
+            c.sendall(bytes(range(256)) * (size // 256))
+            while c.recv(65536):
+                pass
+
+    def loop() -> None:
+        with srv:
+            for _ in range(count):
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                threading.Thread(target=one, args=(c,), daemon=True).start()
+    threading.Thread(target=loop, daemon=True).start()
+    return srv
+
+
+def test_half_close_while_the_other_way_streams(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
+    """The client ends its direction (close_notify) while a 2 MiB answer is still arriving
+    through a reader thread: the answer must arrive whole. (User-space TLS: the shutdown also
+    reads, and a data record waiting then broke the open direction: about one round in 40 or so.)"""
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server = serve(make_node(tmp_path, ca, {("empire", "deathstar")}, "b"))
+    size, rounds = 2 << 20, (10 if os.environ.get("WEBB_IN_VM") else 100)  # the guest: kTLS, emulated
+    in_ns(B, lambda: speaker_server(WORKLOAD_PORT + 3, size, rounds))
+
+    def one_round() -> int:
+        sess = client.tunnel.dial((IP_B, TUNNEL_PORT), ("alliance", "xwing"), ("empire", "deathstar"),
+                                  "10.244.1.5", f"127.0.0.1:{WORKLOAD_PORT + 3}", timeout_s=10 * SLOW)
+        sess.sock.settimeout(30 * SLOW)
+        n = [0]
+        first = threading.Event()
+
+        def read() -> None:
+            while data := sess.recv(1 << 16):
+                n[0] += len(data)
+                first.set()
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        first.wait(10 * SLOW)
+        sess.close_write()  # mid-stream: records are arriving on the other thread
+        t.join(timeout=30 * SLOW)
+        sess.close()
+        return n[0]
+
+    def run() -> list[int]:
+        return [one_round() for _ in range(rounds)]
+    got = in_ns(A, run)
+    server.stop()
+    assert got == [size] * rounds, got
