@@ -14,6 +14,7 @@ same for a change of one service's listener (its RBAC rule). Listeners bind 127.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mesh.cli import MALLOC_ARENAS
 from mesh.model import ClusterState, HttpMatch, IngressRule, MeshPolicy, Pod, PortRule, Requirement, Selector, Service, ServicePort
 from mesh.reconcile import NodeSpec, reconcile
 from xds import resources as r
@@ -81,6 +83,7 @@ def one(n: int, delta: bool) -> dict[str, float]:
         snap = Snapshot.of(res)
         t2 = time.perf_counter()
         out.update(build_s=t1 - t0, serialize_s=t2 - t1, resources=float(sum(len(v) for v in res.values())))
+        del res  # as in the agent: the protos live only until serialized (the snapshot keeps bytes)
         cache = SnapshotCache()
         cache.set_snapshot(NODE, Snapshot.of({}))
         server = XdsServer(cache)
@@ -126,8 +129,10 @@ def one(n: int, delta: bool) -> dict[str, float]:
 def run(n: int = 10_000) -> tuple[dict[str, float], list[tuple[str, ...]]]:
     per: dict[str, dict[str, float]] = {}
     for proto in ("sotw", "delta"):
+        # the process stands for the agent: the malloc arenas `webb agent` runs with (mesh.cli.few_malloc_arenas)
+        env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENAS)}
         p = subprocess.run([sys.executable, "-m", "bench.xds", str(n), proto], capture_output=True, text=True,
-                           timeout=900)
+                           timeout=900, env=env)
         if p.returncode != 0:
             raise RuntimeError(f"xds bench ({proto}): {p.stderr[-2000:]}")
         per[proto] = json.loads(p.stdout)

@@ -45,6 +45,8 @@ ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 # make-before-break: clusters, their endpoints and the certificates exist before the
 # listeners and routes that use them
 TYPE_ORDER = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
+MESSAGES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment, SECRET: secret_pb2.Secret,
+            LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}  # type URL -> message class
 WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/SDS/RDS by name
 
 DENIED_BODY = "Access denied\n"

@@ -89,7 +89,7 @@ class _SotwStream(_Stream):
         if not force and (version == self.last_sent.get(type_url) or (st is not None and st.nacked == version)):
             return
         nonce = self._next_nonce()
-        wanted = self.names.get(type_url) or frozenset(snap.resources[type_url])
+        wanted = self.names.get(type_url) or frozenset(snap.entries[type_url])
         resources = [any_pb2.Any(type_url=type_url, value=snap.wire(type_url, name))
                      for name in sorted(wanted) if name in snap.entries[type_url]]
         self.last_nonce[type_url] = nonce

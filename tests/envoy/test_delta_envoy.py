@@ -51,7 +51,7 @@ def test_one_endpoint_change_sends_one_resource(plane: Plane, backend: int, tmp_
     # delta sends the one changed ClusterLoadAssignment; state of the world all three
     assert _sent(plane) - before == (1 if plane.delta else 3)
     before = _sent(plane)
-    back = changed.updated({r.ENDPOINT: {"default/svc0:80": snap.resources[r.ENDPOINT]["default/svc0:80"]}})
+    back = changed.updated({r.ENDPOINT: {"default/svc0:80": snap.resource(r.ENDPOINT, "default/svc0:80")}})
     plane.cache.set_snapshot(NODE, back)
     assert back.versions == snap.versions and plane.cache.wait_acked(NODE, back, 10)
     assert _sent(plane) - before == (1 if plane.delta else 3)

@@ -115,7 +115,7 @@ def test_route_to_unknown_backend_warns_and_keeps_the_rest(tmp_path: Path) -> No
     assert canary.clusters == ()
     snap = Snapshot.of(r.build(list(plan.http), "/tmp/a.log", list(plan.upstreams)))
     assert snap.problems() == []
-    routes = snap.resources[r.ROUTE]["default/web:80"].virtual_hosts[0].routes
+    routes = snap.resource(r.ROUTE, "default/web:80").virtual_hosts[0].routes
     assert [x.direct_response.status for x in routes if x.HasField("direct_response")] == [500]
 
 

@@ -64,9 +64,14 @@ def test_snapshot_reuses_unchanged_resources_of_the_previous_one() -> None:
     res2 = {t: dict(items) for t, items in res.items()}
     res2[r.ENDPOINT][other.name] = r.endpoints(r.Upstream(other.name, (("10.244.0.6", 80),)))
     b = Snapshot.of(res2, previous=a)
-    assert b.entries[r.LISTENER][SVC.name] is a.entries[r.LISTENER][SVC.name]  # not serialized again
+    assert b.entries[r.LISTENER][SVC.name] is a.entries[r.LISTENER][SVC.name]  # shared, not hashed again
     assert b.entries[r.ENDPOINT][other.name] is not a.entries[r.ENDPOINT][other.name]
     assert b.versions == Snapshot.of(res2).versions  # the same versions as built from scratch
+    # the agent's case: every sync builds new objects; equal bytes are shared all the same
+    c = Snapshot.of(r.build([SVC, other], "/tmp/a.log"), previous=a)
+    assert all(c.entries[t][n] is a.entries[t][n] for t in c.entries for n in c.entries[t])
+    # only bytes are kept; a resource is parsed back on demand
+    assert not hasattr(c, "resources") and c.resource(r.LISTENER, SVC.name) == res[r.LISTENER][SVC.name]
 
 
 def test_updated_snapshot_equals_one_built_from_scratch_and_stays_consistent() -> None:
