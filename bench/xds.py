@@ -14,17 +14,16 @@ same for a change of one service's listener (its RBAC rule). Listeners bind 127.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from mesh.cli import MALLOC_ARENAS
 from mesh.model import ClusterState, HttpMatch, IngressRule, MeshPolicy, Pod, PortRule, Requirement, Selector, Service, ServicePort
 from mesh.reconcile import NodeSpec, reconcile
 from xds import resources as r
@@ -32,6 +31,7 @@ from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
 from xds.server import XdsServer
 
+T = TypeVar("T")
 NODE = "bench"
 CHANGES = 20
 
@@ -68,6 +68,19 @@ def _timed_changes(cache: SnapshotCache, snap: Snapshot, make: Any) -> tuple[Sna
     return snap, server, ack
 
 
+def _timed(items: Iterator[T], spent: list[float]) -> Iterator[T]:
+    """``items``, adding the time taken to make each to ``spent[0]``."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            spent[0] += time.perf_counter() - t
+            return
+        spent[0] += time.perf_counter() - t
+        yield item
+
+
 def one(n: int, delta: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -77,13 +90,13 @@ def one(n: int, delta: bool) -> dict[str, float]:
         raise RuntimeError(f"expected {n} L7 services, reconcile made {len(plan.http)}: {plan.warnings[:3]}")
     with tempfile.TemporaryDirectory(prefix="webb-bench-xds-") as tmp:
         log = str(Path(tmp) / "access.jsonl")
+        made = [0.0]  # time spent making protos, inside the stream
         t0 = time.perf_counter()
-        res = r.build(list(plan.http), log, upstreams=list(plan.upstreams))
-        t1 = time.perf_counter()
-        snap = Snapshot.of(res)
-        t2 = time.perf_counter()
-        out.update(build_s=t1 - t0, serialize_s=t2 - t1, resources=float(sum(len(v) for v in res.values())))
-        del res  # as in the agent: the protos live only until serialized (the snapshot keeps bytes)
+        # as the agent does: each proto serialized before the next is made (the snapshot keeps bytes)
+        snap = Snapshot.stream(_timed(r.build_items(list(plan.http), log, upstreams=list(plan.upstreams)), made))
+        total = time.perf_counter() - t0
+        out.update(build_s=made[0], serialize_s=total - made[0],
+                   resources=float(sum(len(v) for v in snap.entries.values())))
         cache = SnapshotCache()
         cache.set_snapshot(NODE, Snapshot.of({}))
         server = XdsServer(cache)
@@ -129,10 +142,8 @@ def one(n: int, delta: bool) -> dict[str, float]:
 def run(n: int = 10_000) -> tuple[dict[str, float], list[tuple[str, ...]]]:
     per: dict[str, dict[str, float]] = {}
     for proto in ("sotw", "delta"):
-        # the process stands for the agent: the malloc arenas `webb agent` runs with (mesh.cli.few_malloc_arenas)
-        env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENAS)}
         p = subprocess.run([sys.executable, "-m", "bench.xds", str(n), proto], capture_output=True, text=True,
-                           timeout=900, env=env)
+                           timeout=900)
         if p.returncode != 0:
             raise RuntimeError(f"xds bench ({proto}): {p.stderr[-2000:]}")
         per[proto] = json.loads(p.stdout)

@@ -206,8 +206,8 @@ class Agent:
                        warnings=plan.warnings + tplan.warnings + up_warnings)
         secrets, bundles = self._mtls_secrets(plan)
         try:
-            snap = Snapshot.of(resources.build(list(plan.http), str(self.access_log), list(plan.upstreams),
-                                               plan.ingress, plan.secrets + secrets, bundles), previous=self.good)
+            snap = Snapshot.stream(resources.build_items(list(plan.http), str(self.access_log), list(plan.upstreams),
+                                                         plan.ingress, plan.secrets + secrets, bundles), previous=self.good)
             self.cache.set_snapshot(self.cfg.node.name, snap)
         except (ValueError, KeyError) as e:  # a translation bug must not stop the node: keep the last plan
             log.exception("build Envoy config for plan %s", plan.version)

@@ -68,7 +68,6 @@ def agent(
     trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain of workload identities")] = "cluster.local",
 ) -> None:
     """Run the node agent on this machine (the embedded default), or on the API server's objects (--kube)."""
-    few_malloc_arenas()
     if node_netns:  # first: threads started from here on (gRPC, Envoy's supervisor) inherit it
         enter_netns(node_netns)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -92,20 +91,6 @@ def agent(
         run_agent(cfg, kube, pod_workdir)
         return
     Agent(cfg).run()
-
-
-MALLOC_ARENAS = "2"
-
-
-def few_malloc_arenas() -> None:
-    """glibc gives threads that allocate their own malloc arenas (up to 8 per core); the agent's
-    gRPC, tunnel and accept threads then leave freed memory scattered over them. Two arenas:
-    10,000-service bench 164 -> 138 MB RSS (CHANGELOG). glibc reads MALLOC_ARENA_MAX only when a
-    process starts, so the agent re-executes itself once with it (same PID); a value the user
-    set is kept."""
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        os.environ["MALLOC_ARENA_MAX"] = MALLOC_ARENAS
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 - this very command, again
 
 
 def _validate(path: Path) -> None:

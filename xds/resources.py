@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -550,23 +551,40 @@ def bundle_secret(b: TrustBundle) -> secret_pb2.Secret:
         trusted_ca=base_pb2.DataSource(inline_bytes=b.roots_pem)))
 
 
+def build_items(services: list[HttpService], access_log_path: str, upstreams: list[Upstream] | None = None,
+                ingress: IngressGateway | None = None, secrets: tuple[TlsSecret, ...] = (),
+                bundles: tuple[TrustBundle, ...] = ()) -> Iterator[tuple[str, str, Any]]:
+    """All resources of one node as (type URL, name, resource), made one at a time (a later one
+    replaces an earlier of the same type and name). ``upstreams`` None: one cluster per service,
+    of its own backends. ``secrets``: certificates (Ingress, workloads), ``bundles``: trust
+    bundles; Envoy fetches a Secret only while a listener or cluster names it."""
+    ups = upstreams if upstreams is not None else [Upstream(s.name, s.backends) for s in services]
+    for u in ups:
+        yield CLUSTER, u.name, cluster(u)
+    for u in ups:
+        yield ENDPOINT, u.name, endpoints(u)
+    for sec in secrets:
+        yield SECRET, sec.name, secret(sec)
+    for b in bundles:
+        yield SECRET, b.name, bundle_secret(b)
+    for s in services:
+        yield LISTENER, s.name, listener(s, access_log_path)
+    if ingress is not None:
+        for name, lst in ingress_listeners(ingress, access_log_path).items():
+            yield LISTENER, name, lst
+    for s in services:
+        yield ROUTE, s.name, route(s)
+
+
 def build(services: list[HttpService], access_log_path: str, upstreams: list[Upstream] | None = None,
           ingress: IngressGateway | None = None, secrets: tuple[TlsSecret, ...] = (),
           bundles: tuple[TrustBundle, ...] = ()) -> dict[str, dict[str, Any]]:
-    """All resources of one node, by type URL then resource name. ``upstreams`` None: one
-    cluster per service, of its own backends. ``secrets``: certificates (Ingress, workloads),
-    ``bundles``: trust bundles; Envoy fetches a Secret only while a listener or cluster names it."""
-    ups = upstreams if upstreams is not None else [Upstream(s.name, s.backends) for s in services]
-    listeners = {s.name: listener(s, access_log_path) for s in services}
-    if ingress is not None:
-        listeners.update(ingress_listeners(ingress, access_log_path))
-    return {
-        CLUSTER: {u.name: cluster(u) for u in ups},
-        ENDPOINT: {u.name: endpoints(u) for u in ups},
-        SECRET: {**{s.name: secret(s) for s in secrets}, **{b.name: bundle_secret(b) for b in bundles}},
-        LISTENER: listeners,
-        ROUTE: {s.name: route(s) for s in services},
-    }
+    """``build_items`` by type URL then name (all in memory at once: tests and tools; the agent
+    streams ``build_items`` into ``Snapshot.stream``, so the protos never pile up)."""
+    out: dict[str, dict[str, Any]] = {t: {} for t in TYPE_ORDER}
+    for t, name, res in build_items(services, access_log_path, upstreams, ingress, secrets, bundles):
+        out[t][name] = res
+    return out
 
 
 def _route_clusters(rcfg: route_pb2.RouteConfiguration) -> set[str]:
