@@ -297,6 +297,8 @@ class UserspaceTls:
             except ssl.SSLZeroReturnError:
                 return b""
             except ssl.SSLError as e:
+                if "ALERT" in str(e.reason or ""):  # the peer said why it ends (e.g. it refused our certificate)
+                    raise TunnelError(f"peer sent {str(e.reason).lower()}") from e
                 raise TunnelError(f"TLS record rejected: {e.reason or e}") from e
 
     def _more(self, n: int) -> bytes:
@@ -361,7 +363,21 @@ def ktls_control_record(sock: socket.socket) -> bytes:
         return b""
     if rtype is None and not data:
         return b""  # the connection ended
+    if rtype == ALERT:
+        raise TunnelError(f"peer sent {alert_text(data)}")
     raise TunnelError(f"peer sent TLS record type {rtype} ({data[:2].hex()}): not data, not close_notify")
+
+
+def alert_text(body: bytes) -> str:
+    """A TLS alert's two bytes in words: "fatal alert unknown_ca (48)"."""
+    if len(body) < 2:
+        return f"a truncated TLS alert ({body.hex()})"
+    level = {1: "warning", 2: "fatal"}.get(body[0], f"level-{body[0]}")
+    try:
+        name = ssl.AlertDescription(body[1]).name.removeprefix("ALERT_DESCRIPTION_").lower()
+    except ValueError:
+        name = "unknown"
+    return f"{level} alert {name} ({body[1]})"
 
 
 def ktls_close_notify(sock: socket.socket) -> None:

@@ -213,3 +213,12 @@ def test_agents_starting_at_once_share_one_root(tmp_path: Path) -> None:
         prints = pool.map(_ca_fingerprint, [str(tmp_path / "ca")] * 8)
     assert len(set(prints)) == 1
     assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == [".lock", "ca.crt", "ca.key"]
+
+
+def test_tls_alerts_are_told_in_words() -> None:
+    from certs.ktls import alert_text
+
+    assert alert_text(bytes([2, 48])) == "fatal alert unknown_ca (48)"
+    assert alert_text(bytes([2, 42])) == "fatal alert bad_certificate (42)"
+    assert alert_text(bytes([1, 0])) == "warning alert close_notify (0)"
+    assert alert_text(b"\x02") == "a truncated TLS alert (02)"
