@@ -45,6 +45,7 @@ MAX_RECORD = 16384 + 256
 HANDSHAKE_TIMEOUT_S = 10.0
 TRUNCATE_AT = 64 << 10  # key log bytes (about 150 handshakes) kept at most while idle
 FORCE_TRUNCATE_AT = 16 << 20  # never idle (steady handshakes): truncated anyway past this
+CUT_SHORT = "the peer closed the connection without close_notify: the stream may have been cut short"
 SECRET_TTL_S = 60.0  # secrets of a handshake that never asked for them (it failed) are dropped after this
 
 
@@ -290,8 +291,7 @@ class UserspaceTls:
             except ssl.SSLWantReadError:
                 data = self.sock.recv(1 << 18)
                 if not data:
-                    raise TunnelError("the peer closed the connection without close_notify: "
-                                      "the stream may have been cut short") from None
+                    raise TunnelError(CUT_SHORT) from None
                 with self._ssl:
                     self.hs.incoming.write(data)
             except ssl.SSLZeroReturnError:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from certs.ca import parse_spiffe_id, peer_spiffe_id
 from certs.ktls import (
+    CUT_SHORT,
     Handshake,
     KeyLog,
     TunnelError,
@@ -107,8 +108,7 @@ class Session:
                 return ktls_control_record(self.sock)
             raise
         if not data and n and self.mode == KTLS:  # a FIN before close_notify
-            raise TunnelError("the peer closed the connection without close_notify: "
-                              "the stream may have been cut short")
+            raise TunnelError(CUT_SHORT)
         return data
 
     def send_frame(self, obj: dict[str, object]) -> None:
@@ -376,8 +376,7 @@ def _splice(src: socket.socket, dst: socket.socket, moved: Callable[[int], None]
                 return
             if n == 0:
                 if ktls_src:  # a FIN without close_notify: whoever sent it, the stream may be cut
-                    raise TunnelError("the peer closed the connection without close_notify: "
-                                      "the stream may have been cut short")
+                    raise TunnelError(CUT_SHORT)
                 return
             while n:
                 m = os.splice(r, dst.fileno(), n)
