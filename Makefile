@@ -49,7 +49,7 @@ kube-tools: deps  ## kube-apiserver + kubectl (built once, cached), etcd, the py
 
 lint: deps  ## ruff and mypy
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m mypy mesh datapath xds bench certs
+	$(PYTHON) -m mypy mesh datapath xds bench certs tunnel
 
 clean:  ## remove build products
 	rm -rf build $(BPF_OBJ) .pytest_cache

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import Backend, DatapathState, ServiceEntry
-from mesh.flows import Names, from_event
+from mesh.agent.flows import Names, from_event
 from mesh.runtime.local import LocalNode, NodeConfig, Sandbox
 
 WORKLOAD = Path(__file__).resolve().parent / "workload.py"

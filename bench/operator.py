@@ -50,8 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mesh.operator.translate import RESOURCES
-from mesh.operator.watch import _path, request, watch_kind
+from mesh.kube.translate import RESOURCES
+from mesh.kube.watch import _path, request, watch_kind
 from tests.kube.apiserver import KubeAPI, Process, free_port, running_kube_api
 
 ROOT = Path(__file__).resolve().parents[1]

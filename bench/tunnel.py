@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from certs.ca import CertificateAuthority
-from certs.ktls import kernel_has_ktls
 from certs.store import IdentityStore
-from certs.tunnel import Session, TunnelNode, TunnelServer, relay
 from mesh.runtime.cluster import Wire
 from mesh.runtime.local import call_in_netns
+from tunnel.ktls import kernel_has_ktls
+from tunnel.session import Session, TunnelNode, TunnelServer, relay
 
 WIRE = Wire((("bta", "10.244.253.0/24"), ("btb", "10.244.254.0/24")), prefix="bt", wire_cidr="10.252.0.0/24")
 A, B = WIRE.node("bta").netns, WIRE.node("btb").netns

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mesh.model import ClusterState, HttpMatch, IngressRule, MeshPolicy, Pod, PortRule, Requirement, Selector, Service, ServicePort
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, reconcile
 from xds import resources as r
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig

@@ -23,7 +23,7 @@ class Probe:
 
 def _ktls() -> Probe:
     """kTLS: the TLS ULP can be set on a connected TCP socket (loopback)."""
-    from certs.ktls import ktls_probe
+    from tunnel.ktls import ktls_probe
 
     ok, why = ktls_probe()
     return Probe("kTLS (TCP_ULP tls)", ok, why if ok else f"{why}: the mTLS tunnel falls back to user-space TLS",

@@ -20,7 +20,7 @@ from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, MeshTLS, Na
 
 class Source(Protocol):
     """Where the agent's ClusterState comes from: a manifest directory, or the API server
-    (``mesh.operator.watch.KubeSource``). ``version()`` changes whenever ``load()`` would."""
+    (``mesh.kube.watch.KubeSource``). ``version()`` changes whenever ``load()`` would."""
 
     errors: list[str]
 

@@ -122,7 +122,7 @@ class UpstreamMtls:
     identity: str  # spiffe://<trust-domain>/ns/<ns>/sa/<sa> of the source workload
     trust_domain: str
     peer_ids: tuple[str, ...]  # the destination workloads' SPIFFE IDs
-    sni: str = ""  # what the peer selects its certificate by (certs.tunnel.sni_of); "" = none
+    sni: str = ""  # what the peer selects its certificate by (tunnel.session.sni_of); "" = none
 
 
 @dataclass(frozen=True)

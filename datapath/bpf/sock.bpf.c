@@ -7,8 +7,8 @@
  * object needs no vmlinux.h and no CO-RE relocation to load on any kernel
  * with cgroup sock_addr hooks (>= 4.17) and ring buffers (>= 5.8).
  *
- * Map layouts are mirrored in datapath/maps.py; the loader checks every key
- * and value size against this object's BTF before it writes an entry.
+ * Map layouts and the shared enums are mirrored in datapath/maps.py; the loader
+ * checks them against this object's BTF before it loads or adopts anything.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -125,6 +125,8 @@ struct {
  * pointer puts it into the object's BTF, where the loader checks it against
  * Python's layout like every other shared struct. */
 struct flow_event *webb_flow_event_btf __attribute__((unused));
+/* Likewise for the shared enums: the loader checks their members against Python's. */
+struct webb_btf_enums *webb_enums_btf __attribute__((unused));
 
 static __always_inline void __count(__u32 reason)
 {

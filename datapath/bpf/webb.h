@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Map layouts shared with datapath/maps.py (sizes are checked at load). */
+/* Map layouts and constants shared with datapath/maps.py (checked against BTF at load). */
 #ifndef WEBB_H
 #define WEBB_H
 
@@ -8,21 +8,28 @@
 #define WEBB_MAX_ENDPOINTS	65536
 #define WEBB_MAX_POLICY		262144
 
-#define WEBB_IDENTITY_UNKNOWN	2	/* not a pod of this node (host, world) */
+/* Constants shared with datapath/maps.py are named enums, never #defines:
+ * struct webb_btf_enums puts each one into the object's BTF, where the loader
+ * checks every member name and value against Python's before it loads. */
+enum webb_identity {
+	WEBB_IDENTITY_UNKNOWN = 2,	/* not a pod of this node (host, world) */
+};
 
-#define WEBB_EP_INGRESS_ENFORCED	1	/* a policy selects this endpoint */
-#define WEBB_EP_AUDIT			2	/* ...in audit mode only: count, allow */
-#define WEBB_EP_MTLS_STRICT		4	/* MeshTLS STRICT: new TCP only from this node */
-#define WEBB_EP_LOCAL			8	/* a pod of this node, or its tunnel address */
+enum webb_ep_flag {			/* endpoint_value.flags */
+	WEBB_EP_INGRESS_ENFORCED = 1,	/* a policy selects this endpoint */
+	WEBB_EP_AUDIT = 2,		/* ...in audit mode only: count, allow */
+	WEBB_EP_MTLS_STRICT = 4,	/* MeshTLS STRICT: new TCP only from this node */
+	WEBB_EP_LOCAL = 8,		/* a pod of this node, or its tunnel address */
+};
 
-enum {
+enum webb_verdict {			/* flow_event.verdict */
 	WEBB_VERDICT_FORWARDED = 1,
 	WEBB_VERDICT_DENIED = 2,
 	WEBB_VERDICT_DROPPED = 3,
 	WEBB_VERDICT_AUDIT = 4,		/* would be denied; allowed (audit mode) */
 };
 
-enum {
+enum webb_reason {			/* flow_event.reason, key of webb_reason_counts */
 	WEBB_REASON_DIRECT = 1,		/* not a service: left as is */
 	WEBB_REASON_SERVICE = 2,	/* VIP rewritten to a backend */
 	WEBB_REASON_L7_PROXY = 3,	/* VIP rewritten to the node Envoy */
@@ -115,13 +122,15 @@ struct sock_key {
 	__u32 pad;
 };
 
-#define WEBB_CONFIG_SOCKMAP	1	/* same-node acceleration on (self-test passed) */
+enum webb_config_flag {			/* webb_config.flags */
+	WEBB_CONFIG_SOCKMAP = 1,	/* same-node acceleration on (self-test passed) */
+};
 
 struct webb_config {
 	__u32 flags;
 };
 
-enum {
+enum webb_accel_counter {		/* key of webb_accel_counts */
 	WEBB_ACCEL_SOCKETS = 0,		/* sockets added to the sockhash */
 	WEBB_ACCEL_REDIRECTED = 1,	/* messages redirected to the peer socket */
 	WEBB_ACCEL_PASSED = 2,		/* messages left to the normal path */
@@ -136,6 +145,17 @@ struct orig_dst {
 	struct webb_addr addr;
 	__u16 port;
 	__u16 pad;
+};
+
+/* Never instantiated: a member of each shared enum's type is what makes clang
+ * emit that enum into BTF (see webb_enums_btf in sock.bpf.c). */
+struct webb_btf_enums {
+	enum webb_identity identity;
+	enum webb_ep_flag ep_flag;
+	enum webb_verdict verdict;
+	enum webb_reason reason;
+	enum webb_config_flag config_flag;
+	enum webb_accel_counter accel_counter;
 };
 
 struct flow_event {

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.operator.indexer import Indexer, Key, key_of
-from mesh.operator.status import cr_status, same
-from mesh.operator.translate import RESOURCES
-from mesh.operator.watch import _path, request
+from mesh.kube.indexer import Indexer, Key, key_of
+from mesh.kube.status import cr_status, same
+from mesh.kube.translate import RESOURCES
+from mesh.kube.watch import _path, request
 
 log = logging.getLogger("webb.operator")
 STATUS_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS")

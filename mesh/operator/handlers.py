@@ -1,6 +1,6 @@
-"""kopf handlers: thin. Each watch event goes into the shared indexer (``mesh.operator.indexer``,
+"""kopf handlers: thin. Each watch event goes into the shared indexer (``mesh.kube.indexer``,
 which parses with ``mesh.manifests``); MeshPolicy, MeshRoute and MeshTLS get their status written from
-``mesh.operator.status``; node reports (ConfigMaps ``webb-system/webb-node-<node>``) refresh
+``mesh.kube.status``; node reports (ConfigMaps ``webb-system/webb-node-<node>``) refresh
 every CR's per-node status. kopf is imported here and in ``main`` only."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import kopf
 
+from mesh.kube.translate import RESOURCES
+from mesh.kube.watch import REPORT_LABEL, SYSTEM_NAMESPACE
 from mesh.operator.controller import Controller
-from mesh.operator.translate import RESOURCES
-from mesh.operator.watch import REPORT_LABEL, SYSTEM_NAMESPACE
 
 log = logging.getLogger("webb.operator")
 CONTROLLER: Controller | None = None  # set by main before kopf starts

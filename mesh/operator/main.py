@@ -6,21 +6,10 @@ import argparse
 import logging
 import os
 import threading
-from typing import Any
 
 import kopf
 
-
-def api_client(kubeconfig: str | None) -> Any:
-    """A kubernetes ApiClient: the kubeconfig given, else the pod's service account."""
-    from kubernetes import config
-
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    config.load_incluster_config()  # type: ignore[no-untyped-call]
-    from kubernetes import client
-
-    return client.ApiClient()
+from mesh.kube.client import api_client
 
 
 def main(argv: list[str] | None = None) -> None:

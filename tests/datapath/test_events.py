@@ -15,7 +15,7 @@ import pytest
 
 from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState, Reason, ServiceEntry
-from mesh.flows import FlowLog, Names, from_event
+from mesh.agent.flows import FlowLog, Names, from_event
 from mesh.runtime.local import LocalNode
 from tests.conftest import SLOW
 

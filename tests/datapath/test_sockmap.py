@@ -10,7 +10,7 @@ import pytest
 
 from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState
-from mesh.accel import FULL, Accelerator, Load
+from mesh.agent.accel import FULL, Accelerator, Load
 from mesh.runtime.local import LocalNode
 from tests.conftest import SLOW
 

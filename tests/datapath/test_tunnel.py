@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.ktls import TunnelError, kernel_has_ktls
 from certs.store import IdentityStore
-from certs.tunnel import KTLS, USERSPACE, TunnelNode, TunnelServer
 from mesh.runtime.cluster import Wire
 from mesh.runtime.local import call_in_netns
 from tests.conftest import SLOW
+from tunnel.ktls import TunnelError, kernel_has_ktls
+from tunnel.session import KTLS, USERSPACE, TunnelNode, TunnelServer
 
 pytestmark = [pytest.mark.root]
 NODES = (("tna", "10.244.251.0/24"), ("tnb", "10.244.252.0/24"))

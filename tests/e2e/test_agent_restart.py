@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from datapath.loader import pin_dir_for
-from mesh.demo import request
+from mesh.cli.demo import request
 from mesh.runtime.local import NodeConfig
 from tests.conftest import ROOT, leftovers
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.demo import CASES, expected, request
+from mesh.cli.demo import CASES, expected, request
 from mesh.runtime.local import NodeConfig
 from tests.conftest import ROOT
 from tests.e2e.test_agent_restart import _start_agent, _status

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.demo import request
+from mesh.cli.demo import request
 from mesh.runtime.local import NodeConfig
 from tests.conftest import ROOT, leftovers
 from tests.e2e.test_agent_restart import _landing, _start_agent

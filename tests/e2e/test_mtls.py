@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from certs.ktls import kernel_has_ktls
 from mesh.runtime.cluster import Wire
 from mesh.runtime.local import call_in_netns as in_ns
 from tests.conftest import SLOW
 from tests.e2e.test_multinode import CLUSTER_CIDR, NODES, Capture, MultiNode, _curl, _vip
+from tunnel.ktls import kernel_has_ktls
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 MARKER = f"webb-mtls-{uuid.uuid4().hex}"

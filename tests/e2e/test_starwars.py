@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.demo import run_starwars
+from mesh.cli.demo import run_starwars
 from mesh.runtime.cgroups import cgroup2_mount
 from tests.conftest import ROOT, leftovers
 

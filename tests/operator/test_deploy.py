@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mesh.operator.translate import RESOURCES
+from mesh.kube.translate import RESOURCES
 from tests.kube.apiserver import KubeAPI
 from tests.operator.conftest import ROOT
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.demo import Outcome, request
+from mesh.cli.demo import Outcome, request
 from mesh.runtime.local import NodeConfig
 from tests.conftest import leftovers
 from tests.kube.apiserver import KubeAPI, Process, free_port

@@ -11,7 +11,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from mesh.operator.watch import SYSTEM_NAMESPACE, report_name
+from mesh.kube.watch import SYSTEM_NAMESPACE, report_name
 from tests.kube.apiserver import KubeAPI, Process
 from tests.operator.test_status import _cond, _report, wait_for
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh.kube.watch import RESOURCES, KubeSource, _path, request
 from mesh.model import ClusterState
-from mesh.operator.watch import RESOURCES, KubeSource, _path, request
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, reconcile
 from mesh.source import StandaloneSource, allocate_vips
 from tests.kube.apiserver import SERVICE_CLUSTER_IP_RANGE, KubeAPI
 from tests.operator.conftest import ROOT

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from mesh.operator.watch import REPORT_LABEL, SYSTEM_NAMESPACE, report_name
+from mesh.kube.watch import REPORT_LABEL, SYSTEM_NAMESPACE, report_name
 from tests.kube.apiserver import KubeAPI, Process
 from tests.kube.meshpolicy import GROUP, PLURAL, VERSION, example_policy
 

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 
 from datapath.maps import PROTO_TCP, PROTO_UDP
+from mesh.kube.indexer import Indexer
+from mesh.kube.translate import NETPOL_PREFIX, network_policy_doc
 from mesh.manifests import ManifestError
 from mesh.model import NAMESPACE_LABEL
-from mesh.operator.indexer import Indexer
-from mesh.operator.translate import NETPOL_PREFIX, network_policy_doc
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, reconcile
 
 NODE = NodeSpec("k1", "10.244.210.1")
 

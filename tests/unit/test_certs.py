@@ -216,7 +216,7 @@ def test_agents_starting_at_once_share_one_root(tmp_path: Path) -> None:
 
 
 def test_tls_alerts_are_told_in_words() -> None:
-    from certs.ktls import alert_text
+    from tunnel.ktls import alert_text
 
     assert alert_text(bytes([2, 48])) == "fatal alert unknown_ca (48)"
     assert alert_text(bytes([2, 42])) == "fatal alert bad_certificate (42)"

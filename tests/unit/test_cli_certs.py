@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from certs.ca import CertificateAuthority
 from certs.store import IdentityStore
-from mesh.cli import app
+from mesh.cli.main import app
 from tests.unit.test_certs import make_intermediate
 
 TD = "webb.test"

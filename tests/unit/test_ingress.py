@@ -11,7 +11,7 @@ import yaml
 
 from mesh.manifests import ManifestError, parse_object
 from mesh.model import Ingress, Secret
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, reconcile
 from mesh.source import StandaloneSource
 from xds import resources as r
 from xds.cache import Snapshot

@@ -12,7 +12,7 @@ import yaml
 
 from mesh.manifests import ManifestError, parse_object
 from mesh.model import ClusterState, MeshRoute, RouteMatch
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, reconcile
 from mesh.source import StandaloneSource
 from tests.unit.test_crds import _strict
 from xds import resources as r

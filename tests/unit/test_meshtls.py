@@ -10,11 +10,11 @@ import jsonschema
 import pytest
 import yaml
 
+from mesh.kube.indexer import Indexer
+from mesh.kube.status import cr_status
 from mesh.manifests import ManifestError, parse_object
 from mesh.model import ClusterState, MeshTLS, Namespace, Pod, mtls_conflicts, mtls_mode, mtls_modes
-from mesh.operator.indexer import Indexer
-from mesh.operator.status import cr_status
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, reconcile
 from mesh.source import StandaloneSource
 from tests.unit.test_crds import _strict
 

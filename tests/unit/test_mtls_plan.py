@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from certs.tunnel import Refusal
 from datapath.maps import EP_LOCAL, EP_MTLS_STRICT
 from mesh.model import (
     ClusterState,
@@ -16,8 +15,9 @@ from mesh.model import (
     Service,
     ServicePort,
 )
-from mesh.mtls import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT, authorize, plan_tunnels, source_identity
-from mesh.reconcile import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, reconcile
+from mesh.plan.tunnels import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT, authorize, plan_tunnels, source_identity
+from tunnel.session import Refusal
 
 GW = "10.244.1.1"
 PEERS = {"n2": "10.250.0.2"}
@@ -100,7 +100,7 @@ def test_accepting_node_checks_certificate_against_the_source_pod_and_policy() -
 
 
 def test_l7_upstreams_to_other_nodes_go_to_their_mtls_port_as_the_node_proxy() -> None:
-    from mesh.mtls import mtls_upstreams
+    from mesh.plan.tunnels import mtls_upstreams
     from xds.resources import Upstream
 
     st = _state("STRICT")

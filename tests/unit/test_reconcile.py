@@ -2,7 +2,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mesh.model import ClusterState
-from mesh.reconcile import PROXY_PORT_BASE, PROXY_PORT_COUNT, NodeSpec, reconcile
+from mesh.plan.node import PROXY_PORT_BASE, PROXY_PORT_COUNT, NodeSpec, reconcile
 from mesh.source import StandaloneSource
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """An in-memory index of the cluster's objects → ``ClusterState``, with last-good semantics.
 
 Fed by watch events (``upsert`` / ``delete``), from kopf handlers in the operator or from
-``mesh.operator.watch`` in the agent. An object that fails validation keeps its previous good
+``mesh.kube.watch`` in the agent. An object that fails validation keeps its previous good
 version in force and its error is reported (the same rule as the standalone source); the
 error is cleared when the object is fixed or deleted. Thread-safe: one lock, short sections.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh.kube.translate import NetworkPolicyDoc, from_api, namespace_labels, network_policy, network_policy_doc
 from mesh.manifests import ManifestError, Obj
 from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
-from mesh.operator.translate import NetworkPolicyDoc, from_api, namespace_labels, network_policy, network_policy_doc
 
 Key = tuple[str, str, str]  # kind, namespace ("" for Namespace), name
 

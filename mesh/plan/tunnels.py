@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from certs.tunnel import Refusal
 from datapath.maps import EP_LOCAL, EP_MTLS_STRICT, PROTO_TCP, ServiceEntry
 from mesh.model import ClusterState, Pod, mtls_modes
-from mesh.reconcile import NodePlan, _alloc
+from mesh.plan.node import NodePlan, _alloc
+from tunnel.session import Refusal
 from xds.resources import MtlsEndpoint, Upstream, UpstreamMtls
 
 # above Envoy's listener range (15001-31000), below the ephemeral ports (32768+)

@@ -22,7 +22,7 @@ from rich.table import Table
 app = typer.Typer(no_args_is_help=False, help="Workload identities (SPIFFE certificates) of this node, and the mesh CA.")
 console = Console()
 err = Console(stderr=True)
-STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))  # as `webb agent` (mesh.cli)
+STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))  # as `webb agent` (mesh.cli.main)
 StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state; identities are in <state-dir>/certs")]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table | json")]
 OK, OVERDUE, EXPIRED = "ok", "overdue", "expired"

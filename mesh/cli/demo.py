@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mesh.cli import _print_flows, _status, wait_converged
-from mesh.flows import read_flows
+from mesh.agent.flows import read_flows
+from mesh.cli.main import _print_flows, _status, wait_converged
 from mesh.runtime.local import LocalNode, NodeConfig, pod_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from certs.ca import parse_spiffe_id, peer_spiffe_id
-from certs.ktls import (
+from certs.store import IdentityStore, tls13_context
+from tunnel.ktls import (
     CUT_SHORT,
     Handshake,
     KeyLog,
@@ -38,7 +39,6 @@ from certs.ktls import (
     ktls_close_notify,
     ktls_control_record,
 )
-from certs.store import IdentityStore, tls13_context
 
 KTLS, USERSPACE = "ktls", "userspace"
 MAX_HEADER = 4096

@@ -27,7 +27,7 @@ from mesh.model import (
     mtls_conflicts,
     mtls_modes,
 )
-from mesh.routing import IngressListen, PortInfo, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
+from mesh.plan.routing import IngressListen, PortInfo, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
 from xds.resources import HttpRule, HttpService, IngressGateway, RbacPolicy, TlsSecret, Upstream, service_routes
 
 IDENTITY_MIN = 256

@@ -18,15 +18,15 @@ from typing import Any
 
 from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState
-from mesh.accel import SYSTEM_NAMESPACE, Accelerator
-from mesh.flows import FlowLog, Names, Tail, from_access_log, from_event
+from mesh.agent.accel import SYSTEM_NAMESPACE, Accelerator
+from mesh.agent.flows import FlowLog, Names, Tail, from_access_log, from_event
+from mesh.agent.tunnels import NodeTunnels
 from mesh.model import ClusterState
-from mesh.mtls import NODE_IDENTITY, TunnelPlan, mtls_upstreams, plan_tunnels, proxy_id
-from mesh.reconcile import NodePlan, NodeSpec, reconcile
+from mesh.plan.node import NodePlan, NodeSpec, reconcile
+from mesh.plan.tunnels import NODE_IDENTITY, TunnelPlan, mtls_upstreams, plan_tunnels, proxy_id
 from mesh.runtime.local import LocalNode, NodeConfig
 from mesh.runtime.peers import ClusterSource, Peers, split_pods
 from mesh.source import Source, StandaloneSource, directory_version
-from mesh.tunnels import NodeTunnels
 from xds import resources
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
@@ -79,7 +79,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, source: Source | None = None) -> None:
         self.cfg = cfg
         self.node = LocalNode(cfg.node)
-        # the manifest directory, or the API server (mesh.operator.watch.KubeSource)
+        # the manifest directory, or the API server (mesh.kube.watch.KubeSource)
         self.source: Source = source or StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
         self.peers: Peers | None = None
         if cfg.cluster_dir is not None:  # several nodes: the others' pod IPs laid over the source

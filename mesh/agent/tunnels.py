@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from certs.ca import CertificateAuthority, WorkloadCert
-from certs.ktls import TunnelError, kernel_has_ktls
 from certs.store import IdentityStore
-from certs.tunnel import Refusal, Session, TunnelNode, TunnelServer, relay
 from mesh.model import ClusterState
-from mesh.mtls import (
+from mesh.plan.node import NodePlan
+from mesh.plan.tunnels import (
     PROXY_NAMESPACE,
     PROXY_SERVICE_ACCOUNT,
     TUNNEL_PORT,
@@ -33,7 +32,8 @@ from mesh.mtls import (
     authorize,
     source_identity,
 )
-from mesh.reconcile import NodePlan
+from tunnel.ktls import TunnelError, kernel_has_ktls
+from tunnel.session import Refusal, Session, TunnelNode, TunnelServer, relay
 
 log = logging.getLogger("webb.tunnels")
 MAX_CONNS = 512

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from datapath.maps import FlowEvent, Reason, Verdict
-from mesh.mtls import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT
-from mesh.reconcile import NodePlan
+from mesh.plan.node import NodePlan
+from mesh.plan.tunnels import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT
 
 MAX_BYTES = 8 << 20  # rotate flows.jsonl past this; one old file kept
 
@@ -65,7 +65,7 @@ def from_event(e: FlowEvent, names: Names) -> dict[str, Any]:
     }
     if e.reason == Reason.L7_PROXY:
         flow["dst_pod"] = None
-        tunnel = TUNNEL_OUT_BASE <= e.new_port < TUNNEL_OUT_BASE + TUNNEL_OUT_COUNT  # mesh.mtls listeners
+        tunnel = TUNNEL_OUT_BASE <= e.new_port < TUNNEL_OUT_BASE + TUNNEL_OUT_COUNT  # mesh.plan.tunnels listeners
         flow["via"] = f"{'mtls tunnel' if tunnel else 'envoy'} {e.new_ip}:{e.new_port}"
     if e.verdict == Verdict.DENIED:
         pols = names.policies_selecting.get(e.dst_identity, ())

@@ -15,10 +15,10 @@ import yaml
 from rich.console import Console
 
 from datapath.loader import cleanup, pin_dir_for
-from mesh.agent import Agent, AgentConfig, source_version
-from mesh.cli_certs import app as certs_app
-from mesh.cli_wire import app as wire_app
-from mesh.flows import read_flows
+from mesh.agent.flows import read_flows
+from mesh.agent.loop import Agent, AgentConfig, source_version
+from mesh.cli.certs import app as certs_app
+from mesh.cli.wire import app as wire_app
 from mesh.manifests import ManifestError, parse_object, read_documents
 from mesh.runtime.local import LocalNode, NodeConfig, enter_netns, pod_sandbox
 
@@ -86,7 +86,7 @@ def agent(
         if cluster_dir is not None:
             raise typer.BadParameter("with --kube, pod IPs of other nodes come from the API server; "
                                      "--cluster-dir is for the manifest directory", param_hint="--cluster-dir")
-        from mesh.operator.node import run_agent  # the kubernetes client: only paid for in a cluster
+        from mesh.agent.kube import run_agent  # the kubernetes client: only paid for in a cluster
 
         run_agent(cfg, kube, pod_workdir)
         return
@@ -311,8 +311,8 @@ datapath_app = typer.Typer(help="The node's eBPF datapath.", no_args_is_help=Tru
 node_app = typer.Typer(help="The local node (bridge, pods).", no_args_is_help=True)
 app.add_typer(datapath_app, name="datapath")
 app.add_typer(node_app, name="node")
-app.add_typer(certs_app, name="certs")  # mesh/cli_certs.py: webb certs, webb certs ca
-app.add_typer(wire_app, name="wire")  # mesh/cli_wire.py: several nodes on this machine
+app.add_typer(certs_app, name="certs")  # mesh/cli/certs.py: webb certs, webb certs ca
+app.add_typer(wire_app, name="wire")  # mesh/cli/wire.py: several nodes on this machine
 
 
 @datapath_app.command("cleanup")
@@ -340,7 +340,7 @@ def demo(
     state_dir: StateOpt = STATE,
 ) -> None:
     """Run the Star Wars demo end to end on this machine and check its outcomes."""
-    from mesh.demo import run_starwars
+    from mesh.cli.demo import run_starwars
 
     raise typer.Exit(run_starwars(example, state_dir))
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh.kube.indexer import Indexer
+from mesh.kube.translate import RESOURCES, Resource
 from mesh.model import ClusterState
-from mesh.operator.indexer import Indexer
-from mesh.operator.translate import RESOURCES, Resource
 
 log = logging.getLogger("webb.kube")
 WATCH_ROUND_S = 5  # a watch request ends after this; the loop checks its stop flag in between

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh.agent import Agent, AgentConfig
-from mesh.operator.indexer import Indexer
-from mesh.operator.main import api_client
-from mesh.operator.watch import KubeSource, NodeReporter
+from mesh.agent.loop import Agent, AgentConfig
+from mesh.kube.client import api_client
+from mesh.kube.indexer import Indexer
+from mesh.kube.watch import KubeSource, NodeReporter
 
 
 def run_agent(cfg: AgentConfig, kube: str, pod_workdir: Path | None = None) -> None:
