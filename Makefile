@@ -47,9 +47,10 @@ kube-tools: deps  ## kube-apiserver + kubectl (built once, cached), etcd, the py
 	$(PYTHON) -m pip install -q --disable-pip-version-check $(KUBE_PY)
 	bash tests/kube/build-apiserver.sh >/dev/null
 
-lint: deps  ## ruff and mypy
+lint: deps  ## ruff, mypy (strict on the core), the import layers (import-linter, pyproject.toml)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy mesh datapath xds bench certs tunnel
+	$(PYTHON) -c 'import sys; from importlinter.cli import lint_imports_command; sys.argv = ["lint-imports", "--no-cache"]; lint_imports_command()'
 
 clean:  ## remove build products
 	rm -rf build $(BPF_OBJ) .pytest_cache

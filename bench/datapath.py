@@ -13,23 +13,24 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench import workload
 from datapath.loader import Datapath, pin_dir_for
-from datapath.maps import Backend, DatapathState, ServiceEntry
+from datapath.maps import DatapathState
+from datapath.types import Backend, ServiceEntry
 from mesh.agent.flows import Names, from_event
 from mesh.runtime.local import LocalNode, NodeConfig, Sandbox
 
-WORKLOAD = Path(__file__).resolve().parent / "workload.py"
 VIP = "10.96.210.10"
 ROUNDS = 5
 
 
 def _run(node: LocalNode, sb: Sandbox, *args: object) -> list[int]:
-    p = node.spawn(sb, [sys.executable, str(WORKLOAD), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = node.spawn(sb, workload.argv(*map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = p.communicate(timeout=120)
     if p.returncode != 0:
         raise RuntimeError(f"bench client {args}: {err.decode()[-500:]}")
@@ -41,21 +42,6 @@ def _pct(xs: list[int], q: float) -> float:
     return float(xs[min(len(xs) - 1, int(q * len(xs)))])
 
 
-STORM = """
-import socket, sys, time
-n, rate = int(sys.argv[2]), float(sys.argv[3]); t0 = time.perf_counter()
-for i in range(n):
-    if rate and i % 100 == 0:
-        ahead = t0 + i / rate - time.perf_counter()
-        if ahead > 0: time.sleep(ahead)
-    s = socket.socket()
-    try: s.connect((sys.argv[1], 80))
-    except ConnectionRefusedError: pass
-    s.close()
-print(n / (time.perf_counter() - t0))
-"""
-
-
 def _storm(node: LocalNode, cli: Sandbox, dp: Datapath, count: int, rate: float) -> tuple[float, float, float]:
     """Connects refused in the kernel (the service has no backend), paced at ``rate``/s (0: as
     fast as one client goes), consumed as the agent does: (connects/s, events lost, received)."""
@@ -64,12 +50,18 @@ def _storm(node: LocalNode, cli: Sandbox, dp: Datapath, count: int, rate: float)
     dp.poll_events(0)
     lost0, got = dp.events_lost(), 0
     names = Names(pod_by_cgroup={cli.cgroup_id: cli.key})
-    p = node.spawn(cli, [sys.executable, "-c", STORM, vip, str(count), str(rate)], stdout=subprocess.PIPE)
-    while p.poll() is None:
+    p = node.spawn(cli, workload.argv("storm", vip, 80, count, rate), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + workload.LIMIT_S + 20  # the storm stops itself by LIMIT_S (+10 s if blocked)
+    while p.poll() is None and time.monotonic() < deadline:
         got += len([from_event(e, names) for e in dp.poll_events(50)])
     got += len(dp.poll_events(100))
-    out, _ = p.communicate(timeout=60)
-    return float(out), float(dp.events_lost() - lost0), float(got)
+    out, err = p.communicate(timeout=60)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench storm: {err.decode()[-500:]}")
+    storm = workload.Storm.parse(out)
+    if storm.connects != count:
+        raise RuntimeError(f"bench storm: {storm.connects} of {count} connects in the time limit of {workload.LIMIT_S:.0f} s")
+    return storm.per_s, float(dp.events_lost() - lost0), float(got)
 
 
 def _storms(node: LocalNode, cli: Sandbox, dp: Datapath) -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
@@ -121,7 +113,7 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
     node.setup()
     dp = None
     try:
-        srv = node.ensure_pod("bench/server", [sys.executable, str(WORKLOAD), "server"])
+        srv = node.ensure_pod("bench/server", workload.argv("server"))
         cli = node.ensure_pod("bench/client", ["sleep", "600"])
         unhooked = node.config.cgroup / "unhooked"
         unhooked.mkdir(exist_ok=True)

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.kube.translate import RESOURCES
-from mesh.kube.watch import _path, request, watch_kind
+from mesh.kube.watch import api_path, request, watch_kind
 from tests.kube.apiserver import KubeAPI, Process, free_port, running_kube_api
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def _start(kube: KubeAPI, tmp: Path) -> Node:
 
 def _setup_app(kube: KubeAPI, node: Node) -> None:
     kube.kubectl("apply", "-f", str(APP))
-    request(kube.api, "POST", _path(RESOURCES["MeshPolicy"], NS), _policy(0))
+    request(kube.api, "POST", api_path(RESOURCES["MeshPolicy"], NS), _policy(0))
 
     def ready(st: dict[str, Any]) -> bool:
         pods = st.get("pods") or {}
@@ -233,7 +233,7 @@ def _changes(kube: KubeAPI, node: Node, watcher: Watcher) -> dict[str, list[floa
     res = RESOURCES["MeshPolicy"]
     for i in range(1, CHANGES + 1):
         body = {"spec": _policy(i)["spec"]}
-        obj = request(kube.api, "PATCH", _path(res, NS, POLICY), body, content_type="application/merge-patch+json")
+        obj = request(kube.api, "PATCH", api_path(res, NS, POLICY), body, content_type="application/merge-patch+json")
         t0, w0 = time.perf_counter(), time.time()
         seen, st = node.until(f"change {i} converged", node.new_plan, CHANGE_TIMEOUT_S)
         a = st["applied"]
@@ -258,7 +258,7 @@ def _burst(kube: KubeAPI, node: Node) -> dict[str, float]:
 
     def create(item: tuple[str, dict[str, Any]]) -> dict[str, Any]:
         kind, doc = item
-        return dict(request(kube.api, "POST", _path(RESOURCES[kind], NS), doc))
+        return dict(request(kube.api, "POST", api_path(RESOURCES[kind], NS), doc))
 
     w0, t0 = time.time(), time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
@@ -292,7 +292,7 @@ def _operator_path(kube: KubeAPI, node: Node, tmp: Path) -> list[float]:
     out: list[float] = []
     try:
         def applied(gen: int) -> bool:
-            st = request(kube.api, "GET", _path(res, NS, POLICY)).get("status") or {}
+            st = request(kube.api, "GET", api_path(res, NS, POLICY)).get("status") or {}
             cond: dict[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == "Applied"), {})
             return bool(st.get("observedGeneration") == gen and cond.get("status") == "True")
 
@@ -306,10 +306,10 @@ def _operator_path(kube: KubeAPI, node: Node, tmp: Path) -> list[float]:
                 time.sleep(0.01)
             return time.perf_counter()
 
-        gen = int(request(kube.api, "GET", _path(res, NS, POLICY))["metadata"]["generation"])
+        gen = int(request(kube.api, "GET", api_path(res, NS, POLICY))["metadata"]["generation"])
         until(gen, SETUP_TIMEOUT_S)  # the operator has started and caught up
         for i in range(CHANGES + 1, CHANGES + 1 + OPERATOR_CHANGES):
-            obj = request(kube.api, "PATCH", _path(res, NS, POLICY), {"spec": _policy(i)["spec"]},
+            obj = request(kube.api, "PATCH", api_path(res, NS, POLICY), {"spec": _policy(i)["spec"]},
                           content_type="application/merge-patch+json")
             t0 = time.perf_counter()
             out.append((until(int(obj["metadata"]["generation"]), CHANGE_TIMEOUT_S * 2) - t0) * 1e3)

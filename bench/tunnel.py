@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -22,6 +23,7 @@ from certs.ca import CertificateAuthority
 from certs.store import IdentityStore
 from mesh.runtime.cluster import Wire
 from mesh.runtime.local import call_in_netns
+from tunnel.accept import AcceptLoop, Slots
 from tunnel.ktls import kernel_has_ktls
 from tunnel.session import Session, TunnelNode, TunnelServer, relay
 
@@ -37,16 +39,12 @@ _in = call_in_netns
 
 
 def _serve_forever(srv: socket.socket, handle: Callable[[socket.socket], None], stop: threading.Event) -> None:
-    srv.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            c, _ = srv.accept()
-        except TimeoutError:
-            continue
-        except OSError:
-            return
-        c.settimeout(None)
-        threading.Thread(target=handle, args=(c,), daemon=True).start()
+    """The tunnel's own accept loop (tunnel.accept) until ``stop``; its troubles on stderr."""
+    def failed(_what: str, _peer: str, why: str) -> None:
+        print(f"bench tunnel: {why}", file=sys.stderr)
+
+    AcceptLoop(srv, lambda c, _peer: handle(c), Slots(1024), failed, stop.is_set, float("inf"),
+               name="bench-accept", conn_name=None).run()
 
 
 def _sink(c: socket.socket) -> None:

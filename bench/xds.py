@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mesh.model import ClusterState, HttpMatch, IngressRule, MeshPolicy, Pod, PortRule, Requirement, Selector, Service, ServicePort
-from mesh.plan.node import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, plan_node
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
@@ -84,7 +85,7 @@ def _timed(items: Iterator[T], spent: list[float]) -> Iterator[T]:
 def one(n: int, delta: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     t0 = time.perf_counter()
-    plan = reconcile(_state(n), NodeSpec(NODE, proxy_ip="127.0.0.2"))
+    plan = plan_node(_state(n), NodeSpec(NODE, proxy_ip="127.0.0.2"))
     out["reconcile_s"] = time.perf_counter() - t0
     if len(plan.http) != n:
         raise RuntimeError(f"expected {n} L7 services, reconcile made {len(plan.http)}: {plan.warnings[:3]}")
@@ -124,7 +125,7 @@ def one(n: int, delta: bool) -> dict[str, float]:
             def rule(i: int, _: Snapshot) -> dict[str, dict[str, Any]]:
                 h = svc[f"bench/s{(i * 991) % n}:80"]
                 assert h.policies
-                p = replace(h.policies[0], rules=(r.HttpRule("GET", f"/api/v{i}/.*"),))
+                p = replace(h.policies[0], rules=(xm.HttpRule("GET", f"/api/v{i}/.*"),))
                 return {r.LISTENER: {h.name: r.listener(replace(h, policies=(p,)), log)}}
 
             snap, eds_server, eds_ack = _timed_changes(cache, snap, move)

@@ -23,24 +23,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certs.spiffe import parse_spiffe_id, spiffe_id
+
+__all__ = ["parse_spiffe_id", "spiffe_id"]  # the SPIFFE IDs of certs.spiffe, with the certificates
+
 DEFAULT_TTL_S = 24 * 3600.0
 RENEW_FRACTION = 2 / 3
 SKEW_S = 60.0  # not_before this much in the past: peers' clocks differ a little
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
-
-
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
-
-
-def parse_spiffe_id(uri: str) -> tuple[str, str, str]:
-    """(trust domain, namespace, service account) of a workload SPIFFE ID; ValueError says why not."""
-    m = re.fullmatch(r"spiffe://([^/]+)/ns/([^/]+)/sa/([^/]+)", uri)
-    if not m:
-        raise ValueError(f"SPIFFE ID {uri!r}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>")
-    return m.group(1), m.group(2), m.group(3)
 
 
 def peer_spiffe_id(der: bytes) -> str:
@@ -74,7 +66,8 @@ class WorkloadCert:
         return f"WorkloadCert({self.spiffe_id!r}, serial={self.serial:x}, not_after={self.not_after:.0f})"
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """``data`` to ``path``, mode 0600 whatever the umask, replaced atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # another process may write the same file
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -157,7 +150,7 @@ class CertificateAuthority:
                 .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256()))
-        _write_private(directory / "ca.key", key.private_bytes(
+        write_private(directory / "ca.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         tmp = directory / f".ca.crt.{os.getpid()}.tmp"
         tmp.write_bytes(_pem(cert))

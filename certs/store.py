@@ -16,7 +16,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from certs.ca import DEFAULT_TTL_S, CertificateAuthority, WorkloadCert, _write_private, private_dir
+from certs.ca import (
+    DEFAULT_TTL_S,
+    CertificateAuthority,
+    WorkloadCert,
+    parse_spiffe_id,
+    peer_spiffe_id,
+    private_dir,
+    spiffe_id,
+    write_private,
+)
 
 INDEX = "identities.json"
 
@@ -68,7 +77,7 @@ class IdentityStore:
     def _save(self, ns: str, sa: str, cert: WorkloadCert) -> None:
         crt, key = self._paths(ns, sa)
         private_dir(crt.parent)
-        _write_private(key, cert.key_pem)
+        write_private(key, cert.key_pem)
         tmp = crt.with_suffix(".tmp")
         tmp.write_bytes(cert.chain_pem)
         tmp.replace(crt)
@@ -118,6 +127,24 @@ class IdentityStore:
                 for p in self._paths(*k):
                     p.unlink(missing_ok=True)
             self._write_index()
+
+    # ---- what a TLS peer needs (tunnel.session.Identities: the tunnel takes this store as one) ----
+    def spiffe_id(self, namespace: str, service_account: str) -> str:
+        """The SPIFFE ID of an identity of this store's trust domain."""
+        return spiffe_id(self.ca.trust_domain, namespace, service_account)
+
+    def peer_id(self, der: bytes) -> str:
+        """The SPIFFE ID of a peer's certificate (DER): ValueError when it has none, several, a
+        malformed one, or one outside this trust domain."""
+        peer = peer_spiffe_id(der)
+        if parse_spiffe_id(peer)[0] != self.ca.trust_domain:
+            raise ValueError(f"peer {peer} is outside trust domain {self.ca.trust_domain}")
+        return peer
+
+    def server_context(self) -> ssl.SSLContext:
+        """A TLS 1.3 server context presenting no certificate (an SNI callback sets the
+        identity's context), requiring a client certificate verified against the bundle."""
+        return tls13_context(server_side=True, bundle=self.bundle)
 
     def context(self, namespace: str, service_account: str, server_side: bool) -> ssl.SSLContext:
         """A TLS 1.3 context presenting the identity's current certificate (rebuilt after renewal)."""

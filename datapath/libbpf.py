@@ -310,36 +310,60 @@ class BpfObject:
 
 
 BTF_KIND_STRUCT = 4
+BTF_KIND_ENUM = 6
+BTF_KIND_ENUM64 = 19
 
 
-def btf_structs(path: str) -> dict[str, tuple[int, dict[str, int]]]:
-    """Every struct in an object file's BTF: name -> (size, member name -> byte offset).
+def _btf_types(path: str, members: dict[int, str]) -> dict[str, tuple[int, int, int, list[tuple[Any, ...]]]]:
+    """The named types of the kinds in ``members`` (kind -> struct format of one member after its
+    name_off) in an object file's BTF: name -> (kind, size, kflag, [(member name, *rest), ...]).
 
-    Reads ``struct btf_type`` (name_off, info, size) and the ``struct btf_member`` array
-    (name_off, type, offset in bits) that follows it: UAPI layouts, no kernel needed.
+    Reads ``struct btf_type`` (name_off, info, size) and the member array that follows it
+    (``btf_member``, ``btf_enum``, ``btf_enum64``): UAPI layouts, no kernel needed.
     """
     obj = BpfObject(path)
     try:
         btf = _lib.bpf_object__btf(obj._ptr)
         if not btf:
             raise OSError(2, f"read BTF of {path}: the object has none (compile with -g)")
-        out: dict[str, tuple[int, dict[str, int]]] = {}
+
+        def name(off: int) -> str:
+            return (_lib.btf__name_by_offset(btf, off) or b"").decode()
+
+        out: dict[str, tuple[int, int, int, list[tuple[Any, ...]]]] = {}
         for type_id in range(1, int(_lib.btf__type_cnt(btf))):
             t = _lib.btf__type_by_id(btf, type_id)
             name_off, info, size = struct.unpack("=III", ctypes.string_at(t, 12))
-            if (info >> 24) & 0x1F != BTF_KIND_STRUCT:
+            kind = (info >> 24) & 0x1F
+            if kind not in members or not name(name_off):
                 continue
-            vlen, kflag = info & 0xFFFF, info >> 31
-            members = {}
-            raw = ctypes.string_at(t + 12, 12 * vlen)
-            for i in range(vlen):
-                m_name, _m_type, m_off = struct.unpack_from("=III", raw, 12 * i)
-                bits = m_off & 0xFFFFFF if kflag else m_off
-                members[(_lib.btf__name_by_offset(btf, m_name) or b"").decode()] = bits // 8
-            out[(_lib.btf__name_by_offset(btf, name_off) or b"").decode()] = (size, members)
+            fmt = "=I" + members[kind]
+            raw = ctypes.string_at(t + 12, struct.calcsize(fmt) * (info & 0xFFFF))
+            out[name(name_off)] = (kind, size, info >> 31, [(name(m[0]), *m[1:]) for m in struct.iter_unpack(fmt, raw)])
         return out
     finally:
         obj.close()
+
+
+def btf_structs(path: str) -> dict[str, tuple[int, dict[str, int]]]:
+    """Every named struct in an object file's BTF: name -> (size, member name -> byte offset)."""
+    out = {}
+    for name, (_kind, size, kflag, members) in _btf_types(path, {BTF_KIND_STRUCT: "II"}).items():
+        # btf_member: type, offset in bits (with kflag: bitfield size in the top 8 bits)
+        out[name] = (size, {m: (off & 0xFFFFFF if kflag else off) // 8 for m, _type, off in members})
+    return out
+
+
+def btf_enums(path: str) -> dict[str, dict[str, int]]:
+    """Every named enum in an object file's BTF: name -> member name -> value."""
+    out: dict[str, dict[str, int]] = {}
+    for name, (_kind, _size, signed, members) in _btf_types(path, {BTF_KIND_ENUM: "I", BTF_KIND_ENUM64: "II"}).items():
+        values = out[name] = {}
+        for member, *words in members:  # btf_enum: val; btf_enum64: val_lo32, val_hi32
+            bits = 32 * len(words)
+            v = sum(w << (32 * i) for i, w in enumerate(words))
+            values[member] = v - (1 << bits) if signed and v >> (bits - 1) else v  # kflag: signed values
+    return out
 
 
 class RingBuffer:

@@ -26,10 +26,11 @@ from datapath.maps import (
     STATE_MAPS,
     DatapathState,
     FlowEvent,
-    Reason,
     check_btf,
+    check_enums,
     check_layout,
 )
+from datapath.types import Reason
 
 OBJECT_PATH = Path(__file__).parent / "bpf" / "sock.bpf.o"
 BPFFS = Path("/sys/fs/bpf")
@@ -69,6 +70,7 @@ class Datapath:
             raise FileNotFoundError(f"load datapath: {object_path} is missing; build it with 'make bpf'")
         ensure_bpffs()
         check_btf(libbpf.btf_structs(str(object_path)))  # every shared struct, member by member
+        check_enums(libbpf.btf_enums(str(object_path)))  # every shared constant: flags, verdicts, reasons
         self.cgroup_path = cgroup_path
         self.pin_dir = pin_dir
         self.digest = hashlib.sha256(object_path.read_bytes()).digest()

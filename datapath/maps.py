@@ -1,49 +1,33 @@
-"""Python view of the map layouts in ``datapath/bpf/webb.h``.
+"""Python view of the map layouts and shared constants in ``datapath/bpf/webb.h``.
 
 These are ``struct`` formats (no ctypes outside ``libbpf.py``). ``check_layout`` compares
 each size with the loaded object's BTF-derived key/value sizes, so a layout changed on one
-side only fails at load with the map's name rather than corrupting entries.
+side only fails at load with the map's name rather than corrupting entries. ``check_enums``
+does the same for the constants: each is a named C enum, compared member by member.
 """
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from datapath.libbpf import Map
+from datapath.types import (
+    EP_AUDIT,
+    EP_INGRESS_ENFORCED,
+    EP_LOCAL,
+    EP_MTLS_STRICT,
+    IDENTITY_UNKNOWN,
+    REASON_MAX,
+    PolicyEntry,
+    Reason,
+    ServiceEntry,
+    Verdict,
+)
 
-IDENTITY_UNKNOWN = 2
-EP_INGRESS_ENFORCED = 1
-EP_AUDIT = 2
-EP_MTLS_STRICT = 4  # MeshTLS STRICT: new TCP connections only from this node
-EP_LOCAL = 8  # a pod of this node, or the node address the mTLS tunnel delivers from
-PROTO_TCP = 6
-PROTO_UDP = 17
-
-
-class Verdict(enum.IntEnum):
-    FORWARDED = 1
-    DENIED = 2
-    DROPPED = 3
-    AUDIT = 4
-
-
-class Reason(enum.IntEnum):
-    DIRECT = 1
-    SERVICE = 2
-    L7_PROXY = 3
-    POLICY_DENIED = 4
-    NO_BACKEND = 5
-    BACKEND_MISSING = 6
-    POLICY_AUDIT = 7
-    MTLS_STRICT = 8
-
-    @property
-    def text(self) -> str:
-        return self.name.lower().replace("_", "-")
-
+if TYPE_CHECKING:
+    from datapath.libbpf import Map
 
 class Layout(struct.Struct):
     """A ``struct`` format built from named fields, checked member by member against the C
@@ -98,7 +82,9 @@ LAYOUT = {
     "webb_sockhash": (SOCK_KEY, struct.Struct("=Q")),
 }
 CONFIG_SOCKMAP = 1
-ACCEL_COUNTERS = ("sockets", "redirected", "passed")
+ACCEL_COUNTERS = ("sockets", "redirected", "passed")  # webb_accel_counts keys 0, 1, 2
+ACCEL_MAX = 4  # entries of webb_accel_counts
+assert max(Reason) < REASON_MAX and len(ACCEL_COUNTERS) <= ACCEL_MAX
 STATE_MAPS = ("webb_services", "webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy")
 
 
@@ -113,6 +99,33 @@ def check_btf(members: dict[str, tuple[int, dict[str, int]]]) -> None:
                 f"check layout {lay.c_name}: C has size {size} members {offs}, datapath/maps.py has size "
                 f"{lay.size} members {lay.offsets()}; change datapath/bpf/webb.h and datapath/maps.py together"
             )
+
+
+def shared_enums() -> dict[str, dict[str, int]]:
+    """Python's side of every C enum of ``webb.h``: enum name -> member name -> value."""
+    return {
+        "webb_identity": {"WEBB_IDENTITY_UNKNOWN": IDENTITY_UNKNOWN},
+        "webb_ep_flag": {"WEBB_EP_INGRESS_ENFORCED": EP_INGRESS_ENFORCED, "WEBB_EP_AUDIT": EP_AUDIT,
+                         "WEBB_EP_MTLS_STRICT": EP_MTLS_STRICT, "WEBB_EP_LOCAL": EP_LOCAL},
+        "webb_verdict": {f"WEBB_VERDICT_{v.name}": int(v) for v in Verdict},
+        "webb_reason": {**{f"WEBB_REASON_{r.name}": int(r) for r in Reason}, "WEBB_REASON_MAX": REASON_MAX},
+        "webb_config_flag": {"WEBB_CONFIG_SOCKMAP": CONFIG_SOCKMAP},
+        "webb_accel_counter": {**{f"WEBB_ACCEL_{n.upper()}": i for i, n in enumerate(ACCEL_COUNTERS)},
+                               "WEBB_ACCEL_MAX": ACCEL_MAX},
+    }
+
+
+def check_enums(enums: dict[str, dict[str, int]]) -> None:
+    """``enums``: C enum name -> (member -> value), read from the object's BTF."""
+    for c_name, py in shared_enums().items():
+        if c_name not in enums:
+            raise RuntimeError(f"check enum {c_name}: not in the BPF object's BTF; rebuild with 'make bpf'")
+        c = enums[c_name]
+        differ = [f"{m} is {c.get(m, 'missing')} in C, {py.get(m, 'missing')} in datapath/maps.py"
+                  for m in [*c, *(m for m in py if m not in c)] if c.get(m) != py.get(m)]
+        if differ:
+            raise RuntimeError(f"check enum {c_name}: {'; '.join(differ)}; "
+                               "change datapath/bpf/webb.h and datapath/maps.py together")
 
 
 def check_layout(maps: dict[str, Map]) -> None:
@@ -141,35 +154,6 @@ def _addr_text(raw: bytes) -> str:
 
 def _port(port: int) -> bytes:
     return port.to_bytes(2, "big")
-
-
-@dataclass(frozen=True, order=True)
-class Backend:
-    ip: str
-    port: int
-
-
-@dataclass(frozen=True)
-class ServiceEntry:
-    """One service port: VIP:port → backends, or → the node Envoy (proxy_port != 0)."""
-
-    vip: str
-    port: int
-    service_id: int
-    backends: tuple[Backend, ...]
-    proxy_ip: str = "0.0.0.0"  # same family as the VIP
-    proxy_port: int = 0
-    proto: int = PROTO_TCP
-    affinity_timeout_s: int = 0  # ClientIP session affinity; 0 = none
-
-
-@dataclass(frozen=True)
-class PolicyEntry:
-    dst_identity: int
-    src_identity: int  # 0: any source
-    port: int  # 0: any port
-    rule_id: int
-    proto: int = PROTO_TCP
 
 
 @dataclass

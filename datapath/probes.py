@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datapath import libbpf
+from datapath.cgroup2 import cgroup2_mount
 
 # enum bpf_prog_type / bpf_map_type values (UAPI, stable)
 PROG_TYPES = {"cgroup_sock_addr (connect/sendmsg/recvmsg/getpeername)": 18, "cgroup_skb (MeshTLS STRICT)": 8,
@@ -21,22 +22,11 @@ class Probe:
     required: bool = True
 
 
-def _ktls() -> Probe:
-    """kTLS: the TLS ULP can be set on a connected TCP socket (loopback)."""
-    from tunnel.ktls import ktls_probe
-
-    ok, why = ktls_probe()
-    return Probe("kTLS (TCP_ULP tls)", ok, why if ok else f"{why}: the mTLS tunnel falls back to user-space TLS",
-                 required=False)
-
-
 def _cgroup2() -> Probe:
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return Probe("cgroup v2 mount", True, parts[1])
-    return Probe("cgroup v2 mount", False, "no cgroup2 mount: mount -t cgroup2 none /sys/fs/cgroup/unified")
+    try:
+        return Probe("cgroup v2 mount", True, str(cgroup2_mount()))
+    except RuntimeError as e:
+        return Probe("cgroup v2 mount", False, str(e))
 
 
 def _bpffs() -> Probe:
@@ -59,5 +49,4 @@ def run() -> list[Probe]:
     for name, t in MAP_TYPES.items():
         ok = libbpf.probe_map_type(t)
         out.append(Probe(f"map type {name}", ok, "supported" if ok else "missing", required=name != "sockhash"))
-    out.append(_ktls())
     return out

@@ -39,7 +39,6 @@ from mesh.model import (
     Selector,
     Service,
     ServicePort,
-    TlsSecret,
 )
 
 API_GROUP = "webb.io"
@@ -65,7 +64,7 @@ class ManifestError(ValueError):
         super().__init__(f"{where}: {field}: {problem}")
 
 
-class _Ctx:
+class Ctx:
     def __init__(self, where: str) -> None:
         self.where = where
 
@@ -108,9 +107,14 @@ class _Ctx:
             raise self.fail(f"{field}.{sorted(unknown)[0]}" if field else sorted(unknown)[0],
                             f"unknown field; {what} has {', '.join(allowed)}")
 
-    def name(self, v: Any, field: str, example: str) -> str:
+    def name(self, v: Any, field: str, example: str, what: str = "a Service name") -> str:
         if not isinstance(v, str) or not _DNS1123.match(v):
-            raise self.fail(field, f"{v!r} is not a Service name; use a DNS-1123 label, e.g. {example!r}")
+            raise self.fail(field, f"{v!r} is not {what}; use a DNS-1123 label, e.g. {example!r}")
+        return v
+
+    def subdomain(self, v: Any, field: str, example: str, what: str) -> str:
+        if not isinstance(v, str) or len(v) > 253 or not _DNS1123_SUBDOMAIN.match(v):
+            raise self.fail(field, f"{v!r} is not {what}; use a DNS-1123 subdomain, e.g. {example!r}")
         return v
 
     def regex(self, v: Any, field: str) -> str:
@@ -138,7 +142,7 @@ class _Ctx:
         return p
 
 
-def _selector(ctx: _Ctx, v: Any, field: str) -> Selector:
+def parse_selector(ctx: Ctx, v: Any, field: str) -> Selector:
     m = ctx.mapping(v, field)
     unknown = set(m) - {"matchLabels", "matchExpressions"}
     if unknown:
@@ -161,7 +165,7 @@ def _selector(ctx: _Ctx, v: Any, field: str) -> Selector:
     return Selector(labels, tuple(exprs))
 
 
-def _http(ctx: _Ctx, v: Any, field: str) -> HttpMatch:
+def _http(ctx: Ctx, v: Any, field: str) -> HttpMatch:
     m = ctx.mapping(v, field)
     unknown = set(m) - {"method", "path", "headers", "host"}
     if unknown:
@@ -181,7 +185,7 @@ def _http(ctx: _Ctx, v: Any, field: str) -> HttpMatch:
     return HttpMatch(str(method) if method else None, str(path) if path is not None else None, headers)
 
 
-def _policy(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
+def _policy(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
     if "endpointSelector" not in spec:
         raise ctx.fail("spec.endpointSelector", "is required; e.g. {matchLabels: {app: web}}")
     unknown = set(spec) - {"endpointSelector", "ingress", "description", "mode"}
@@ -200,7 +204,7 @@ def _policy(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
             raise ctx.fail(f"{f}.{sorted(unknown)[0]}", "unknown or unsupported field; use fromEndpoints, toPorts")
         froms = None
         if "fromEndpoints" in r:
-            froms = tuple(_selector(ctx, s, f"{f}.fromEndpoints[{j}]")
+            froms = tuple(parse_selector(ctx, s, f"{f}.fromEndpoints[{j}]")
                           for j, s in enumerate(ctx.seq(r["fromEndpoints"], f"{f}.fromEndpoints")))
         to_ports = []
         for j, tp in enumerate(ctx.seq(r.get("toPorts"), f"{f}.toPorts")):
@@ -220,7 +224,7 @@ def _policy(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
                     raise ctx.fail(f"{tf}.ports", "HTTP rules need the ports they apply to, e.g. [{port: \"80\"}]")
             to_ports.append(PortRule(tuple(ports), http))
         rules.append(IngressRule(froms, tuple(to_ports)))
-    return MeshPolicy(ns, name, _selector(ctx, spec["endpointSelector"], "spec.endpointSelector"), tuple(rules), mode)
+    return MeshPolicy(ns, name, parse_selector(ctx, spec["endpointSelector"], "spec.endpointSelector"), tuple(rules), mode)
 
 
 _PATH_TYPES = ("Exact", "PathPrefix", "RegularExpression")
@@ -228,7 +232,7 @@ RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx",
             "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
 
 
-def _route_match(ctx: _Ctx, v: Any, field: str) -> RouteMatch:
+def _route_match(ctx: Ctx, v: Any, field: str) -> RouteMatch:
     m = ctx.mapping(v, field)
     ctx.only(m, field, ("path", "method", "headers"), "a match")
     path = ctx.mapping(m.get("path"), f"{field}.path")
@@ -259,7 +263,7 @@ def _route_match(ctx: _Ctx, v: Any, field: str) -> RouteMatch:
     return RouteMatch(ptype, value, str(method) if method else None, tuple(headers))
 
 
-def _backend_ref(ctx: _Ctx, v: Any, field: str) -> BackendRef:
+def _backend_ref(ctx: Ctx, v: Any, field: str) -> BackendRef:
     b = ctx.mapping(v, field)
     ctx.only(b, field, ("name", "port", "weight", "kind", "group"), "a backendRef")
     if b.get("kind", "Service") != "Service" or b.get("group", "") not in ("", "core"):
@@ -270,7 +274,7 @@ def _backend_ref(ctx: _Ctx, v: Any, field: str) -> BackendRef:
                       ctx.count(b.get("weight", 1), f"{field}.weight", 0, 1_000_000))
 
 
-def _retry(ctx: _Ctx, v: Any, field: str) -> Retry:
+def _retry(ctx: Ctx, v: Any, field: str) -> Retry:
     r = ctx.mapping(v, field)
     ctx.only(r, field, ("attempts", "perTryTimeout", "codes", "retryOn"), "retry")
     codes = tuple(ctx.count(c, f"{field}.codes[{i}]", 400, 599) for i, c in enumerate(ctx.seq(r.get("codes"), f"{field}.codes")))
@@ -282,7 +286,7 @@ def _retry(ctx: _Ctx, v: Any, field: str) -> Retry:
     return Retry(ctx.count(r.get("attempts", 1), f"{field}.attempts", 0, 10), per_try, codes, on)
 
 
-def _route_rule(ctx: _Ctx, v: Any, field: str) -> RouteRule:
+def _route_rule(ctx: Ctx, v: Any, field: str) -> RouteRule:
     r = ctx.mapping(v, field)
     ctx.only(r, field, ("matches", "backendRefs", "timeouts", "retry"), "a rule")
     matches = tuple(_route_match(ctx, m, f"{field}.matches[{i}]")
@@ -298,7 +302,7 @@ def _route_rule(ctx: _Ctx, v: Any, field: str) -> RouteRule:
     return RouteRule(matches, refs, timeout, retry)
 
 
-def _mesh_route(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshRoute:
+def _mesh_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshRoute:
     ctx.only(spec, "spec", ("parentRefs", "rules"), "MeshRoute spec")
     parents = []
     for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")):
@@ -317,27 +321,27 @@ def _mesh_route(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshRout
     return MeshRoute(ns, name, tuple(parents), rules)
 
 
-def _mtls_mode(ctx: _Ctx, v: Any, field: str) -> str:
+def _mtls_mode(ctx: Ctx, v: Any, field: str) -> str:
     if v not in MTLS_MODES:
         raise ctx.fail(field, f"{v!r} is not a mode; use {', '.join(MTLS_MODES[:-1])} or {MTLS_MODES[-1]}")
     return str(v)
 
 
-def _mesh_tls(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshTLS:
+def _mesh_tls(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshTLS:
     ctx.only(spec, "spec", ("mode",), "MeshTLS spec")
     if "mode" not in spec:
         raise ctx.fail("spec.mode", f"is required; use {', '.join(MTLS_MODES[:-1])} or {MTLS_MODES[-1]}")
     return MeshTLS(ns, name, _mtls_mode(ctx, spec["mode"], "spec.mode"))
 
 
-def _namespace(ctx: _Ctx, name: str, labels: tuple[tuple[str, str], ...]) -> Namespace:
+def _namespace(ctx: Ctx, name: str, labels: tuple[tuple[str, str], ...]) -> Namespace:
     mode = dict(labels).get(MTLS_LABEL)
     if mode is not None:  # the label shortcut of a MeshTLS: checked like spec.mode
         _mtls_mode(ctx, mode, f"metadata.labels.{MTLS_LABEL}")
     return Namespace(name, labels)
 
 
-def _ingress_backend(ctx: _Ctx, v: Any, field: str) -> IngressBackend:
+def _ingress_backend(ctx: Ctx, v: Any, field: str) -> IngressBackend:
     svc = ctx.mapping(ctx.mapping(v, field).get("service"), f"{field}.service")
     if not svc:
         raise ctx.fail(f"{field}.service", "is required (resource backends are not supported)")
@@ -350,14 +354,14 @@ def _ingress_backend(ctx: _Ctx, v: Any, field: str) -> IngressBackend:
     return IngressBackend(ctx.name(svc.get("name"), f"{field}.service.name", "web"), str(port["name"]))
 
 
-def _ingress_host(ctx: _Ctx, v: Any, field: str) -> str:
+def _ingress_host(ctx: Ctx, v: Any, field: str) -> str:
     host = str(v or "")
     if host and not _HOST.match(host):
         raise ctx.fail(field, f"{host!r} is not a DNS name; use e.g. shop.example.com or *.example.com")
     return host
 
 
-def _ingress_rule(ctx: _Ctx, v: Any, field: str) -> IngressHostRule:
+def _ingress_rule(ctx: Ctx, v: Any, field: str) -> IngressHostRule:
     r = ctx.mapping(v, field)
     paths = []
     http = ctx.mapping(r.get("http"), f"{field}.http")
@@ -374,7 +378,7 @@ def _ingress_rule(ctx: _Ctx, v: Any, field: str) -> IngressHostRule:
     return IngressHostRule(_ingress_host(ctx, r.get("host"), f"{field}.host"), tuple(paths))
 
 
-def _ingress(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> Ingress:
+def _ingress(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> Ingress:
     ctx.only(spec, "spec", ("ingressClassName", "rules", "tls", "defaultBackend"), "Ingress spec")
     rules = tuple(_ingress_rule(ctx, r, f"spec.rules[{i}]") for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")))
     tls = []
@@ -391,7 +395,7 @@ def _ingress(ctx: _Ctx, ns: str, name: str, spec: dict[str, Any]) -> Ingress:
     return Ingress(ns, name, str(spec.get("ingressClassName") or ""), rules, tuple(tls), default)
 
 
-def _secret_bytes(ctx: _Ctx, doc: dict[str, Any], key: str) -> bytes:
+def _secret_bytes(ctx: Ctx, doc: dict[str, Any], key: str) -> bytes:
     """data (base64) or stringData; the error never shows the value (it may be a key)."""
     string_data = ctx.mapping(doc.get("stringData"), "stringData")
     if key in string_data:
@@ -405,7 +409,7 @@ def _secret_bytes(ctx: _Ctx, doc: dict[str, Any], key: str) -> bytes:
         raise ctx.fail(f"data.{key}", "is not valid base64 (value not shown); encode the PEM with base64 -w0") from None
 
 
-def _secret(ctx: _Ctx, ns: str, name: str, doc: dict[str, Any]) -> Secret | None:
+def _secret(ctx: Ctx, ns: str, name: str, doc: dict[str, Any]) -> Secret | None:
     """kubernetes.io/tls Secrets are kept (for Ingress TLS); other types are accepted and ignored."""
     if doc.get("type") != "kubernetes.io/tls":
         return None
@@ -414,18 +418,20 @@ def _secret(ctx: _Ctx, ns: str, name: str, doc: dict[str, Any]) -> Secret | None
         raise ctx.fail("data.tls.crt", "is not a PEM certificate (no BEGIN CERTIFICATE line)")
     if b"PRIVATE KEY-----" not in key:
         raise ctx.fail("data.tls.key", "is not a PEM private key (value not shown)")
-    return Secret(ns, name, TlsSecret(f"{ns}/{name}", cert, key))
+    return Secret(ns, name, cert, key)
 
 
 def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | None:
     kind = doc.get("kind")
-    meta = doc.get("metadata") or {}
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}  # not a mapping: refused below, by the helper
     name = str(meta.get("name", ""))
     ns = str(meta.get("namespace") or "default")
     where = f"{kind} {name}" if kind == "Namespace" else f"{kind} {ns}/{name}"
-    ctx = _Ctx(where)
+    ctx = Ctx(where)
     if kind not in KINDS:
         raise ctx.fail("kind", f"{kind!r} is not handled by the standalone source; use one of {', '.join(KINDS)}")
+    ctx.mapping(doc.get("metadata"), "metadata")
     if not name or not _DNS1123.match(name):
         raise ctx.fail("metadata.name", f"{name!r} must be a DNS-1123 label (lowercase letters, digits, '-')")
     want = API_VERSIONS.get(str(kind))
@@ -444,44 +450,54 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     if kind == "Namespace":
         return _namespace(ctx, name, labels)
     if kind == "Pod":
-        containers = ctx.seq(spec.get("containers"), "spec.containers")
-        if len(containers) != 1:
-            raise ctx.fail("spec.containers", "the local runtime runs exactly one container per pod")
-        c = ctx.mapping(containers[0], "spec.containers[0]")
-        argv = [str(x) for x in ctx.seq(c.get("command"), "spec.containers[0].command")]
-        argv += [str(x) for x in ctx.seq(c.get("args"), "spec.containers[0].args")]
-        if not argv:
-            raise ctx.fail("spec.containers[0].command", "the local runtime needs a command to run")
-        if base_dir is not None:  # paths relative to the manifest, like a build context
-            argv = [str(base_dir / a) if a.startswith("./") else a for a in argv]
-        ports = tuple(
-            ContainerPort(ctx.port(p.get("containerPort"), f"spec.containers[0].ports[{i}].containerPort"),
-                          str(p.get("name", "")),
-                          ctx.protocol(p.get("protocol"), f"spec.containers[0].ports[{i}].protocol"))
-            for i, p in enumerate(ctx.seq(c.get("ports"), "spec.containers[0].ports")))
-        node = spec.get("nodeName") or ""
-        if not isinstance(node, str) or len(node) > 253 or (node and not _DNS1123_SUBDOMAIN.match(node)):
-            raise ctx.fail("spec.nodeName", f"{node!r} is not a node name; use a DNS-1123 subdomain, e.g. 'node1'")
-        return Pod(ns, name, labels, tuple(argv), ports, str(spec.get("serviceAccountName") or "default"), node=node)
+        return _pod(ctx, ns, name, labels, spec, base_dir)
     if kind == "Service":
-        sports: list[ServicePort] = []
-        for i, p in enumerate(ctx.seq(spec.get("ports"), "spec.ports")):
-            f = f"spec.ports[{i}]"
-            p = ctx.mapping(p, f)
-            port = ctx.port(p.get("port"), f"{f}.port")
-            tp = p.get("targetPort", port)
-            target: int | str = tp if isinstance(tp, str) and not tp.isdigit() else ctx.port(tp, f"{f}.targetPort")
-            sports.append(ServicePort(port, target, ctx.protocol(p.get("protocol"), f"{f}.protocol"), str(p.get("name", "")),
-                                      str(p.get("appProtocol", ""))))
-        if not sports:
-            raise ctx.fail("spec.ports", "a Service needs at least one port")
-        v4, v6 = _cluster_ips(ctx, spec)
-        return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(sports),
-                       cluster_ip=v4, cluster_ip6=v6, affinity_timeout_s=_affinity(ctx, spec))
+        return _service(ctx, ns, name, spec)
     return _policy(ctx, ns, name, spec)
 
 
-def _cluster_ips(ctx: _Ctx, spec: dict[str, Any]) -> tuple[str, str]:
+def _pod(ctx: Ctx, ns: str, name: str, labels: tuple[tuple[str, str], ...], spec: dict[str, Any],
+         base_dir: Path | None) -> Pod:
+    containers = ctx.seq(spec.get("containers"), "spec.containers")
+    if len(containers) != 1:
+        raise ctx.fail("spec.containers", "the local runtime runs exactly one container per pod")
+    c = ctx.mapping(containers[0], "spec.containers[0]")
+    argv = [str(x) for x in ctx.seq(c.get("command"), "spec.containers[0].command")]
+    argv += [str(x) for x in ctx.seq(c.get("args"), "spec.containers[0].args")]
+    if not argv:
+        raise ctx.fail("spec.containers[0].command", "the local runtime needs a command to run")
+    if base_dir is not None:  # paths relative to the manifest, like a build context
+        argv = [str(base_dir / a) if a.startswith("./") else a for a in argv]
+    ports = []
+    for i, raw in enumerate(ctx.seq(c.get("ports"), "spec.containers[0].ports")):
+        f = f"spec.containers[0].ports[{i}]"
+        cp = ctx.mapping(raw, f)
+        ports.append(ContainerPort(ctx.port(cp.get("containerPort"), f"{f}.containerPort"), str(cp.get("name", "")),
+                                   ctx.protocol(cp.get("protocol"), f"{f}.protocol")))
+    node = spec.get("nodeName") or ""
+    if node:
+        ctx.subdomain(node, "spec.nodeName", "node1", "a node name")
+    return Pod(ns, name, labels, tuple(argv), tuple(ports), str(spec.get("serviceAccountName") or "default"), node=node)
+
+
+def _service(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> Service:
+    sports: list[ServicePort] = []
+    for i, p in enumerate(ctx.seq(spec.get("ports"), "spec.ports")):
+        f = f"spec.ports[{i}]"
+        p = ctx.mapping(p, f)
+        port = ctx.port(p.get("port"), f"{f}.port")
+        tp = p.get("targetPort", port)
+        target: int | str = tp if isinstance(tp, str) and not tp.isdigit() else ctx.port(tp, f"{f}.targetPort")
+        sports.append(ServicePort(port, target, ctx.protocol(p.get("protocol"), f"{f}.protocol"), str(p.get("name", "")),
+                                  str(p.get("appProtocol", ""))))
+    if not sports:
+        raise ctx.fail("spec.ports", "a Service needs at least one port")
+    v4, v6 = _cluster_ips(ctx, spec)
+    return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(sports),
+                   cluster_ip=v4, cluster_ip6=v6, affinity_timeout_s=_affinity(ctx, spec))
+
+
+def _cluster_ips(ctx: Ctx, spec: dict[str, Any]) -> tuple[str, str]:
     """(IPv4, IPv6) VIPs from spec.clusterIP / spec.clusterIPs; "" where not given."""
     ips = [str(x) for x in ctx.seq(spec.get("clusterIPs"), "spec.clusterIPs")]
     if spec.get("clusterIP"):
@@ -501,7 +517,7 @@ def _cluster_ips(ctx: _Ctx, spec: dict[str, Any]) -> tuple[str, str]:
     return v4, v6
 
 
-def _affinity(ctx: _Ctx, spec: dict[str, Any]) -> int:
+def _affinity(ctx: Ctx, spec: dict[str, Any]) -> int:
     kind = spec.get("sessionAffinity", "None")
     if kind not in ("None", "ClientIP"):
         raise ctx.fail("spec.sessionAffinity", f"{kind!r}: use None or ClientIP")
@@ -509,10 +525,8 @@ def _affinity(ctx: _Ctx, spec: dict[str, Any]) -> int:
         return 0
     cfg = ctx.mapping(ctx.mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig").get("clientIP"),
                       "spec.sessionAffinityConfig.clientIP")
-    timeout = cfg.get("timeoutSeconds", 10800)  # Kubernetes' default: 3 hours
-    if not isinstance(timeout, int) or not 0 < timeout <= 86400:
-        raise ctx.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{timeout!r}: use 1-86400 seconds")
-    return timeout
+    # Kubernetes' default: 3 hours
+    return ctx.count(cfg.get("timeoutSeconds", 10800), "spec.sessionAffinityConfig.clientIP.timeoutSeconds", 1, 86400)
 
 
 def read_documents(path: Path) -> list[tuple[Path, dict[str, Any]]]:

@@ -1,14 +1,15 @@
-"""The cluster model: plain, frozen dataclasses, the input of the pure reconcile."""
+"""The cluster model: plain, frozen dataclasses, the input of the pure planner (``mesh.plan``).
+
+It owns the user-facing vocabulary: selectors, policies with their HTTP matches, route matches
+and retries, Services, Pods, Secrets. Imports nothing but the standard library."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
-from xds.resources import HeaderMatch, Retry, RouteMatch, TlsSecret
-
-__all__ = ["HeaderMatch", "Retry", "RouteMatch", "TlsSecret"]  # MeshRoute and Secret use the xDS vocabulary
-
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+SYSTEM_NAMESPACE = "webb-system"  # the mesh's own: node proxy identity, self-test pods, node reports
 # mTLS between nodes, per namespace (docs/crds/meshtls.md): STRICT refuses plaintext from outside
 # the mesh, PERMISSIVE takes both, DISABLE sends no tunnel. Without MeshTLS or label: DISABLE.
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
@@ -165,6 +166,33 @@ class BackendRef:
 
 
 @dataclass(frozen=True)
+class HeaderMatch:
+    name: str
+    value: str
+    type: str = "Exact"  # Exact | RegularExpression (RE2, whole value)
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """Gateway API HTTPRouteMatch. ``path_type``: Exact, PathPrefix (whole path elements:
+    /a matches /a and /a/b, not /ab), RegularExpression (RE2, whole path), or Prefix
+    (a plain string prefix: Ingress ImplementationSpecific)."""
+
+    path_type: str = "PathPrefix"
+    path: str = "/"
+    method: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int  # retries after the first try (Gateway API, Istio): at most 1 + attempts tries
+    per_try_timeout_ms: int = 0  # 0: only the request timeout bounds each try
+    codes: tuple[int, ...] = ()  # HTTP statuses that are retried
+    retry_on: tuple[str, ...] = ()  # Envoy retry conditions; both empty: 5xx and reset
+
+
+@dataclass(frozen=True)
 class RouteRule:
     matches: tuple[RouteMatch, ...]
     backends: tuple[BackendRef, ...]
@@ -225,17 +253,23 @@ class Ingress:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Secret:
-    """A kubernetes.io/tls Secret (other types are not kept). repr() hides the key."""
+    """A kubernetes.io/tls Secret (other types are not kept). repr() shows digests only: key
+    material is never printed or logged, yet a new key still changes the plan version."""
 
     namespace: str
     name: str
-    tls: TlsSecret
+    cert_pem: bytes
+    key_pem: bytes
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def __repr__(self) -> str:
+        digest = hashlib.sha256(self.cert_pem + b"\0" + self.key_pem).hexdigest()[:16]
+        return f"Secret({self.key!r}, sha256={digest})"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from mesh.manifests import ManifestError, Obj, parse_object, read_documents
-from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
+from mesh.model import ClusterState, Service
+from mesh.state import Key, LastGood, assemble, key_of, object_key
 
 
 class Source(Protocol):
@@ -38,12 +39,6 @@ def directory_version(directory: Path) -> str:
         except FileNotFoundError:  # removed while we looked: the next look sees the new state
             continue
     return h.hexdigest()[:16]
-
-
-def _key(o: Obj) -> tuple[str, str, str]:
-    if isinstance(o, Namespace):
-        return ("Namespace", "", o.name)
-    return (type(o).__name__, o.namespace, o.name)
 
 
 def allocate_vips(services: list[Service], service_cidr: str, service_cidr6: str = "") -> list[Service]:
@@ -80,8 +75,8 @@ class StandaloneSource:
         self.directory = directory
         self.service_cidr = service_cidr
         self.service_cidr6 = service_cidr6
-        self._last_good: dict[tuple[str, str, str], Obj] = {}
-        self._file_of: dict[tuple[str, str, str], Path] = {}
+        self._last_good: LastGood[Obj] = LastGood()
+        self._file_of: dict[Key, Path] = {}
         self.errors: list[str] = []
 
     def version(self) -> str:
@@ -95,8 +90,9 @@ class StandaloneSource:
         return None
 
     def load(self) -> ClusterState:
-        objs: dict[tuple[str, str, str], Obj] = {}
+        objs: dict[Key, Obj] = {}
         errors: list[str] = []
+        last = self._last_good
         for path in sorted(self.directory.glob("*.y*ml")):
             try:
                 docs = read_documents(path)
@@ -105,43 +101,33 @@ class StandaloneSource:
             except ManifestError as e:
                 errors.append(str(e))
                 # keep every object this file had before
-                objs.update({k: v for k, v in self._last_good.items() if self._file_of.get(k) == path})
+                objs.update({k: v for k, v in last.good.items() if self._file_of.get(k) == path})
                 continue
             for f, doc in docs:
-                meta = doc.get("metadata") or {}
-                guess = (str(doc.get("kind")), "" if doc.get("kind") == "Namespace"
-                         else str(meta.get("namespace") or "default"), str(meta.get("name")))
+                guess = key_of(str(doc.get("kind")), doc)
                 try:
                     o = parse_object(doc, base_dir=f.parent)
                 except ManifestError as e:
-                    prev = self._last_good.get(guess)
-                    errors.append(f"{e} ({f.name}){'; keeping the previous version' if prev else ''}")
-                    if prev is not None:
-                        objs[guess] = prev
+                    errors.append(self._refuse(objs, guess, f"{e} ({f.name})"))
                     continue
                 if o is None:  # a kind the mesh reads but does not keep (a Secret not of type TLS)
                     continue
                 problem = self._check_vips(o) if isinstance(o, Service) else None
                 if problem:
-                    prev = self._last_good.get(_key(o))
-                    errors.append(f"{problem} ({f.name}){'; keeping the previous version' if prev else ''}")
-                    if prev is not None:
-                        objs[_key(o)] = prev
+                    errors.append(self._refuse(objs, object_key(o), f"{problem} ({f.name})"))
                     continue
-                objs[_key(o)] = o
-                self._file_of[_key(o)] = path
-        self._last_good = dict(objs)
+                objs[object_key(o)] = o
+                self._file_of[object_key(o)] = path
+        self._last_good = LastGood()
+        for k, o in objs.items():
+            self._last_good.accept(k, o)
         self.errors = errors
-        services = allocate_vips([o for o in objs.values() if isinstance(o, Service)],
-                                 self.service_cidr, self.service_cidr6)
-        return ClusterState(
-            namespaces=tuple(o for o in objs.values() if isinstance(o, Namespace)),
-            pods=tuple(o for o in objs.values() if isinstance(o, Pod)),
-            services=tuple(services),
-            policies=tuple(o for o in objs.values() if isinstance(o, MeshPolicy)),
-            routes=tuple(o for o in objs.values() if isinstance(o, MeshRoute)),
-            ingresses=tuple(o for o in objs.values() if isinstance(o, Ingress)),
-            secrets=tuple(o for o in objs.values() if isinstance(o, Secret)),
-            mtls=tuple(o for o in objs.values() if isinstance(o, MeshTLS)),
-            errors=tuple(errors),
-        )
+        return replace(assemble(objs.values(), errors),
+                       services=tuple(allocate_vips([o for o in objs.values() if isinstance(o, Service)],
+                                                    self.service_cidr, self.service_cidr6)))
+
+    def _refuse(self, objs: dict[Key, Obj], key: Key, error: str) -> str:
+        """A bad new version of ``key``: its last good version (if any) stays in force."""
+        if key in self._last_good.good:
+            objs[key] = self._last_good.good[key]
+        return self._last_good.refuse(key, error)

@@ -10,7 +10,7 @@ the record keys are derived with HKDF-Expand-Label (RFC 8446 §7.3) and installe
 ticket (``num_tickets = 0``), so no application-key record precedes the kernel's.
 
 Without kTLS (no ``tls`` module: this host's kernel) :class:`UserspaceTls` keeps the
-SSLObject and encrypts in Python; :func:`establish` says which one it made.
+SSLObject and encrypts in Python; the session (``tunnel.session``) says which one it made.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-
-from certs.ca import private_dir
 
 # linux/tls.h, linux/tcp.h (Python 3.11's socket module has none of these)
 SOL_TLS, TCP_ULP, TLS_TX, TLS_RX = 282, 31, 1, 2
@@ -75,13 +73,22 @@ def crypto_info(cipher: str, secret: bytes, seq: int = 0) -> bytes:
     return struct.pack("=HH", TLS_1_3_VERSION, ctype) + explicit + key + salt + struct.pack("!Q", seq)
 
 
+def _private_dir(path: Path) -> None:
+    """The key log's directory and every one made on the way to it: 0700 whatever the umask
+    (mkdir's mode is masked, and ``parents=True`` gives the intermediate ones the umask's)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in (path, *missing):
+        os.chmod(p, 0o700)
+
+
 class KeyLog:
     """The traffic secrets OpenSSL logs, by ClientHello random; emptied when idle and past
     TRUNCATE_AT, and on close. A 0600 file on /run (tmpfs): it never reaches a disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        private_dir(path.parent)
+        _private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.close(fd)
         self._lock = threading.Lock()

@@ -9,6 +9,10 @@ certificate (chosen by SNI), the client's SPIFFE ID and header handed to ``autho
 
 With kTLS the relay splices (socket → pipe → socket, in the kernel: no byte is copied to
 user space and the kernel encrypts); without it, the same session runs in user-space TLS.
+
+The tunnel does not import ``certs``: what it needs of the node's identities is
+:class:`Identities` (``certs.store.IdentityStore`` is one), handed in by whoever composes the
+two (mesh.agent.tunnels, the tests, the bench).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from certs.ca import parse_spiffe_id, peer_spiffe_id
-from certs.store import IdentityStore, tls13_context
+from tunnel.accept import AcceptLoop, Slots
 from tunnel.ktls import (
     CUT_SHORT,
     Handshake,
@@ -64,6 +68,31 @@ class Refusal:
 # authorize(peer SPIFFE ID, source pod IP, destination "ip:port") -> None (allowed) or why not
 # (a plain string is a final refusal)
 Authorize = Callable[[str, str, str], "Refusal | str | None"]
+
+
+class Identities(Protocol):
+    """What the tunnel needs of its node's workload identities (``certs.store.IdentityStore``;
+    the tunnel does not import certs). Identities are (namespace, service account) pairs."""
+
+    def server_context(self) -> ssl.SSLContext:
+        """The accepting side's first context: TLS 1.3, no certificate (SNI picks the identity's
+        context), a client certificate required and verified against the trust bundle, no
+        session tickets (kTLS starts at record sequence 0)."""
+        ...
+
+    def context(self, namespace: str, service_account: str, server_side: bool) -> ssl.SSLContext:
+        """A context like that presenting the identity's current certificate; ValueError when
+        the identity cannot have one."""
+        ...
+
+    def spiffe_id(self, namespace: str, service_account: str) -> str:
+        """The identity's SPIFFE ID: what the dialer requires the peer to present."""
+        ...
+
+    def peer_id(self, der: bytes) -> str:
+        """The SPIFFE ID a peer's certificate (DER) names; ValueError (why) when it names none,
+        several, or one outside the trust domain."""
+        ...
 
 
 def _tune(sock: socket.socket) -> None:
@@ -147,16 +176,16 @@ class Session:
 class TunnelNode:
     """One node's tunnel: its identities, key log, and whether the kernel does the records."""
 
-    def __init__(self, store: IdentityStore, keylog_path: Path, use_ktls: bool,
+    def __init__(self, identities: Identities, keylog_path: Path, use_ktls: bool,
                  hosted: Callable[[str, str], bool] = lambda ns, sa: True) -> None:
-        self.store, self.use_ktls = store, use_ktls
+        self.identities, self.use_ktls = identities, use_ktls
         self.hosted = hosted  # (namespace, service account) has a workload on this node
         self.keylog = KeyLog(keylog_path)
         self.ktls_failures = 0
         # the server's first context: no certificate (SNI picks the workload's), but what a
         # handshake takes from the first context (client certificate required, verified
         # against the bundle, TLS 1.3, no tickets) is set here
-        self._base = tls13_context(server_side=True, bundle=store.bundle)
+        self._base = identities.server_context()
         self._base.sni_callback = self._pick_identity
         self.keylog.attach(self._base)
 
@@ -165,7 +194,7 @@ class TunnelNode:
         return KTLS if self.use_ktls else USERSPACE
 
     def _context(self, ns: str, sa: str, server_side: bool) -> ssl.SSLContext:
-        ctx = self.store.context(ns, sa, server_side)
+        ctx = self.identities.context(ns, sa, server_side)
         self.keylog.attach(ctx)
         return ctx
 
@@ -180,10 +209,10 @@ class TunnelNode:
         return None
 
     def _establish(self, sock: socket.socket, hs: Handshake, secrets: dict[str, bytes], server_side: bool) -> Session:
-        peer = peer_spiffe_id(hs.peer_der)
-        td = parse_spiffe_id(peer)[0]
-        if td != self.store.ca.trust_domain:
-            raise TunnelError(f"peer {peer} is outside trust domain {self.store.ca.trust_domain}")
+        try:
+            peer = self.identities.peer_id(hs.peer_der)
+        except ValueError as e:  # not a workload certificate of this trust domain
+            raise TunnelError(str(e)) from e
         if self.use_ktls:
             try:
                 install(sock, hs, secrets, server_side)
@@ -204,7 +233,7 @@ class TunnelNode:
             ctx = self._context(*source, server_side=False)
             hs, secrets = handshake(sock, ctx, False, self.keylog, server_hostname=sni_of(*expect))
             sess = self._establish(sock, hs, secrets, server_side=False)
-            want = f"spiffe://{self.store.ca.trust_domain}/ns/{expect[0]}/sa/{expect[1]}"
+            want = self.identities.spiffe_id(*expect)
             if sess.peer_id != want:
                 raise TunnelError(f"peer presented {sess.peer_id}, expected {want}")
             try:
@@ -412,10 +441,9 @@ class TunnelServer:
         self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
         self._undrained: list[TunnelEvent] = []
         self.max_conns, self.max_events = max_conns, max_events
-        self._slots = threading.BoundedSemaphore(max_conns)
         self._stop = threading.Event()
-        self._deadline = time.monotonic() + lifetime_s
-        self._thread = threading.Thread(target=self._loop, name="tunnel-accept", daemon=True)
+        self._loop = AcceptLoop(listen, self._serve, Slots(max_conns), self._accept_failed, self._stop.is_set,
+                                time.monotonic() + lifetime_s, name="tunnel-accept", conn_name="tunnel-conn")
         self._lock = threading.Lock()
 
     @property
@@ -423,13 +451,12 @@ class TunnelServer:
         return int(self.listen.getsockname()[1])
 
     def start(self) -> TunnelServer:
-        self.listen.settimeout(0.2)
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._loop.join(timeout=5)
         self.listen.close()
 
     @staticmethod
@@ -454,45 +481,22 @@ class TunnelServer:
             out, self._undrained = self._undrained, []
             return out
 
-    def _loop(self) -> None:
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            try:
-                conn, _ = self.listen.accept()
-            except TimeoutError:
-                continue
-            except OSError as e:
-                if self._stop.is_set() or e.errno in (errno.EBADF, errno.EINVAL):
-                    return  # the listener was closed
-                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"accept: {e}", self.node.mode))
-                time.sleep(0.1)  # out of descriptors or memory: the backlog waits, the listener stays
-                continue
-            if not self._slots.acquire(blocking=False):
-                self._record(TunnelEvent(time.time(), "", "", "", "failed",
-                                         f"more than {self.max_conns} tunnels at once", self.node.mode))
-                conn.close()
-                continue
-            try:
-                threading.Thread(target=self._serve, args=(conn,), name="tunnel-conn", daemon=True).start()
-            except RuntimeError as e:  # no thread to be had
-                self._slots.release()
-                conn.close()
-                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"start a thread: {e}", self.node.mode))
+    def _accept_failed(self, _what: str, _peer: str, why: str) -> None:
+        """The accept loop's trouble (an accept error, no free slot, no thread): a failed event."""
+        self._record(TunnelEvent(time.time(), "", "", "", "failed", why, self.node.mode))
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, _peer: str) -> None:
         try:
-            try:
-                sess, upstream, src, dst = self.node.accept(conn, self.authorize, self.fixed_dst)
-            except TunnelError as e:
-                self._record(TunnelEvent(time.time(), e.peer, e.src, e.dst, "denied" if e.denied else "failed",
-                                         str(e), self.node.mode))
-                conn.close()
-                return
-            except (OSError, ValueError, RecursionError) as e:  # the dialer vanished or sent garbage (deep JSON)
-                self._record(TunnelEvent(time.time(), "", "", "", "failed", f"tunnel set-up: {e!r}", self.node.mode))
-                conn.close()
-                return
-            stats = relay(upstream, sess)
-            self._record(TunnelEvent(time.time(), sess.peer_id, src, dst, "failed" if stats.error else "forwarded",
-                                     stats.error, sess.mode, stats.to_tunnel, stats.from_tunnel))
-        finally:
-            self._slots.release()
+            sess, upstream, src, dst = self.node.accept(conn, self.authorize, self.fixed_dst)
+        except TunnelError as e:
+            self._record(TunnelEvent(time.time(), e.peer, e.src, e.dst, "denied" if e.denied else "failed",
+                                     str(e), self.node.mode))
+            conn.close()
+            return
+        except (OSError, ValueError, RecursionError) as e:  # the dialer vanished or sent garbage (deep JSON)
+            self._record(TunnelEvent(time.time(), "", "", "", "failed", f"tunnel set-up: {e!r}", self.node.mode))
+            conn.close()
+            return
+        stats = relay(upstream, sess)
+        self._record(TunnelEvent(time.time(), sess.peer_id, src, dst, "failed" if stats.error else "forwarded",
+                                 stats.error, sess.mode, stats.to_tunnel, stats.from_tunnel))

@@ -12,11 +12,9 @@ the other (and its SPIFFE ID), both fetched by Envoy over ADS, so a renewal is o
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -38,6 +36,24 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upst
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
+from xds.model import (
+    HeaderMatchSpec,
+    HttpRoute,
+    HttpRule,
+    HttpService,
+    IngressGateway,
+    RbacPolicy,
+    RetrySpec,
+    RouteMatchSpec,
+    TlsSecret,
+    TrustBundle,
+    Upstream,
+    UpstreamMtls,
+    VirtualHost,
+    bundle_name,
+    service_routes,
+)
+
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105 - a type URL
@@ -52,185 +68,8 @@ WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/SD
 
 DENIED_BODY = "Access denied\n"
 INGRESS_HTTP, INGRESS_HTTPS = "ingress:http", "ingress:https"
+DEFAULT_RETRY_ON = ("5xx", "reset")  # a Retry with neither codes nor conditions
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-
-
-@dataclass(frozen=True)
-class HttpRule:
-    """One allowed request shape; None fields match anything. ``path`` is a full-match regex."""
-
-    method: str | None = None
-    path: str | None = None
-    headers: tuple[tuple[str, str | None], ...] = ()  # (name, exact value or None = present)
-
-
-@dataclass(frozen=True)
-class RbacPolicy:
-    name: str  # "namespace/policy#ingress[i]" — reaches the access log and `webb observe`
-    source_ips: tuple[str, ...] | None  # None: any source
-    rules: tuple[HttpRule, ...]  # empty: any request
-    audit: bool = False  # from a MeshPolicy in audit mode
-
-
-@dataclass(frozen=True)
-class HeaderMatch:
-    name: str
-    value: str
-    type: str = "Exact"  # Exact | RegularExpression (RE2, whole value)
-
-
-@dataclass(frozen=True)
-class RouteMatch:
-    """Gateway API HTTPRouteMatch. ``path_type``: Exact, PathPrefix (whole path elements:
-    /a matches /a and /a/b, not /ab), RegularExpression (RE2, whole path), or Prefix
-    (a plain string prefix: Ingress ImplementationSpecific)."""
-
-    path_type: str = "PathPrefix"
-    path: str = "/"
-    method: str | None = None
-    headers: tuple[HeaderMatch, ...] = ()
-
-
-@dataclass(frozen=True)
-class Retry:
-    attempts: int  # retries after the first try (Gateway API, Istio): at most 1 + attempts tries
-    per_try_timeout_ms: int = 0  # 0: only the request timeout bounds each try
-    codes: tuple[int, ...] = ()  # HTTP statuses that are retried
-    retry_on: tuple[str, ...] = ()  # Envoy retry conditions; both empty: DEFAULT_RETRY_ON
-
-
-DEFAULT_RETRY_ON = ("5xx", "reset")
-
-
-@dataclass(frozen=True)
-class HttpRoute:
-    """Requests matching any of ``matches`` go to ``clusters`` split by weight."""
-
-    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
-    clusters: tuple[tuple[str, int], ...] = ()  # (upstream name, weight); none with weight > 0: 500
-    timeout_ms: int | None = None  # None: Envoy's 15 s; 0: no timeout
-    retry: Retry | None = None
-
-
-@dataclass(frozen=True)
-class UpstreamMtls:
-    """Envoy-originated mutual TLS (1.3) to a cluster: present the certificate of ``identity``
-    (the SDS tls_certificate Secret of that SPIFFE ID), verify the peer against the bundle of
-    ``trust_domain`` (the SDS validation-context Secret ``spiffe://<trust_domain>``) and accept
-    only a peer whose URI SAN is one of ``peer_ids`` (exact)."""
-
-    identity: str  # spiffe://<trust-domain>/ns/<ns>/sa/<sa> of the source workload
-    trust_domain: str
-    peer_ids: tuple[str, ...]  # the destination workloads' SPIFFE IDs
-    sni: str = ""  # what the peer selects its certificate by (tunnel.session.sni_of); "" = none
-
-
-@dataclass(frozen=True)
-class MtlsEndpoint:
-    """A backend reached by Envoy-originated mTLS (another node's tunnel port for one pod),
-    next to plaintext ones in the same cluster (transport_socket_matches by endpoint metadata)."""
-
-    address: str
-    port: int
-    tls: UpstreamMtls
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """One service port as a route target: an EDS cluster and its endpoints."""
-
-    name: str  # "namespace/service:port"
-    backends: tuple[tuple[str, int], ...]
-    http2: bool = False  # speak HTTP/2 (h2c) to the backends: gRPC, appProtocol h2c
-    tls: UpstreamMtls | None = None  # mTLS to the backends, certificates by SDS
-    mtls_backends: tuple[MtlsEndpoint, ...] = ()  # more backends, each with its own mTLS
-
-
-@dataclass(frozen=True)
-class HttpService:
-    """An L7 service port: one Envoy listener on the node's proxy port."""
-
-    name: str  # "namespace/service:port"
-    listen_ip: str
-    listen_port: int
-    backends: tuple[tuple[str, int], ...]  # the service's own upstream, when build() derives clusters
-    policies: tuple[RbacPolicy, ...] | None  # None: no L7 policy (allow all)
-    listen_ip6: str = ""  # the same listener on the node's IPv6 too (dual stack)
-    routes: tuple[HttpRoute, ...] = ()  # from MeshRoutes; empty: every request to upstream ``name``
-
-
-@dataclass(frozen=True)
-class VirtualHost:
-    name: str
-    domains: tuple[str, ...]  # "*" matches any host
-    routes: tuple[HttpRoute, ...]
-
-
-@dataclass(frozen=True, repr=False)
-class TlsSecret:
-    """A certificate and its key for SDS. repr() shows digests only: key material is never
-    printed or logged, yet a new key still changes the plan version."""
-
-    name: str  # "namespace/secret"
-    cert_pem: bytes
-    key_pem: bytes
-
-    def __repr__(self) -> str:
-        digest = hashlib.sha256(self.cert_pem + b"\0" + self.key_pem).hexdigest()[:16]
-        return f"TlsSecret({self.name!r}, sha256={digest})"
-
-
-class WorkloadIdentity(Protocol):
-    """What a workload certificate has (``certs.ca.WorkloadCert``; xds does not import certs)."""
-
-    @property
-    def spiffe_id(self) -> str: ...
-
-    @property
-    def chain_pem(self) -> bytes: ...
-
-    @property
-    def key_pem(self) -> bytes: ...
-
-
-def workload_secret(cert: WorkloadIdentity) -> TlsSecret:
-    """A workload certificate as an SDS Secret named by its SPIFFE ID: the leaf and any
-    intermediate, and the key (never shown by repr)."""
-    return TlsSecret(cert.spiffe_id, cert.chain_pem, cert.key_pem)
-
-
-def bundle_name(trust_domain: str) -> str:
-    return f"spiffe://{trust_domain}"
-
-
-@dataclass(frozen=True)
-class TrustBundle:
-    """The root(s) of a trust domain: an SDS validation-context Secret ``spiffe://<trust domain>``."""
-
-    trust_domain: str
-    roots_pem: bytes
-
-    @property
-    def name(self) -> str:
-        return bundle_name(self.trust_domain)
-
-
-@dataclass(frozen=True)
-class TlsHosts:
-    hosts: tuple[str, ...]  # SNI server names served with ``secret``
-    secret: str
-
-
-@dataclass(frozen=True)
-class IngressGateway:
-    """The node's ingress: an HTTP listener and, with TLS hosts, an HTTPS listener (one
-    filter chain per SNI set). Routes are inline: see references()."""
-
-    listen_ip: str
-    http_port: int
-    https_port: int
-    virtual_hosts: tuple[VirtualHost, ...]
-    tls: tuple[TlsHosts, ...] = ()
 
 
 def _any(msg: object) -> any_pb2.Any:
@@ -394,14 +233,14 @@ def endpoints(up: Upstream) -> endpoint_pb2.ClusterLoadAssignment:
         cluster_name=up.name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=eps)])
 
 
-def _header(h: HeaderMatch) -> rc.HeaderMatcher:
+def _header(h: HeaderMatchSpec) -> rc.HeaderMatcher:
     if h.type == "RegularExpression":
         return rc.HeaderMatcher(name=h.name.lower(), string_match=string_pb2.StringMatcher(
             safe_regex=regex_pb2.RegexMatcher(regex=h.value)))
     return rc.HeaderMatcher(name=h.name.lower(), string_match=_string_exact(h.value))
 
 
-def _match(m: RouteMatch) -> rc.RouteMatch:
+def _match(m: RouteMatchSpec) -> rc.RouteMatch:
     out = rc.RouteMatch(headers=[_header(h) for h in m.headers])
     if m.method:
         out.headers.append(rc.HeaderMatcher(name=":method", string_match=_string_exact(m.method)))
@@ -416,7 +255,7 @@ def _match(m: RouteMatch) -> rc.RouteMatch:
     return out
 
 
-def _retry(r: Retry) -> rc.RetryPolicy:
+def _retry(r: RetrySpec) -> rc.RetryPolicy:
     conds = list(r.retry_on) or ([] if r.codes else list(DEFAULT_RETRY_ON))
     if r.codes:
         conds.append("retriable-status-codes")
@@ -445,8 +284,8 @@ def _action(route: HttpRoute) -> rc.RouteAction:
 def _routes(route: HttpRoute) -> list[rc.Route]:
     """One Envoy route per match (Envoy matches are AND; a rule's matches are OR)."""
     out = []
-    for m in route.matches:
-        r = rc.Route(match=_match(m))
+    for match in [_match(m) for m in route.matches] or [rc.RouteMatch(prefix="/")]:  # no match: every request
+        r = rc.Route(match=match)
         if any(w > 0 for _, w in route.clusters):
             r.route.CopyFrom(_action(route))
         else:  # Gateway API: a rule without a valid backend answers 500
@@ -458,10 +297,6 @@ def _routes(route: HttpRoute) -> list[rc.Route]:
 
 def _virtual_host(vh: VirtualHost) -> rc.VirtualHost:
     return rc.VirtualHost(name=vh.name, domains=list(vh.domains), routes=[r for hr in vh.routes for r in _routes(hr)])
-
-
-def service_routes(svc: HttpService) -> tuple[HttpRoute, ...]:
-    return svc.routes or (HttpRoute(clusters=((svc.name, 1),)),)
 
 
 def route(svc: HttpService) -> route_pb2.RouteConfiguration:

@@ -134,7 +134,7 @@ class _Sent:
     refused: bool  # the snapshot also holds a resource Envoy refused (not resent)
 
 
-class _DeltaStream(_Stream):
+class DeltaStream(_Stream):
     def __init__(self, cache: SnapshotCache, counts: Counter[str]) -> None:
         super().__init__(cache, counts)
         self.wildcard: set[str] = set()
@@ -291,7 +291,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return _serve(_SotwStream(self.cache, self.counts), self.cache, request_iterator)
 
     def DeltaAggregatedResources(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:  # noqa: N802
-        return _serve(_DeltaStream(self.cache, self.counts), self.cache, request_iterator)
+        return _serve(DeltaStream(self.cache, self.counts), self.cache, request_iterator)
 
 
 class XdsServer:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datapath.loader import Datapath
+from mesh.model import SYSTEM_NAMESPACE
 from mesh.runtime.local import LocalNode, Sandbox
 
 WORKLOAD = Path(__file__).resolve().parent / "accel_workload.py"
-SYSTEM_NAMESPACE = "webb-system"  # the node's own pods; never touched by manifests
 PODS = (f"{SYSTEM_NAMESPACE}/accel-a", f"{SYSTEM_NAMESPACE}/accel-b")
 PORT = 7000
 IDENTITY = 3  # reserved: the node's own self-test pods

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datapath.maps import FlowEvent, Reason, Verdict
+from datapath.maps import FlowEvent
+from datapath.types import Reason, Verdict
 from mesh.plan.node import NodePlan
-from mesh.plan.tunnels import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT
+from mesh.plan.policy import deny_reason, proto_name
 
 MAX_BYTES = 8 << 20  # rotate flows.jsonl past this; one old file kept
 
@@ -31,17 +32,17 @@ class Names:
     pod_by_identity: dict[int, list[str]] = field(default_factory=dict)
     policies_selecting: dict[int, tuple[str, ...]] = field(default_factory=dict)
     http_rules: dict[str, str] = field(default_factory=dict)  # service -> allowed requests
+    plan: NodePlan | None = None  # what the names come from: the plan in force
 
     @classmethod
     def of(cls, plan: NodePlan, pod_by_cgroup: dict[int, str]) -> Names:
-        n = cls(pod_by_cgroup=dict(pod_by_cgroup))
+        n = cls(pod_by_cgroup=dict(pod_by_cgroup), plan=plan)
         for ep in plan.endpoints:
             n.pod_by_ip[ep.ip] = ep.pod
             if ep.ip6:
                 n.pod_by_ip[ep.ip6] = ep.pod
             n.pod_by_identity.setdefault(ep.identity, []).append(ep.pod)
-        # hosts names are (name, name.ns, ...): the service key is ns/name
-        svc_of_vip = {vip: f"{names[1].split('.')[1]}/{names[0]}" for vip, names in plan.hosts}
+        svc_of_vip = dict(plan.service_names)
         for s in plan.services:
             n.service_by_vip[(s.vip, s.port)] = svc_of_vip.get(s.vip, s.vip)
         n.policies_selecting = dict(plan.selected_by)
@@ -59,19 +60,19 @@ def from_event(e: FlowEvent, names: Names) -> dict[str, Any]:
     svc = names.service_by_vip.get((e.orig_ip, e.orig_port))
     dst_pod = names.pod_by_ip.get(e.new_ip)
     flow: dict[str, Any] = {
-        "time": time.time(), "layer": "L4", "protocol": "TCP", "src": src,
+        "time": time.time(), "layer": "L4", "protocol": proto_name(e.proto), "src": src,
         "dst": f"{e.orig_ip}:{e.orig_port}", "service": svc, "dst_pod": dst_pod,
         "verdict": e.verdict.name.lower(), "reason": e.reason.text,
     }
     if e.reason == Reason.L7_PROXY:
         flow["dst_pod"] = None
-        tunnel = TUNNEL_OUT_BASE <= e.new_port < TUNNEL_OUT_BASE + TUNNEL_OUT_COUNT  # mesh.plan.tunnels listeners
-        flow["via"] = f"{'mtls tunnel' if tunnel else 'envoy'} {e.new_ip}:{e.new_port}"
+        via = names.plan.via(e.new_port) if names.plan is not None else ""
+        flow["via"] = f"{via or 'envoy'} {e.new_ip}:{e.new_port}"
     if e.verdict == Verdict.DENIED:
         pols = names.policies_selecting.get(e.dst_identity, ())
         flow["policy"] = ",".join(pols)
-        flow["why"] = (f"{dst_pod or e.new_ip} is selected by MeshPolicy {', '.join(pols) or '?'} "
-                       f"and no ingress rule allows {src} on port {e.new_port}/TCP")
+        flow["why"] = (deny_reason(names.plan, e.dst_identity, dst_pod or e.new_ip, src, e.new_port, e.proto)
+                       if names.plan is not None else f"{dst_pod or e.new_ip}: {e.reason.text}")
     elif e.verdict == Verdict.DROPPED and e.reason == Reason.MTLS_STRICT:
         # seen at the destination: orig is the sender, new the STRICT pod that refused it
         flow["src"] = names.pod_by_ip.get(e.orig_ip, e.orig_ip)

@@ -1,4 +1,9 @@
-"""The node agent (standalone mode): manifests dir → plan → pods, Envoy (xDS), datapath.
+"""The node agent: load → plan → apply.
+
+Load: the source (a manifest directory, or the API server) and, with several nodes, the
+peers; the pod runtime makes this node's pods exist and gives their addresses. Plan:
+``mesh.plan.plan_node`` (pure). Apply: Envoy's snapshot (``apply_envoy``), the tunnels, the
+datapath maps (``apply_datapath``).
 
 Order of a sync, make-before-break: pods exist → Envoy has ACKed the listeners the plan
 needs → the datapath starts redirecting to them. A NACK keeps Envoy on the last good
@@ -14,22 +19,25 @@ import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from datapath.loader import Datapath, pin_dir_for
 from datapath.maps import DatapathState
-from mesh.agent.accel import SYSTEM_NAMESPACE, Accelerator
+from mesh.agent.accel import Accelerator
+from mesh.agent.apply_datapath import datapath_state
+from mesh.agent.apply_envoy import envoy_snapshot
 from mesh.agent.flows import FlowLog, Names, Tail, from_access_log, from_event
 from mesh.agent.tunnels import NodeTunnels
-from mesh.model import ClusterState
-from mesh.plan.node import NodePlan, NodeSpec, reconcile
-from mesh.plan.tunnels import NODE_IDENTITY, TunnelPlan, mtls_upstreams, plan_tunnels, proxy_id
+from mesh.plan.node import NodePlan, NodeSpec, Peer, plan_node
+from mesh.plan.tunnels import proxy_id
+from mesh.runtime.base import PodRuntime
+from mesh.runtime.embedded import EmbeddedRuntime
 from mesh.runtime.local import LocalNode, NodeConfig
 from mesh.runtime.peers import ClusterSource, Peers, split_pods
 from mesh.source import Source, StandaloneSource, directory_version
-from xds import resources
+from mesh.status import AgentStatus, Applied, EnvoyTypeStatus, ServiceStatus
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
+from xds.model import TrustBundle, WorkloadIdentity
 from xds.server import XdsServer
 
 log = logging.getLogger("webb.agent")
@@ -79,6 +87,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, source: Source | None = None) -> None:
         self.cfg = cfg
         self.node = LocalNode(cfg.node)
+        self.runtime: PodRuntime = EmbeddedRuntime(self.node)
         # the manifest directory, or the API server (mesh.kube.watch.KubeSource)
         self.source: Source = source or StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
         self.peers: Peers | None = None
@@ -90,7 +99,7 @@ class Agent:
         self.access_log = cfg.state_dir / "envoy-access.jsonl"
         self.names = Names()
         self.plan: NodePlan | None = None
-        self.applied: dict[str, Any] = {}
+        self.applied = Applied()
         self.errors: list[str] = []
         self.good: Snapshot | None = None  # the last snapshot Envoy ACKed: served again after a NACK
         self._stop = False
@@ -102,7 +111,6 @@ class Agent:
         self.accel: Accelerator | None = None
         self._next_canary = 0.0
         self.tunnels: NodeTunnels | None = None
-        self.tplan: TunnelPlan | None = None
 
     # ---- lifecycle ----
     def run(self) -> None:
@@ -110,7 +118,7 @@ class Agent:
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
         deadline = time.monotonic() + self.cfg.lifetime_s
         self.cfg.manifests.mkdir(parents=True, exist_ok=True)
-        self.node.setup()
+        self.runtime.setup()
         xds = XdsServer(self.cache, self.cfg.xds_port)
         xds.start()
         self.cache.set_snapshot(self.cfg.node.name, Snapshot.of({}))
@@ -121,7 +129,7 @@ class Agent:
         try:
             self.envoy.start()
             self.envoy.wait_ready()
-            self.datapath = Datapath(str(self.cfg.node.pods_cgroup), pin_dir_for(self.cfg.node.name))
+            self.datapath = Datapath(str(self.runtime.pods_cgroup), pin_dir_for(self.cfg.node.name))
             log.info("datapath %s", "adopted from pins" if self.datapath.adopted else "loaded and pinned")
             self.datapath.set_acceleration(False)  # on again only after this run's self-test
             if self.cfg.sockmap:
@@ -184,36 +192,26 @@ class Agent:
         xds.stop()
         if self.peers is not None:
             self.peers.withdraw()
-        self.node.teardown()
+        self.runtime.teardown()
         self._write_status(running=False)
 
     # ---- one reconcile pass ----
     def sync(self, version: str) -> None:
         self._seen_version = version
         state = self.source.load()
-        state = self._run_pods(state)
-        plan = reconcile(state, NodeSpec(self.cfg.node.name, self.cfg.node.gateway, self.cfg.node.gateway6,
-                                         ingress_http_port=self.cfg.ingress_http_port,
-                                         ingress_https_port=self.cfg.ingress_https_port))
-        for sb in self.node.sandboxes.values():
-            self.node.write_hosts(sb, {vip: list(names) for vip, names in plan.hosts})
-        records = self.peers.read() if self.peers else {}
-        tplan = plan_tunnels(state, plan, self.cfg.node.name, self.cfg.node.gateway,
-                             {n: r.wire_ip for n, r in records.items()})
-        ups, up_warnings = mtls_upstreams(plan.upstreams, state, self.cfg.node.name, self.cfg.trust_domain,
-                                          {n: (r.wire_ip, dict(r.mtls_ports)) for n, r in records.items()})
-        plan = replace(plan, services=tplan.services, upstreams=ups,
-                       warnings=plan.warnings + tplan.warnings + up_warnings)
-        secrets, bundles = self._mtls_secrets(plan)
+        mine, others = split_pods(state.pods, self.cfg.node.name)  # the other nodes' pods keep their node's IPs
+        state = replace(state, pods=self.runtime.run(mine) + tuple(others))
+        peers = {n: Peer(r.wire_ip, tuple(sorted(r.mtls_ports.items()))) for n, r in (self.peers.read() if self.peers else {}).items()}
+        plan = plan_node(state, self.spec, peers)
+        self.runtime.set_hosts(dict(plan.hosts))
         try:
-            snap = Snapshot.stream(resources.build_items(list(plan.http), str(self.access_log), list(plan.upstreams),
-                                                         plan.ingress, plan.secrets + secrets, bundles), previous=self.good)
+            snap = envoy_snapshot(plan, self.access_log, self._proxy_mtls if self.tunnels else None, self.good)
             self.cache.set_snapshot(self.cfg.node.name, snap)
         except (ValueError, KeyError) as e:  # a translation bug must not stop the node: keep the last plan
             log.exception("build Envoy config for plan %s", plan.version)
             self.errors = list(plan.warnings) + [f"build Envoy config for plan {plan.version}: {e}; "
                                                  "Envoy and datapath kept on the last accepted plan"]
-            self.applied["source_version"] = version
+            self.applied.source_version = version
             return
         if not self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s):
             self._not_accepted(plan, snap, version)
@@ -221,37 +219,25 @@ class Agent:
         self.good = snap
         self._retry_at, self._retry_backoff_s = 0.0, 0.0
         assert self.datapath is not None and self.tunnels is not None
-        tunnel_errors = self.tunnels.update(state, plan, tplan)  # listeners open before connect4 redirects to them
-        self.tplan = tplan
-        cg = {sb.cgroup_id: sb.key for sb in self.node.sandboxes.values()}
-        by_pod = {e.pod: e for e in plan.endpoints}
-        extra = tplan.flags()  # this node's pods (LOCAL, STRICT) and its tunnel address
-        endpoints = {ip: (e.identity, e.flags | extra.get(e.ip, 0)) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip}
-        endpoints.setdefault(self.cfg.node.gateway, (NODE_IDENTITY, extra.get(self.cfg.node.gateway, 0)))
-        dp = DatapathState(
-            services=list(plan.services),
-            endpoints={**(self.accel.endpoints() if self.accel else {}), **endpoints},
-            cgroups={cid: (by_pod[key].identity, by_pod[key].flags | extra.get(by_pod[key].ip, 0))
-                     for cid, key in cg.items() if key in by_pod},
-            policy=list(plan.policy),
-        )
-        changed = self.datapath.apply(dp)
+        tunnel_errors = self.tunnels.update(state, plan, plan.tunnels)  # listeners open before connect4 redirects to them
+        cgroups = self.runtime.cgroups()
+        changed = self.datapath.apply(datapath_state(plan, cgroups, self.accel.endpoints() if self.accel else None))
         self.plan = plan
-        self.names = Names.of(plan, cg)
+        self.names = Names.of(plan, cgroups)
         self.errors = list(plan.warnings) + tunnel_errors
-        self.applied = {"source_version": version, "applied_source_version": version, "plan_version": plan.version,
-                        "datapath_version": plan.version, "envoy_version": snap.version,
-                        "datapath_changes": changed, "at": time.time()}
+        self.applied = Applied(version, version, plan.version, plan.version, snap.version, changed, time.time())
         log.info("applied plan %s (%d map entries changed)", plan.version, changed)
 
-    def _mtls_secrets(self, plan: NodePlan) -> tuple[tuple[resources.TlsSecret, ...], tuple[resources.TrustBundle, ...]]:
-        """The node proxy's certificate and the trust bundle, by SDS, when a cluster names them
-        (Envoy-originated mTLS to another node's pods); Envoy asks only for named secrets."""
-        if self.tunnels is None or not any(u.mtls_backends for u in plan.upstreams):
-            return (), ()
-        return ((resources.workload_secret(self.tunnels.proxy_identity()),),
-                (resources.TrustBundle(self.cfg.trust_domain, self.tunnels.ca.bundle_pem()),))
+    @property
+    def spec(self) -> NodeSpec:
+        return NodeSpec(self.cfg.node.name, self.cfg.node.gateway, self.cfg.node.gateway6,
+                        ingress_http_port=self.cfg.ingress_http_port, ingress_https_port=self.cfg.ingress_https_port,
+                        trust_domain=self.cfg.trust_domain)
 
+    def _proxy_mtls(self) -> tuple[WorkloadIdentity, TrustBundle]:
+        """The node proxy's certificate and the trust bundle (Envoy-originated mTLS to other nodes)."""
+        assert self.tunnels is not None
+        return self.tunnels.proxy_identity(), TrustBundle(self.cfg.trust_domain, self.tunnels.ca.bundle_pem())
     def _not_accepted(self, plan: NodePlan, snap: Snapshot, version: str) -> None:
         """Envoy refused (NACK) or did not answer in time. The datapath stays on the last plan
         Envoy accepted: it never redirects to a listener Envoy does not have. A refused snapshot
@@ -268,27 +254,12 @@ class Agent:
             why += f" (retrying in {self._retry_backoff_s:.0f} s)"
         self.errors = list(plan.warnings) + rejected + [
             f"Envoy {why}: plan {plan.version} not applied; Envoy and datapath kept on the last accepted plan"]
-        self.applied["source_version"] = version
-
-    def _run_pods(self, state: ClusterState) -> ClusterState:
-        """Run the pods of this node; the other nodes' pods pass through (with the IPs their node gave them)."""
-        mine, others = split_pods(state.pods, self.cfg.node.name)
-        wanted = {p.key: p for p in mine}
-        for key in list(self.node.sandboxes):
-            if key not in wanted and not key.startswith(SYSTEM_NAMESPACE + "/"):
-                self.node.remove_pod(key)
-        pods = []
-        for p in sorted(mine, key=lambda p: p.key):
-            sb = self.node.ensure_pod(p.key, p.command, env={"POD_NAME": p.name, "POD_NAMESPACE": p.namespace})
-            pods.append(replace(p, ip=sb.ip, ip6=sb.ip6, node=self.cfg.node.name))
-        return replace(state, pods=tuple(pods + others))
+        self.applied.source_version = version
 
     def _publish(self) -> None:
         """Several nodes: this node's pods and addresses, for the other nodes (mesh.runtime.peers)."""
         if self.peers is not None:
-            self.peers.publish({k: (sb.ip, sb.ip6) for k, sb in self.node.sandboxes.items()
-                                if not k.startswith(SYSTEM_NAMESPACE + "/")},
-                               dict(self.tplan.inbound) if self.tplan else {})
+            self.peers.publish(self.runtime.addresses(), dict(self.plan.tunnels.inbound) if self.plan else {})
 
     # ---- observability ----
     def _collect(self, tail: Tail) -> None:
@@ -305,29 +276,24 @@ class Agent:
         self.flows.write(flows)
 
     def _write_status(self, running: bool = True) -> None:
-        st: dict[str, Any] = {
-            "node": self.cfg.node.name, "running": running, "pid": os.getpid(), "updated": time.time(),
-            "applied": self.applied, "errors": self.errors,
-            "envoy": {t.rsplit(".", 1)[-1]: vars(s) for t, s in self.cache.status(self.cfg.node.name).items()},
-            "pods": {k: {"ip": sb.ip, "ip6": sb.ip6, "netns": sb.netns, "cgroup": str(sb.cgroup), "adopted": sb.adopted}
-                     for k, sb in self.node.sandboxes.items()},
-            "envoy_pid": self.envoy.proc.pid if self.envoy is not None and self.envoy.proc else None,
-            "datapath_adopted": self.datapath.adopted if self.datapath is not None else None,
-        }
+        st = AgentStatus(
+            self.cfg.node.name, running, os.getpid(), time.time(), self.applied, list(self.errors),
+            envoy={t.rsplit(".", 1)[-1]: EnvoyTypeStatus(s.sent, s.acked, s.nacked, s.error, s.updated)
+                   for t, s in self.cache.status(self.cfg.node.name).items()},
+            pods=self.runtime.status(),
+            envoy_pid=self.envoy.proc.pid if self.envoy is not None and self.envoy.proc else None,
+            datapath_adopted=self.datapath.adopted if self.datapath is not None else None,
+        )
         if self.plan is not None:
-            st["identities"] = dict(self.plan.identities)
-            st["rules"] = dict(self.plan.rules)
-            st["services"] = [{"vip": s.vip, "port": s.port, "backends": len(s.backends),
-                               "proxy_port": s.proxy_port} for s in self.plan.services]
-        st["sockmap"] = vars(self.accel.status) if self.accel else {"enabled": False, "reason": "not requested (--sockmap)"}
+            st.identities = {str(i): text for i, text in self.plan.identities}
+            st.rules = {str(i): text for i, text in self.plan.rules}
+            st.services = [ServiceStatus(s.vip, s.port, len(s.backends), s.proxy_port) for s in self.plan.services]
+        st.sockmap = vars(self.accel.status) if self.accel else {"enabled": False, "reason": "not requested (--sockmap)"}
         if self.tunnels is not None:
-            st["mtls"] = self.tunnels.status(self.tplan)
+            st.mtls = self.tunnels.status(self.plan.tunnels if self.plan else None)
         if self.datapath is not None and running:
-            st["sockmap"]["counts"] = self.datapath.accel_counts()
-            st["reason_counts"] = {r.text: n for r, n in self.datapath.reason_counts().items()}
-            st["events_received"] = self.datapath.received
-            st["events_lost"] = self.datapath.events_lost()
-        path = self.cfg.state_dir / "status.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(st, indent=1, default=str))
-        tmp.replace(path)
+            st.sockmap["counts"] = self.datapath.accel_counts()
+            st.reason_counts = {r.text: n for r, n in self.datapath.reason_counts().items()}
+            st.events_received = self.datapath.received
+            st.events_lost = self.datapath.events_lost()
+        st.write(self.cfg.state_dir)

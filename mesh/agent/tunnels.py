@@ -7,7 +7,6 @@ the listeners (make-before-break) and :meth:`drain_flows` from its loop.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import socket
@@ -19,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from certs.ca import CertificateAuthority, WorkloadCert
+from certs.spiffe import parse_spiffe_id
 from certs.store import IdentityStore
 from mesh.model import ClusterState
 from mesh.plan.node import NodePlan
+from mesh.plan.policy import authorize
 from mesh.plan.tunnels import (
     PROXY_NAMESPACE,
     PROXY_SERVICE_ACCOUNT,
@@ -29,9 +30,9 @@ from mesh.plan.tunnels import (
     OutListener,
     TunnelBackend,
     TunnelPlan,
-    authorize,
     source_identity,
 )
+from tunnel.accept import ACCEPT, BUSY, AcceptLoop, Slots
 from tunnel.ktls import TunnelError, kernel_has_ktls
 from tunnel.session import Refusal, Session, TunnelNode, TunnelServer, relay
 
@@ -53,7 +54,7 @@ def _listen(addr: str, port: int, errors: list[str], what: str, effect: str) -> 
 class _Out:
     spec: OutListener
     sock: socket.socket
-    thread: threading.Thread
+    loop: AcceptLoop | None = None  # set right after: the loop ends when this _Out is no longer the port's
     rr: itertools.count = field(default_factory=itertools.count)
 
 
@@ -64,6 +65,7 @@ class NodeTunnels:
         self.ca = CertificateAuthority.load_or_create(ca_dir, trust_domain)
         self.store = IdentityStore(self.ca, state_dir / "certs")
         self.ktls = kernel_has_ktls()
+        # the composition: the tunnel takes the identity store as its tunnel.session.Identities
         self.node = TunnelNode(self.store, state_dir / "tls" / "keylog", self.ktls, self._hosted)
         self.deadline = time.monotonic() + lifetime_s
         # (state, plan) replaced as one: an accepting thread never pairs a new state with an old plan
@@ -74,7 +76,7 @@ class NodeTunnels:
         self.flows: deque[dict[str, Any]] = deque(maxlen=10000)
         self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
         self._counts_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(MAX_CONNS)
+        self._slots = Slots(MAX_CONNS)  # shared by every outbound listener
         self._stop = threading.Event()
         self._next_rotation = 0.0
 
@@ -102,7 +104,8 @@ class NodeTunnels:
         for out in self.outs.values():
             out.sock.close()
         for out in self.outs.values():
-            out.thread.join(timeout=2)
+            if out.loop is not None:
+                out.loop.join(timeout=2)
         self.outs.clear()
         TunnelServer.stop_all([srv for _, srv in self.direct.values()])
         self.direct.clear()
@@ -118,7 +121,9 @@ class NodeTunnels:
         state, plan = self._view
         if plan is None:
             return Refusal("this node has no plan yet", final=False)
-        return authorize(state, plan, self.name, peer, src, dst)
+        _, ns, sa = parse_spiffe_id(peer)
+        denial = authorize(state, plan, self.name, (ns, sa), peer, src, dst)
+        return None if denial is None else Refusal(denial.reason, denial.final)
 
     def update(self, state: ClusterState, plan: NodePlan, tplan: TunnelPlan) -> list[str]:
         """Listeners for ``tplan`` open (and identities issued) before this returns; the ones
@@ -143,11 +148,8 @@ class NodeTunnels:
                            "its connections are refused")
             if sock is None:
                 continue
-            sock.settimeout(0.2)
-            out = _Out(spec, sock, threading.Thread(target=self._accept, args=(port,), name=f"tunnel-out-{port}",
-                                                    daemon=True))
-            self.outs[port] = out
-            out.thread.start()
+            self.outs[port] = out = _Out(spec, sock)
+            out.loop = self._serve(port, out)
         return errors
 
     def _update_direct(self, want: dict[str, int]) -> list[str]:
@@ -182,32 +184,19 @@ class NodeTunnels:
         return renewed
 
     # ---- outbound ----
-    def _accept(self, port: int) -> None:
-        while not self._stop.is_set() and time.monotonic() < self.deadline:
-            out = self.outs.get(port)
-            if out is None:
-                return
-            try:
-                conn, peer = out.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError as e:
-                if self._stop.is_set() or self.outs.get(port) is not out or e.errno in (errno.EBADF, errno.EINVAL):
-                    return  # closed: the service went, or the port passed to another
-                self._flow("", out.spec.name, None, "failed", "mtls-failed", f"accept: {e}")
-                time.sleep(0.1)  # out of descriptors or memory: the backlog waits, the listener stays
-                continue
-            if not self._slots.acquire(blocking=False):
-                self._flow(peer[0], out.spec.name, None, "dropped", "mtls-busy", f"more than {MAX_CONNS} tunnels")
-                conn.close()
-                continue
-            conn.settimeout(None)
-            try:
-                threading.Thread(target=self._outbound, args=(conn, peer[0], out), daemon=True).start()
-            except RuntimeError as e:  # no thread to be had
-                self._slots.release()
-                conn.close()
-                self._flow(peer[0], out.spec.name, None, "failed", "mtls-failed", f"start a thread: {e}")
+    def _serve(self, port: int, out: _Out) -> AcceptLoop:
+        """The accept loop of an outbound listener (tunnel.accept): it ends at stop, at the
+        deadline, or when ``out`` is no longer the port's (closed: the service went, or the
+        port passed to another service, whose own loop serves its new socket)."""
+        def failed(what: str, peer: str, why: str) -> None:
+            if what == BUSY:
+                self._flow(peer, out.spec.name, None, "dropped", "mtls-busy", why)
+            else:  # an accept error (the listener keeps serving), or no thread to be had
+                self._flow("" if what == ACCEPT else peer, out.spec.name, None, "failed", "mtls-failed", why)
+
+        return AcceptLoop(out.sock, lambda conn, peer: self._outbound(conn, peer, out), self._slots, failed,
+                          lambda: self._stop.is_set() or self.outs.get(port) is not out, self.deadline,
+                          name=f"tunnel-out-{port}", conn_name=None).start()
 
     def _outbound(self, conn: socket.socket, src_ip: str, out: _Out) -> None:
         try:
@@ -242,8 +231,7 @@ class NodeTunnels:
             log.exception("mTLS tunnel listener for %s", out.spec.name)
             self._flow(src_ip, out.spec.name, None, "failed", "mtls-failed", f"internal error: {e!r}")
         finally:
-            conn.close()
-            self._slots.release()
+            conn.close()  # its slot is given back by the accept loop
 
     def _connect(self, b: TunnelBackend, ident: tuple[str, str], src_ip: str) -> Session:
         if not b.node_addr:  # a pod of this node: plaintext, it never leaves the host

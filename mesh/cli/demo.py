@@ -11,15 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from mesh.agent.flows import read_flows
-from mesh.cli.main import _print_flows, _status, wait_converged
+from mesh.cli.common import console, print_flows, wait_converged
 from mesh.runtime.local import LocalNode, NodeConfig, pod_sandbox
+from mesh.status import AgentStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://deathstar.default.svc.cluster.local"
-console = Console()
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,7 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agen
     )
     try:
         deadline = time.monotonic() + 60
-        while _status(state_dir).get("pid") != agent.pid or not _status(state_dir).get("running"):
+        while (st0 := AgentStatus.read(state_dir)) is None or st0.pid != agent.pid or not st0.running:
             if agent.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"start agent: failed; see {state_dir}/agent.log")
             time.sleep(0.1)
@@ -113,12 +111,12 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agen
         ok = run_cases(node, policy=False)
         _apply(state_dir, example / "policy.yaml")
         st = wait_converged(state_dir, manifests, 30)
-        console.print(f"[bold]With MeshPolicy default/rule1 (plan {st['applied'].get('plan_version')}):[/]")
+        console.print(f"[bold]With MeshPolicy default/rule1 (plan {st.applied.plan_version}):[/]")
         ok &= run_cases(node, policy=True)
         time.sleep(0.5)  # let the agent read the last access-log entries
         denied = [f for f in read_flows(state_dir / "flows.jsonl") if f.get("verdict") == "denied"]
         console.print("[bold]webb observe --verdict denied[/]")
-        _print_flows(denied[-5:], "table")
+        print_flows(denied[-5:], "table")
         layers = {f.get("layer") for f in denied}
         if layers != {"L4", "L7"}:
             console.print(f"[red]expected an L4 and an L7 denial in the flows, got {sorted(map(str, layers))}[/]")
@@ -133,4 +131,4 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agen
             agent.kill()
             agent.wait(timeout=10)
         if os.environ.get("WEBB_DEMO_DEBUG"):
-            console.print(json.dumps(_status(state_dir), indent=1))
+            console.print(json.dumps((AgentStatus.read(state_dir) or AgentStatus("")).to_dict(), indent=1))

@@ -12,29 +12,22 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 
 from datapath.loader import cleanup, pin_dir_for
 from mesh.agent.flows import read_flows
-from mesh.agent.loop import Agent, AgentConfig, source_version
+from mesh.agent.loop import Agent, AgentConfig
 from mesh.cli.certs import app as certs_app
+from mesh.cli.common import console, err, print_flows, wait_converged
 from mesh.cli.wire import app as wire_app
 from mesh.manifests import ManifestError, parse_object, read_documents
 from mesh.runtime.local import LocalNode, NodeConfig, enter_netns, pod_sandbox
+from mesh.status import AgentStatus
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
-console = Console()
-err = Console(stderr=True)
 STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "starwars"
 StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state (status, flows, manifests)")]
 
-
-def _status(state: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((state / "status.json").read_text()))
-    except FileNotFoundError:
-        return {}
 
 
 @app.command()
@@ -114,19 +107,6 @@ def _dest(manifests: Path, f: Path) -> Path:
     return manifests / f.name
 
 
-def wait_converged(state_dir: Path, manifests: Path, timeout_s: float) -> dict[str, Any]:
-    want = source_version(manifests)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        st = _status(state_dir)
-        # an agent with --cluster-dir reports "<manifests>+<other nodes>"
-        if str(st.get("applied", {}).get("source_version", "")).split("+")[0] == want:
-            return st
-        time.sleep(0.05)
-    raise TimeoutError(f"wait for agent: manifests version {want} not applied after {timeout_s}s "
-                       f"(is `webb agent` running? see {state_dir}/status.json)")
-
-
 @app.command()
 def apply(
     file: Annotated[Path, typer.Option("-f", "--filename", exists=True, help="YAML file or directory")],
@@ -180,7 +160,7 @@ def _after_change(state_dir: Path, manifests: Path, wait: float) -> None:
     except TimeoutError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
-    for problem in st.get("errors", []):
+    for problem in st.errors:
         err.print(f"[yellow]warning:[/] {problem}")
 
 
@@ -227,7 +207,7 @@ def observe(
         return not (layer and str(f.get("layer", "")).upper() != layer.upper())
 
     shown = [f for f in read_flows(path) if keep(f)][-last:]
-    _print_flows(shown, output)
+    print_flows(shown, output)
     if follow:
         deadline = time.monotonic() + timeout
         seen = len(read_flows(path))
@@ -235,69 +215,57 @@ def observe(
             time.sleep(0.2)
             flows = read_flows(path)
             new, seen = flows[seen:] if len(flows) >= seen else flows, len(flows)
-            _print_flows([f for f in new if keep(f)], output, header=False)
-
-
-def _print_flows(flows: list[dict[str, Any]], output: str, header: bool = True) -> None:
-    """One flow per line, like hubble observe: time src -> dst layer VERDICT reason [http] why."""
-    if output == "json":
-        for f in flows:
-            print(json.dumps(f, sort_keys=True))
-        return
-    for f in flows:
-        dst = f.get("service") or f.get("dst") or ""
-        if f.get("dst_pod"):
-            dst += f" ({f['dst_pod']})"
-        colour = {"denied": "red", "dropped": "yellow"}.get(str(f.get("verdict")), "green")
-        line = (f"{time.strftime('%H:%M:%S', time.localtime(float(f.get('time', 0))))} {f.get('src')} -> {dst} "
-                f"{f.get('layer')} [{colour}]{str(f.get('verdict')).upper()}[/] {f.get('reason')}")
-        if f.get("layer") == "L7":
-            line += f" {f.get('method')} {f.get('path')} {f.get('status')}"
-        if f.get("why"):
-            line += f" — {f['why']}"
-        console.print(line, soft_wrap=True, highlight=False)
+            print_flows([f for f in new if keep(f)], output, header=False)
 
 
 @app.command()
 def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o")] = "text") -> None:
     """What the agent applied, what Envoy accepted, and every error."""
-    st = _status(state_dir)
-    if not st:
+    st = AgentStatus.read(state_dir)
+    if st is None:
         err.print(f"no agent status in {state_dir}: is `webb agent` running?")
         raise typer.Exit(1)
     if output == "json":
-        print(json.dumps(st, indent=1))
+        print(json.dumps(st.to_dict(), indent=1))
         return
-    console.print(f"node {st['node']}: {'running' if st.get('running') else 'stopped'} (pid {st.get('pid')})")
-    a = st.get("applied", {})
-    console.print(f"applied plan {a.get('plan_version', '-')} (datapath), Envoy config {a.get('envoy_version', '-')}")
-    for t, s in st.get("envoy", {}).items():
-        line = f"  Envoy {t}: sent {s['sent'] or '-'} acked {s['acked'] or '-'}"
-        if s.get("nacked"):
-            line += f" [red]REJECTED {s['nacked']}: {s['error']}[/]"
+    console.print(f"node {st.node}: {'running' if st.running else 'stopped'} (pid {st.pid})")
+    a = st.applied
+    console.print(f"applied plan {a.plan_version or '-'} (datapath), Envoy config {a.envoy_version or '-'}")
+    for t, s in st.envoy.items():
+        line = f"  Envoy {t}: sent {s.sent or '-'} acked {s.acked or '-'}"
+        if s.nacked:
+            line += f" [red]REJECTED {s.nacked}: {s.error}[/]"
         console.print(line)
-    for k, p in st.get("pods", {}).items():
-        console.print(f"  pod {k} {p['ip']}")
-    sm = st.get("sockmap", {})
+    for k, p in st.pods.items():
+        console.print(f"  pod {k} {p.ip}")
+    sm = st.sockmap
     console.print(f"  sockmap acceleration: {'on' if sm.get('enabled') else 'off'} ({sm.get('reason', '-')})")
-    if st.get("reason_counts"):
-        console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st["reason_counts"].items()))
-    if mt := st.get("mtls"):
+    if st.reason_counts:
+        console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st.reason_counts.items()))
+    if mt := st.mtls:
         where = "the kernel (kTLS)" if mt["records"] == "ktls" else "user space"
         console.print(f"  mTLS: records in {where}: {mt['why'].split(': ', 1)[-1]}")
         modes = ", ".join(f"{ns}={m}" for ns, m in (mt.get("namespaces") or {}).items() if m != "DISABLE")
         console.print(f"  mTLS: {len(mt['identities'])} identities ({mt['trust_domain']}, CA {mt['ca']}), "
                       f"tunnels {mt['tunnels']}, namespaces: {modes or 'none'}")
-    for e in st.get("errors", []):
+    for e in st.errors:
         console.print(f"[yellow]  error: {e}[/]")
+
+
+def doctor_probes() -> list[Any]:
+    """The datapath's kernel probes, and kTLS (the tunnel's: the TLS ULP on a loopback socket)."""
+    from datapath import probes
+    from tunnel.ktls import ktls_probe
+
+    ok, why = ktls_probe()
+    return [*probes.run(), probes.Probe("kTLS (TCP_ULP tls)", ok, why if ok else f"{why}: the mTLS tunnel falls back to "
+                                        "user-space TLS", required=False)]
 
 
 @app.command()
 def doctor(output: Annotated[str, typer.Option("-o", help="table | json")] = "table") -> None:
     """Probe the kernel for what the datapath needs; exit 1 if something required is missing."""
-    from datapath import probes
-
-    results = probes.run()
+    results = doctor_probes()
     if output == "json":
         print(json.dumps([vars(p) for p in results], indent=1))
     else:

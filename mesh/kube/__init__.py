@@ -1,0 +1,1 @@
+"""The Kubernetes API side without kopf: client, watch (KubeSource), indexer, translation, CR status."""

@@ -16,14 +16,8 @@ from typing import Any
 
 from mesh.kube.translate import NetworkPolicyDoc, from_api, namespace_labels, network_policy, network_policy_doc
 from mesh.manifests import ManifestError, Obj
-from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
-
-Key = tuple[str, str, str]  # kind, namespace ("" for Namespace), name
-
-
-def key_of(kind: str, doc: dict[str, Any]) -> Key:
-    meta = doc.get("metadata") or {}
-    return (kind, "" if kind == "Namespace" else str(meta.get("namespace") or "default"), str(meta.get("name")))
+from mesh.model import ClusterState, MeshPolicy, Namespace, Pod
+from mesh.state import Key, LastGood, assemble, key_of
 
 
 @dataclass(frozen=True)
@@ -36,8 +30,7 @@ class Entry:
 @dataclass
 class Indexer:
     base_dir: Path | None = None  # relative pod commands ("./app.py") resolve here (local runtime only)
-    _good: dict[Key, Entry] = field(default_factory=dict)
-    _errors: dict[Key, str] = field(default_factory=dict)
+    _store: LastGood[Entry] = field(default_factory=LastGood)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def upsert(self, kind: str, doc: dict[str, Any]) -> str | None:
@@ -48,36 +41,32 @@ class Indexer:
             obj: Obj | NetworkPolicyDoc | None = (network_policy_doc(doc) if kind == "NetworkPolicy"
                                                   else from_api(kind, doc, self.base_dir))
         except ManifestError as e:
-            error = str(e) + ("; keeping the previous version" if key in self._good else "")
             with self._lock:
-                self._errors[key] = error
-            return error
+                return self._store.refuse(key, str(e))
         with self._lock:
-            self._good[key] = Entry(obj, str(meta.get("resourceVersion", "")), int(meta.get("generation") or 0))
-            self._errors.pop(key, None)
+            self._store.accept(key, Entry(obj, str(meta.get("resourceVersion", "")), int(meta.get("generation") or 0)))
         return None
 
     def delete(self, kind: str, doc: dict[str, Any]) -> None:
         key = key_of(kind, doc)
         with self._lock:
-            self._good.pop(key, None)
-            self._errors.pop(key, None)
+            self._store.forget(key)
 
     def error(self, kind: str, namespace: str, name: str) -> str | None:
         with self._lock:
-            return self._errors.get((kind, namespace, name))
+            return self._store.errors.get((kind, namespace, name))
 
     def generation(self, kind: str, namespace: str, name: str) -> int | None:
         """The generation in force (the last good one), None if there is none."""
         with self._lock:
-            e = self._good.get((kind, namespace, name))
+            e = self._store.good.get((kind, namespace, name))
         return e.generation if e is not None else None
 
     def version(self) -> str:
         """Changes when any object in force or any error changes (resourceVersions, not content)."""
         with self._lock:
-            items = sorted((k, e.resource_version) for k, e in self._good.items())
-            errors = sorted(self._errors.items())
+            items = sorted((k, e.resource_version) for k, e in self._store.good.items())
+            errors = sorted(self._store.errors.items())
         return hashlib.sha256(repr((items, errors)).encode()).hexdigest()[:16]
 
     def state(self) -> ClusterState:
@@ -86,9 +75,9 @@ class Indexer:
     def snapshot(self, *kinds: str) -> tuple[ClusterState, dict[str, int]]:
         """The state and, taken at the same moment, the generations of the given kinds in it."""
         with self._lock:
-            objs = [e.obj for _, e in sorted(self._good.items()) if e.obj is not None]
-            errors = [err for _, err in sorted(self._errors.items())]
-            generations = {f"{k[0]} {k[1]}/{k[2]}": e.generation for k, e in self._good.items() if k[0] in kinds}
+            objs = [e.obj for _, e in sorted(self._store.good.items()) if e.obj is not None]
+            errors = [err for _, err in sorted(self._store.errors.items())]
+            generations = {f"{k[0]} {k[1]}/{k[2]}": e.generation for k, e in self._store.good.items() if k[0] in kinds}
         return self._state(objs, errors), generations
 
     def _state(self, objs: list[Obj | NetworkPolicyDoc], errors: list[str]) -> ClusterState:
@@ -105,17 +94,8 @@ class Indexer:
             errors += warnings
             if pol is not None:
                 policies.append(pol)
-        return ClusterState(
-            namespaces=tuple(namespaces), pods=tuple(pods),
-            services=tuple(o for o in objs if isinstance(o, Service)),
-            policies=tuple(policies),
-            routes=tuple(o for o in objs if isinstance(o, MeshRoute)),
-            ingresses=tuple(o for o in objs if isinstance(o, Ingress)),
-            secrets=tuple(o for o in objs if isinstance(o, Secret)),
-            mtls=tuple(o for o in objs if isinstance(o, MeshTLS)),
-            errors=tuple(errors),
-        )
+        return assemble([*(o for o in objs if not isinstance(o, (MeshPolicy, NetworkPolicyDoc))), *policies], errors)
 
     def keys(self, kind: str) -> list[Key]:
         with self._lock:
-            return sorted({k for k in (*self._good, *self._errors) if k[0] == kind})
+            return sorted({k for k in (*self._store.good, *self._store.errors) if k[0] == kind})

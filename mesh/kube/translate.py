@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mesh.manifests import ManifestError, Obj, _Ctx, _selector, parse_object
+from mesh.manifests import Ctx, ManifestError, Obj, parse_object, parse_selector
 from mesh.model import NAMESPACE_LABEL, ContainerPort, IngressRule, MeshPolicy, Namespace, Pod, PortRule, Selector
 
 NETPOL_PREFIX = "networkpolicy:"
@@ -93,7 +93,7 @@ def _pod(doc: dict[str, Any], base_dir: Path | None) -> Pod:
         # a pod the local runtime could not run (several containers, the image's entrypoint):
         # kubelet runs it; the mesh needs its labels, ports and IPs only
         meta = doc.get("metadata") or {}
-        ctx = _Ctx(e.where)
+        ctx = Ctx(e.where)
         ports = tuple(ContainerPort(ctx.port(p.get("containerPort"), f"spec.containers[{i}].ports[{j}].containerPort"),
                                     str(p.get("name", "")), ctx.protocol(p.get("protocol"), f"spec.containers[{i}].ports[{j}].protocol"))
                       for i, c in enumerate(ctx.seq(spec.get("containers"), "spec.containers"))
@@ -132,7 +132,7 @@ def network_policy_doc(doc: dict[str, Any]) -> NetworkPolicyDoc:
 def network_policy(np: NetworkPolicyDoc, namespaces: dict[str, dict[str, str]],
                    pods: list[Pod]) -> tuple[MeshPolicy | None, list[str]]:
     """The L3/L4 MeshPolicy of a NetworkPolicy (None: it has no ingress part) and warnings."""
-    ctx = _Ctx(f"NetworkPolicy {np.key}")
+    ctx = Ctx(f"NetworkPolicy {np.key}")
     spec = ctx.mapping(np.doc.get("spec"), "spec")
     types = [str(t) for t in ctx.seq(spec.get("policyTypes"), "spec.policyTypes")] or ["Ingress"]
     for i, t in enumerate(types):
@@ -141,7 +141,7 @@ def network_policy(np: NetworkPolicyDoc, namespaces: dict[str, dict[str, str]],
     warnings = [f"{ctx.where}: spec.egress: egress rules are not enforced yet"] if "Egress" in types else []
     if "Ingress" not in types:
         return None, warnings
-    selected = _selector(ctx, spec.get("podSelector"), "spec.podSelector")
+    selected = parse_selector(ctx, spec.get("podSelector"), "spec.podSelector")
     members = [p for p in pods if p.namespace == np.namespace and selected.matches(p.label_dict)]
     rules = []
     for i, r in enumerate(ctx.seq(spec.get("ingress"), "spec.ingress")):
@@ -155,7 +155,7 @@ def network_policy(np: NetworkPolicyDoc, namespaces: dict[str, dict[str, str]],
     return MeshPolicy(np.namespace, NETPOL_PREFIX + np.name, selected, tuple(rules)), warnings
 
 
-def _peers(ctx: _Ctx, v: Any, field: str, ns: str, namespaces: dict[str, dict[str, str]],
+def _peers(ctx: Ctx, v: Any, field: str, ns: str, namespaces: dict[str, dict[str, str]],
            warnings: list[str]) -> tuple[Selector, ...] | None:
     peers = ctx.seq(v, field)
     if not peers:
@@ -168,11 +168,11 @@ def _peers(ctx: _Ctx, v: Any, field: str, ns: str, namespaces: dict[str, dict[st
         if "ipBlock" in peer:
             warnings.append(f"{ctx.where}: {pf}.ipBlock: address blocks are not honoured yet; this peer allows nothing")
             continue
-        pods = _selector(ctx, peer.get("podSelector"), f"{pf}.podSelector")
+        pods = parse_selector(ctx, peer.get("podSelector"), f"{pf}.podSelector")
         if "namespaceSelector" not in peer:
             out.append(_in_namespace(pods, ns))
             continue
-        nss = _selector(ctx, peer.get("namespaceSelector"), f"{pf}.namespaceSelector")
+        nss = parse_selector(ctx, peer.get("namespaceSelector"), f"{pf}.namespaceSelector")
         out.extend(_in_namespace(pods, name) for name, labels in sorted(namespaces.items()) if nss.matches(labels))
     return tuple(out)
 
@@ -182,7 +182,7 @@ def _in_namespace(sel: Selector, ns: str) -> Selector:
     return Selector(labels, sel.match_expressions)
 
 
-def _ports(ctx: _Ctx, v: Any, field: str, members: list[Pod],
+def _ports(ctx: Ctx, v: Any, field: str, members: list[Pod],
            warnings: list[str]) -> tuple[tuple[int, str], ...] | None:
     """() = every port; None = every listed port was left out."""
     items = ctx.seq(v, field)

@@ -24,12 +24,12 @@ from typing import Any
 
 from mesh.kube.indexer import Indexer
 from mesh.kube.translate import RESOURCES, Resource
-from mesh.model import ClusterState
+from mesh.model import SYSTEM_NAMESPACE, ClusterState
+from mesh.status import AgentStatus
 
 log = logging.getLogger("webb.kube")
 WATCH_ROUND_S = 5  # a watch request ends after this; the loop checks its stop flag in between
 RETRY_S = 1.0
-SYSTEM_NAMESPACE = "webb-system"
 REPORT_LABEL = "webb.io/node-report"
 CR_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS", "NetworkPolicy")
 
@@ -38,7 +38,7 @@ def report_name(node: str) -> str:
     return f"webb-node-{node}"
 
 
-def _path(res: Resource, namespace: str = "", name: str = "", sub: str = "") -> str:
+def api_path(res: Resource, namespace: str = "", name: str = "", sub: str = "") -> str:
     base = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
     ns = f"/namespaces/{namespace}" if namespace else ""
     return f"{base}{ns}/{res.plural}" + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
@@ -79,7 +79,7 @@ def watch_kind(api: Any, kind: str, on_event: Callable[[str, dict[str, Any]], No
     res = RESOURCES[kind]
     while not stop.is_set():
         try:
-            listed = request(api, "GET", _path(res))
+            listed = request(api, "GET", api_path(res))
             seen = set()
             for item in listed.get("items") or []:
                 on_event("ADDED", item)
@@ -103,7 +103,7 @@ class _GoneError(Exception):
 
 
 def _watch_round(api: Any, res: Resource, rv: str, on_event: Callable[[str, dict[str, Any]], None]) -> str:
-    resp = _send(api, "GET", _path(res), {"watch": "true", "resourceVersion": rv, "timeoutSeconds": WATCH_ROUND_S,
+    resp = _send(api, "GET", api_path(res), {"watch": "true", "resourceVersion": rv, "timeoutSeconds": WATCH_ROUND_S,
                                           "allowWatchBookmarks": "true"}, None, "application/json", WATCH_ROUND_S + 10)
     buf = b""
     try:
@@ -221,12 +221,11 @@ class NodeReporter:
                 log.warning("node report: %s", e)
 
     def report_once(self) -> None:
-        try:
-            st = json.loads((self.state_dir / "status.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        st = AgentStatus.read(self.state_dir)
+        if st is None:
             return
         if self.patch_pod_ips:
-            self._patch_pods(st.get("pods") or {})
+            self._patch_pods({k: (p.ip, p.ip6) for k, p in st.pods.items()})
         self._count_audit()
         report = node_report(st, self.source.applied_generations, self._audit)
         text = json.dumps(report, sort_keys=True)
@@ -234,17 +233,16 @@ class NodeReporter:
             self._publish(text)
             self._last = text
 
-    def _patch_pods(self, pods: dict[str, dict[str, Any]]) -> None:
+    def _patch_pods(self, pods: dict[str, tuple[str, str]]) -> None:
         res = RESOURCES["Pod"]
-        for key, p in pods.items():
-            ips = (str(p.get("ip") or ""), str(p.get("ip6") or ""))
+        for key, ips in pods.items():
             ns, _, name = key.partition("/")
             if self._pod_ips.get(key) == ips or ns == SYSTEM_NAMESPACE or not ips[0]:
                 continue
             body = {"status": {"phase": "Running", "podIP": ips[0],
                                "podIPs": [{"ip": ip} for ip in ips if ip], "hostIP": "127.0.0.1"}}
             try:
-                request(self.api, "PATCH", _path(res, ns, name, "status"), body, content_type="application/merge-patch+json")
+                request(self.api, "PATCH", api_path(res, ns, name, "status"), body, content_type="application/merge-patch+json")
             except Exception as e:  # noqa: BLE001 - e.g. the pod was deleted meanwhile
                 log.info("patch status of pod %s: %s", key, e)
                 continue
@@ -277,22 +275,18 @@ class NodeReporter:
                 "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE, "labels": {REPORT_LABEL: self.node}},
                 "data": {"report": text}}
         res = Resource("", "v1", "configmaps")
-        request(self.api, "PATCH", _path(res, SYSTEM_NAMESPACE, name), body,
+        request(self.api, "PATCH", api_path(res, SYSTEM_NAMESPACE, name), body,
                 content_type="application/apply-patch+yaml", query={"fieldManager": f"webb-agent-{self.node}", "force": "true"})
 
 
-def node_report(st: dict[str, Any], generations: dict[str, dict[str, int]], audit: dict[str, int]) -> dict[str, Any]:
-    """What a node applied, from its agent's status.json: plan, datapath and Envoy versions, the
+def node_report(st: AgentStatus, generations: dict[str, dict[str, int]], audit: dict[str, int]) -> dict[str, Any]:
+    """What a node applied, from its agent's status: plan, datapath and Envoy versions, the
     generations of the CRs in that plan, Envoy's rejections, would-deny counts of audit policies."""
-    applied = st.get("applied") or {}
-    rejected = {t: s.get("error", "") for t, s in (st.get("envoy") or {}).items()
-                if s.get("nacked") and s.get("nacked") != s.get("acked")}
+    a = st.applied
     return {
-        "node": st.get("node"), "running": bool(st.get("running")),
-        "planVersion": applied.get("plan_version", ""), "datapathVersion": applied.get("datapath_version", ""),
-        "envoyVersion": applied.get("envoy_version", ""),
+        "node": st.node, "running": st.running,
+        "planVersion": a.plan_version, "datapathVersion": a.datapath_version, "envoyVersion": a.envoy_version,
         # the generations of the source version the datapath and Envoy last applied
-        "generations": generations.get(str(applied.get("applied_source_version", applied.get("source_version", ""))), {})
-        if applied.get("plan_version") else {},
-        "envoyRejected": rejected, "errors": list(st.get("errors") or []), "auditWouldDeny": dict(audit),
+        "generations": generations.get(a.applied_source_version or a.source_version, {}) if a.plan_version else {},
+        "envoyRejected": st.rejected(), "errors": list(st.errors), "auditWouldDeny": dict(audit),
     }

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.kube.indexer import Indexer, Key, key_of
+from mesh.kube.indexer import Indexer
 from mesh.kube.status import cr_status, same
 from mesh.kube.translate import RESOURCES
-from mesh.kube.watch import _path, request
+from mesh.kube.watch import api_path, request
+from mesh.state import Key, key_of
 
 log = logging.getLogger("webb.operator")
 STATUS_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS")
@@ -81,7 +82,7 @@ class Controller:
         if same(st, previous):
             return
         try:
-            out = request(self.api, "PATCH", _path(RESOURCES[kind], ns, name, "status"), {"status": st},
+            out = request(self.api, "PATCH", api_path(RESOURCES[kind], ns, name, "status"), {"status": st},
                           content_type="application/merge-patch+json")
         except Exception as e:  # noqa: BLE001 - gone meanwhile, or a conflict: the next event writes again
             log.info("write status of %s %s/%s: %s", kind, ns, name, e)

@@ -13,7 +13,8 @@ from typing import Any
 import kopf
 
 from mesh.kube.translate import RESOURCES
-from mesh.kube.watch import REPORT_LABEL, SYSTEM_NAMESPACE
+from mesh.kube.watch import REPORT_LABEL
+from mesh.model import SYSTEM_NAMESPACE
 from mesh.operator.controller import Controller
 
 log = logging.getLogger("webb.operator")

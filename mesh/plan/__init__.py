@@ -1,0 +1,1 @@
+"""The pure planner: ClusterState + node → NodePlan (no I/O, no adapter imported)."""

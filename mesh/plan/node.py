@@ -1,19 +1,24 @@
-"""reconcile(state, node) -> NodePlan: pure, deterministic, no I/O.
+"""plan_node(state, node, peers) -> NodePlan: everything one node needs, pure, no I/O.
+
+One function decides it all: identities and L3/L4 policy entries, service entries (after
+tunnel planning: ports whose backends sit on other nodes in mTLS namespaces go to a tunnel
+listener), every endpoint's kernel flags, L7 listeners with their RBAC and routes, Envoy's
+upstreams (with Envoy-originated mTLS to other nodes), the ingress. The version is hashed
+last, over all of it: two plans that differ in anything differ in version.
 
 Same input → same plan → same version string. Identities, service ids and proxy ports
-are derived from names by hashing (with deterministic probing on collision), so adding
-one object does not renumber the others.
+are derived from names by hashing (``mesh.plan.numbers``), so adding one object does not
+renumber the others.
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from datapath.maps import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_TCP, PROTO_UDP, Backend, PolicyEntry, ServiceEntry
+from datapath.types import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_TCP, PROTO_UDP, Backend, PolicyEntry, ServiceEntry
 from mesh.model import (
     MTLS_DEFAULT,
     NAMESPACE_LABEL,
@@ -27,8 +32,10 @@ from mesh.model import (
     mtls_conflicts,
     mtls_modes,
 )
+from mesh.plan.numbers import alloc
 from mesh.plan.routing import IngressListen, PortInfo, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
-from xds.resources import HttpRule, HttpService, IngressGateway, RbacPolicy, TlsSecret, Upstream, service_routes
+from mesh.plan.tunnels import NODE_IDENTITY, TunnelPlan, mtls_upstreams, plan_tunnels
+from xds.model import HttpRule, HttpService, IngressGateway, RbacPolicy, TlsSecret, Upstream, service_routes
 
 IDENTITY_MIN = 256
 _PROTOS = {"TCP": (PROTO_TCP,), "UDP": (PROTO_UDP,), "ANY": (PROTO_TCP, PROTO_UDP)}
@@ -44,6 +51,16 @@ class NodeSpec:
     ingress_ip: str = "127.0.0.1"  # the ingress listeners (Ingress objects of class webb)
     ingress_http_port: int = 80
     ingress_https_port: int = 443
+    trust_domain: str = "cluster.local"  # SPIFFE IDs of the mesh (Envoy-originated mTLS)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another node, as this node knows it: its tunnel (wire) address and the mTLS port it
+    opened for each of its pods' "ip:port" (Envoy-originated mTLS lands there)."""
+
+    wire_ip: str
+    mtls_ports: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,10 +71,7 @@ class Endpoint:
     enforced: bool  # a MeshPolicy selects it: ingress is default-deny
     audit: bool = False  # ...but only audit-mode policies do: would-deny is reported, allowed
     ip6: str = ""
-
-    @property
-    def flags(self) -> int:
-        return (EP_INGRESS_ENFORCED if self.enforced else 0) | (EP_AUDIT if self.audit else 0)
+    flags: int = 0  # every bit the kernel gets (EP_*): policy, and this node's LOCAL / mTLS STRICT
 
 
 @dataclass(frozen=True)
@@ -76,23 +90,33 @@ class NodePlan:
     ingress: IngressGateway | None = None
     secrets: tuple[TlsSecret, ...] = ()  # for the ingress' HTTPS (SDS)
     mtls: tuple[tuple[str, str], ...] = ()  # namespace -> mTLS mode, for every namespace not DISABLE
+    tunnels: TunnelPlan = TunnelPlan()  # mTLS tunnel listeners of this node, ports it serves to others
+    node_endpoints: tuple[tuple[str, int, int], ...] = ()  # the node's own addresses: (ip, identity, flags)
+    service_names: tuple[tuple[str, str], ...] = ()  # VIP -> "namespace/name"
+
+    def via(self, port: int) -> str:
+        """What listens on a port the kernel redirects to: "envoy" or "mtls tunnel" ("" = neither)."""
+        if any(o.port == port for o in self.tunnels.listeners):
+            return "mtls tunnel"
+        return "envoy" if any(h.listen_port == port for h in self.http) else ""
 
 
-def _alloc(names: Iterable[str], base: int, count: int) -> dict[str, int]:
-    """Stable small numbers for names: crc32 slot, linear probing in sorted name order."""
-    out: dict[str, int] = {}
-    used: set[int] = set()
-    for name in sorted(set(names)):
-        n = zlib.crc32(name.encode()) % count
-        for _ in range(count):
-            if base + n not in used:
-                break
-            n = (n + 1) % count
-        else:
-            raise ValueError(f"allocate number for {name}: all {count} numbers in use")
-        used.add(base + n)
-        out[name] = base + n
-    return out
+def plan_node(state: ClusterState, node: NodeSpec, peers: Mapping[str, Peer] | None = None) -> NodePlan:
+    """The plan of ``node``: pure and deterministic. ``peers``: the other nodes by name (several nodes)."""
+    peers = peers or {}
+    core = _policy_and_services(state, node)
+    tplan = plan_tunnels(state, core.services, node.name, node.proxy_ip, {n: p.wire_ip for n, p in peers.items()})
+    ups, up_warnings = mtls_upstreams(core.upstreams, state, node.name, node.trust_domain,
+                                      {n: (p.wire_ip, dict(p.mtls_ports)) for n, p in peers.items()})
+    extra = tplan.flags()  # this node's pods (LOCAL, STRICT) and its tunnel address
+    plan = replace(
+        core, services=tplan.services, upstreams=ups, tunnels=tplan,
+        endpoints=tuple(replace(e, flags=e.flags | extra.get(e.ip, 0)) for e in core.endpoints),
+        node_endpoints=((node.proxy_ip, NODE_IDENTITY, extra.get(node.proxy_ip, 0)),),
+        warnings=core.warnings + tplan.warnings + up_warnings,
+    )
+    # repr of secrets shows digests, never keys, so the version follows a new key too
+    return replace(plan, version=hashlib.sha256(repr(plan).encode()).hexdigest()[:16])
 
 
 def identity_labels(pod: Pod) -> tuple[tuple[str, str], ...]:
@@ -126,10 +150,11 @@ def _http_rules(matches: Iterable[HttpMatch]) -> tuple[HttpRule, ...]:
     return tuple(out)
 
 
-def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
+def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
+    """Identities, policy, services and L7 (before tunnels; no version yet)."""
     pods = sorted((p for p in state.pods if p.ip), key=lambda p: p.key)
     id_labels = {p.key: identity_labels(p) for p in pods}
-    ident_of_labels = _alloc((_labels_text(lbl) for lbl in id_labels.values()), IDENTITY_MIN, 1 << 24)
+    ident_of_labels = alloc((_labels_text(lbl) for lbl in id_labels.values()), IDENTITY_MIN, 1 << 24)
     pod_identity = {k: ident_of_labels[_labels_text(lbl)] for k, lbl in id_labels.items()}
     identities = {pod_identity[k]: dict(id_labels[k]) for k in pod_identity}
     ips_of_identity: dict[int, list[str]] = defaultdict(list)
@@ -173,8 +198,7 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
                     rp = RbacPolicy(name, src_ips, _http_rules(matches or ()), pol.mode == "audit")
                     (l7 if matches is not None else l4)[(d, port)].append(rp)
 
-    endpoints = tuple(Endpoint(p.key, p.ip, pod_identity[p.key], pod_identity[p.key] in selected_by,
-                               pod_identity[p.key] in selected_by and pod_identity[p.key] not in enforcing, p.ip6)
+    endpoints = tuple(_endpoint(p, pod_identity[p.key], pod_identity[p.key] in selected_by, pod_identity[p.key] in enforcing)
                       for p in pods)
 
     out = _services(state, pods, pod_identity, l7, l4, node)
@@ -187,9 +211,15 @@ def reconcile(state: ClusterState, node: NodeSpec) -> NodePlan:
         tuple(sorted((i, tuple(v)) for i, v in selected_by.items())),
         tuple(state.errors) + tuple(out.warnings) + tuple(mtls_conflicts(state)), out.upstreams, out.ingress, out.secrets,
         tuple((ns, mode) for ns, mode in mtls_modes(state).items() if mode != MTLS_DEFAULT),
+        service_names=tuple(sorted((vip, s.key) for s in state.services for vip in (s.cluster_ip, s.cluster_ip6) if vip)),
     )
-    # TlsSecret's repr shows a digest, never the key, so the version follows a new key too
-    return replace(plan, version=hashlib.sha256(repr(plan).encode()).hexdigest()[:16])
+    return plan
+
+
+def _endpoint(p: Pod, identity: int, selected: bool, enforcing: bool) -> Endpoint:
+    audit = selected and not enforcing
+    return Endpoint(p.key, p.ip, identity, selected, audit, p.ip6,
+                    (EP_INGRESS_ENFORCED if selected else 0) | (EP_AUDIT if audit else 0))
 
 
 def _sources(froms: tuple[Selector, ...] | None, pol: MeshPolicy,
@@ -245,7 +275,7 @@ class _Ports:
 def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str, int],
                    l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]]) -> _Ports:
     """Per service port: an IPv4 entry, an IPv6 entry when dual-stack."""
-    ids = _alloc((n for s in svcs for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")), 1, (1 << 31) - 1)
+    ids = alloc((n for s in svcs for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")), 1, (1 << 31) - 1)
     out = _Ports()
     by_label = _label_index(pods)
     for s in svcs:
@@ -293,7 +323,7 @@ def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int]
         state.ingresses, state.secrets, ports.index,
         IngressListen(node.ingress_ip, node.ingress_http_port, node.ingress_https_port))
     l7_names = sorted(set(ports.rbac) | set(routes))
-    proxy = _alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
+    proxy = alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
     http = []
     for name in l7_names:
         info = ports.index[name]

@@ -12,8 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mesh.model import BackendRef, Ingress, IngressBackend, IngressPath, MeshRoute, RouteRule, Secret, Service, ServicePort
-from xds.resources import HttpRoute, IngressGateway, RouteMatch, TlsHosts, TlsSecret, Upstream, VirtualHost
+from mesh.model import BackendRef, Ingress, IngressBackend, IngressPath, MeshRoute, RouteMatch, RouteRule, Secret, Service, ServicePort
+from xds.model import HttpRoute, IngressGateway, RouteMatchSpec, TlsHosts, TlsSecret, Upstream, VirtualHost
 
 INGRESS_CLASS = "webb"
 _PATH_RANK = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2, "Prefix": 2}  # regex before prefix, as Envoy Gateway
@@ -41,7 +41,7 @@ def _ports_of(index: dict[str, PortInfo], namespace: str, service: str) -> list[
     return sorted(n for n, i in index.items() if i.service.namespace == namespace and i.service.name == service)
 
 
-def _precedence(m: RouteMatch) -> tuple[int, int, bool, int]:
+def _precedence(m: RouteMatchSpec) -> tuple[int, int, bool, int]:
     """Gateway API order: exact path (then regex), longest prefix, with a method, most header matches."""
     return (_PATH_RANK.get(m.path_type, 3), -len(m.path), m.method is None, -len(m.headers))
 
@@ -155,7 +155,7 @@ def ingress_gateway(ingresses: Iterable[Ingress], secrets: Iterable[Secret], ind
     by_host: dict[str, list[HttpRoute]] = defaultdict(list)
     tls: list[TlsHosts] = []
     taken: set[str] = set()
-    tls_secrets = {s.key: s.tls for s in secrets}
+    tls_secrets = {s.key: TlsSecret(s.key, s.cert_pem, s.key_pem) for s in secrets}
     for ing in sorted(ingresses, key=lambda i: i.key):
         if ing.class_name != INGRESS_CLASS:
             warnings.append(f"Ingress {ing.key}: spec.ingressClassName {ing.class_name or '(none)'!r} is not "

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from datapath.maps import EP_LOCAL, EP_MTLS_STRICT, PROTO_TCP, ServiceEntry
-from mesh.model import ClusterState, Pod, mtls_modes
-from mesh.plan.node import NodePlan, _alloc
-from tunnel.session import Refusal
-from xds.resources import MtlsEndpoint, Upstream, UpstreamMtls
+from certs.spiffe import spiffe_id
+from datapath.types import EP_LOCAL, EP_MTLS_STRICT, PROTO_TCP, ServiceEntry
+from mesh.model import SYSTEM_NAMESPACE, ClusterState, Pod, mtls_modes
+from mesh.plan.numbers import alloc
+from xds.model import MtlsEndpoint, Upstream, UpstreamMtls
 
 # above Envoy's listener range (15001-31000), below the ephemeral ports (32768+)
 TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT = 31001, 1700
@@ -24,7 +24,7 @@ TUNNEL_PORT = 15008  # the accepting side, on the node's wire address (Istio's H
 # Envoy-originated mTLS (L7 ports): one port per backend pod:port on the wire address (Envoy
 # merges endpoints of one address, so each destination needs its own)
 DIRECT_BASE, DIRECT_COUNT = 10000, 5000
-PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT = "webb-system", "webb-node-proxy"  # the identity of every node's Envoy
+PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT = SYSTEM_NAMESPACE, "webb-node-proxy"  # the identity of every node's Envoy
 NODE_IDENTITY = 1  # the node itself in the endpoint map (the tunnel delivers from its address)
 MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 
@@ -47,10 +47,10 @@ class OutListener:
 
 @dataclass(frozen=True)
 class TunnelPlan:
-    listeners: tuple[OutListener, ...]
-    endpoint_flags: tuple[tuple[str, int], ...]  # pod IP -> extra flags (EP_LOCAL, EP_MTLS_STRICT)
-    services: tuple[ServiceEntry, ...]  # the plan's, tunnelled ports redirected to their listener
-    modes: tuple[tuple[str, str], ...]  # namespace -> mode, for status
+    listeners: tuple[OutListener, ...] = ()
+    endpoint_flags: tuple[tuple[str, int], ...] = ()  # pod IP -> extra flags (EP_LOCAL, EP_MTLS_STRICT)
+    services: tuple[ServiceEntry, ...] = ()  # the plan's, tunnelled ports redirected to their listener
+    modes: tuple[tuple[str, str], ...] = ()  # namespace -> mode, for status
     warnings: tuple[str, ...] = ()
     inbound: tuple[tuple[str, int], ...] = ()  # "pod ip:port" of this node -> its mTLS port on the wire address
 
@@ -58,9 +58,10 @@ class TunnelPlan:
         return dict(self.endpoint_flags)
 
 
-def plan_tunnels(state: ClusterState, plan: NodePlan, node: str, gateway: str,
+def plan_tunnels(state: ClusterState, services: tuple[ServiceEntry, ...], node: str, gateway: str,
                  node_addrs: dict[str, str]) -> TunnelPlan:
-    """``node_addrs``: node name -> its tunnel address (wire IP), for every other node."""
+    """``services``: the node's service entries; ``node_addrs``: node name -> its tunnel
+    address (wire IP), for every other node."""
     pods = [p for p in state.pods if p.ip]
     by_ip: dict[str, Pod] = {p.ip: p for p in pods}
     modes = mtls_modes(state)
@@ -70,7 +71,7 @@ def plan_tunnels(state: ClusterState, plan: NodePlan, node: str, gateway: str,
             flags[p.ip] = EP_LOCAL | (EP_MTLS_STRICT if modes.get(p.namespace) == "STRICT" else 0)
     warnings: list[str] = []
     tunnelled: dict[int, tuple[ServiceEntry, tuple[TunnelBackend, ...]]] = {}
-    for e in plan.services:
+    for e in services:
         if e.proto != PROTO_TCP or ":" in e.vip:
             continue
         backends = []
@@ -90,14 +91,14 @@ def plan_tunnels(state: ClusterState, plan: NodePlan, node: str, gateway: str,
             continue
         tunnelled[e.service_id] = (e, tuple(backends))
     # this node's backends other nodes may reach with Envoy-originated mTLS: a port each on the wire address
-    inbound = sorted({f"{b.ip}:{b.port}" for e in plan.services if e.proto == PROTO_TCP for b in e.backends
+    inbound = sorted({f"{b.ip}:{b.port}" for e in services if e.proto == PROTO_TCP for b in e.backends
                       if _local_mtls(by_ip.get(b.ip), node, modes)})
-    direct = _alloc(inbound, DIRECT_BASE, DIRECT_COUNT)
+    direct = alloc(inbound, DIRECT_BASE, DIRECT_COUNT)
     names = {sid: f"{e.vip}:{e.port}" for sid, (e, _) in tunnelled.items()}
-    ports = _alloc(names.values(), TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT)
+    ports = alloc(names.values(), TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT)
     listeners = tuple(OutListener(names[sid], ports[names[sid]], bs) for sid, (_, bs) in sorted(tunnelled.items()))
     services = tuple(replace(e, proxy_ip=gateway, proxy_port=ports[names[e.service_id]])
-                     if e.service_id in tunnelled else e for e in plan.services)
+                     if e.service_id in tunnelled else e for e in services)
     return TunnelPlan(listeners, tuple(sorted(flags.items())), services, tuple(modes.items()), tuple(warnings),
                       tuple(sorted(direct.items())))
 
@@ -114,52 +115,8 @@ def source_identity(state: ClusterState, node: str, ip: str) -> tuple[str, str] 
     return None
 
 
-def authorize(state: ClusterState, plan: NodePlan, node: str, peer_id: str, src_ip: str,
-              dst: str) -> Refusal | str | None:
-    """The accepting node's decision on a tunnel: None (allowed) or why it is denied. The
-    peer's certificate must be the identity of the pod it names as the source, the
-    destination a pod of this node, and the L3/L4 policy of that pod must allow the source.
-    What only this node's view decides (a source or destination it does not know, perhaps
-    not yet) is a Refusal that is not final: the dialer tries the service's next backend."""
-    from certs.ca import parse_spiffe_id
-
-    _, ns, sa = parse_spiffe_id(peer_id)
-    if not src_ip:  # Envoy-originated (a pod's mTLS port): only another node's proxy dials those
-        if (ns, sa) != (PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT):
-            return f"{peer_id} is not a node proxy: a workload reaches other nodes through its node's tunnel"
-        host = dst.rpartition(":")[0].strip("[]")
-        if not any(p.node == node and host in (p.ip, p.ip6) for p in state.pods):
-            return Refusal(f"destination {dst} is not a pod of node {node}", final=False)
-        return None  # the L7 policy was enforced by that node's Envoy (RBAC), as for a local request
-    src = next((p for p in state.pods if src_ip and src_ip in (p.ip, p.ip6)), None)
-    if src is None:
-        return Refusal(f"source {src_ip} is not a pod of the mesh (as node {node} knows it)", final=False)
-    if (src.namespace, src.service_account) != (ns, sa):
-        return (f"source {src_ip} is pod {src.key} (service account {src.service_account}), "
-                f"but the certificate is {peer_id}")
-    host, _, port_text = dst.rpartition(":")
-    host = host.strip("[]")
-    target = next((p for p in state.pods if p.node == node and host in (p.ip, p.ip6)), None)
-    if target is None or not port_text.isdigit():
-        return Refusal(f"destination {dst} is not a pod of node {node}", final=False)
-    port = int(port_text)
-    if not 0 < port < 65536:
-        return f"destination {dst}: port {port} is not a TCP port"
-    eps = {e.pod: e for e in plan.endpoints}
-    d, s = eps.get(target.key), eps.get(src.key)
-    if d is None or not d.enforced or d.audit:
-        return None
-    sid = s.identity if s else 0
-    allowed = {(e.src_identity, e.port) for e in plan.policy if e.dst_identity == d.identity and e.proto == PROTO_TCP}
-    if {(sid, port), (sid, 0), (0, port), (0, 0)} & allowed:
-        return None
-    selected = dict(plan.selected_by).get(d.identity, ())
-    return (f"{target.key} is selected by MeshPolicy {', '.join(selected) or '?'} and no ingress rule allows "
-            f"{src.key} ({peer_id}) on port {port}/TCP")
-
-
 def proxy_id(trust_domain: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{PROXY_NAMESPACE}/sa/{PROXY_SERVICE_ACCOUNT}"
+    return spiffe_id(trust_domain, PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT)
 
 
 def mtls_upstreams(upstreams: tuple[Upstream, ...], state: ClusterState, node: str, trust_domain: str,
@@ -185,7 +142,7 @@ def mtls_upstreams(upstreams: tuple[Upstream, ...], state: ClusterState, node: s
                                 f"({ip}:{port}) yet; Envoy leaves that backend out")
                 continue
             tls.append(MtlsEndpoint(addr, lp, UpstreamMtls(proxy_id(trust_domain), trust_domain,
-                                                           (f"spiffe://{trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}",),
+                                                           (spiffe_id(trust_domain, pod.namespace, pod.service_account),),
                                                            f"{pod.namespace}.{pod.service_account}")))
         out.append(replace(up, backends=tuple(plain), mtls_backends=tuple(tls)) if tls or len(plain) != len(up.backends)
                    else up)

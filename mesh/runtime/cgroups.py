@@ -8,16 +8,17 @@ import signal
 import time
 from pathlib import Path
 
+from datapath.cgroup2 import cgroup2_mount
 
-def cgroup2_mount() -> Path:
-    """The cgroup v2 mount point, read from /proc/mounts (it is not always /sys/fs/cgroup)."""
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return Path(parts[1])
-    raise RuntimeError("find cgroup v2: no cgroup2 mount in /proc/mounts; mount one with "
-                       "'mount -t cgroup2 none /sys/fs/cgroup/unified'")
+__all__ = ["cgroup2_mount", "cgroup_id", "node_cgroup", "populated", "procs", "remove_tree"]
+
+
+WEBB = "webb"  # the subtree every node of this machine makes its own under: <cgroup2>/webb/<node>
+
+
+def node_cgroup(node: str) -> Path:
+    """Node ``node``'s cgroup subtree (its pods' under ``pods/``), on the one cgroup v2 mount."""
+    return cgroup2_mount() / WEBB / node
 
 
 def cgroup_id(path: Path) -> int:

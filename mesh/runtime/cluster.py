@@ -19,7 +19,6 @@ reach pods of other nodes through the cluster CIDR route each pod gets (``--clus
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,8 @@ from types import TracebackType
 
 from pyroute2 import IPRoute
 
-from mesh.runtime.local import NETNS_DIR, CidrConflictError, _blackhole, in_netns
+from mesh.runtime import cidrs
+from mesh.runtime.local import NETNS_DIR, blackhole, in_netns
 
 WIRE_CIDR = "10.250.0.0/24"
 SERVICE_CIDRS = ("10.96.0.0/16", "fd00:10:96::/112")
@@ -74,25 +74,29 @@ class Wire:
 
     def __init__(self, nodes: Sequence[tuple[str, str]], prefix: str = "webb", wire_cidr: str = WIRE_CIDR,
                  cluster_cidr: str = "", service_cidrs: Sequence[str] = SERVICE_CIDRS) -> None:
-        net = ipaddress.IPv4Network(wire_cidr)
         if not nodes:
             raise ValueError("make wire: no nodes")
         names = [n for n, _ in nodes]
         if len(set(names)) != len(names):
             raise ValueError(f"make wire: node names repeat: {names}")
-        if len(nodes) > net.num_addresses - 2:
-            raise ValueError(f"make wire: {len(nodes)} nodes do not fit wire CIDR {net}; choose a larger wire_cidr")
         for name in names:
             if not _DNS_LABEL.match(name):
                 raise ValueError(f"make wire: {name!r} is not a usable node name; use a DNS label (a-z, 0-9, '-')")
+        self._wire = cidrs.parse(wire_cidr, "wire_cidr", "wire CIDR", version=4)
+        net = self._wire.net
+        if len(nodes) > net.num_addresses - 2:
+            raise ValueError(f"make wire: {len(nodes)} nodes do not fit wire CIDR {net}; choose a larger wire_cidr")
+        self._pod_cidrs = {name: cidrs.parse(cidr, "--pod-cidr", "pod CIDR", f"node {name}", version=4) for name, cidr in nodes}
+        self._cluster = cidrs.parse(cluster_cidr, "--cluster-cidr", "cluster CIDR", version=4) if cluster_cidr else None
+        self._services = [cidrs.parse(s, "service_cidrs", "service CIDR") for s in service_cidrs]
         self.prefix = prefix
         self.netns = wire_netns(prefix)
         self.wire_cidr = str(net)
         self.cluster_cidr = cluster_cidr
         self.service_cidrs = tuple(service_cidrs)
-        self.nodes = [WireNode(name, node_netns(name), str(net.network_address + i + 1), str(ipaddress.IPv4Network(cidr)),
+        self.nodes = [WireNode(name, node_netns(name), str(net.network_address + i + 1), str(self._pod_cidrs[name].net),
                                wire_ifname(name), net.prefixlen)
-                      for i, (name, cidr) in enumerate(nodes)]
+                      for i, (name, _) in enumerate(nodes)]
         if len({n.wire_if for n in self.nodes}) != len(self.nodes):
             raise ValueError("make wire: two node names map to one wire interface name; rename a node")
 
@@ -116,41 +120,19 @@ class Wire:
 
         Host routes on webb's own bridges (``webb*``: single-node agents in the host netns) and
         the service CIDR blackholes are not conflicts: the wire's namespaces never reach the host."""
-        wire = ipaddress.IPv4Network(self.wire_cidr)
-        pods = [(n, ipaddress.IPv4Network(n.pod_cidr)) for n in self.nodes]
-        cluster = ipaddress.IPv4Network(self.cluster_cidr) if self.cluster_cidr else None
-        services = [ipaddress.ip_network(s) for s in self.service_cidrs]
-        for i, (a, na) in enumerate(pods):
-            for b, nb in pods[i + 1:]:
-                if na.overlaps(nb):
-                    raise CidrConflictError(f"make wire: pod CIDR {na} of node {a.name} overlaps pod CIDR {nb} of node "
-                                            f"{b.name}; choose another --pod-cidr")
-            if cluster is not None and not na.subnet_of(cluster):
-                raise CidrConflictError(f"make wire: pod CIDR {na} of node {a.name} is not inside cluster CIDR {cluster}; "
-                                        "choose another --cluster-cidr")
-            if na.overlaps(wire):
-                raise CidrConflictError(f"make wire: pod CIDR {na} of node {a.name} overlaps wire CIDR {wire}; "
-                                        "choose another wire_cidr or --pod-cidr")
-        if cluster is not None and cluster.overlaps(wire):
-            raise CidrConflictError(f"make wire: cluster CIDR {cluster} overlaps wire CIDR {wire}; choose another wire_cidr")
-        ours = {"wire_cidr": [wire], "--pod-cidr": [p for _, p in pods], "--cluster-cidr": [cluster] if cluster else []}
-        for flag, nets in ours.items():
-            for n in nets:
-                for s in services:
-                    if n.version == s.version and n.overlaps(s):
-                        raise CidrConflictError(f"make wire: {flag} {n} overlaps service CIDR {s}; choose another {flag}")
+        context = "make wire"
+        pods = [self._pod_cidrs[n.name] for n in self.nodes]
+        cluster = self._cluster
+        cidrs.refuse_overlaps(context, [*pods, self._wire, *self._services])
+        if cluster is not None:
+            cidrs.require_inside(context, pods, cluster)
+            cidrs.refuse_overlaps(context, [cluster, self._wire, *self._services])
         with IPRoute() as ipr:
             webb_links = {link["index"] for link in ipr.get_links()
                           if str(link.get_attr("IFLA_IFNAME") or "").startswith("webb")}
-            for r in ipr.get_routes(family=2, table=254):
-                dst = r.get_attr("RTA_DST") or "0.0.0.0"
-                net = ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False)
-                if net.prefixlen == 0 or net.is_link_local or net in services or r.get_attr("RTA_OIF") in webb_links:
-                    continue
-                for flag, nets in ours.items():
-                    for n in nets:
-                        if n.overlaps(net):
-                            raise CidrConflictError(f"make wire: {flag} {n} overlaps host route {net}; choose another {flag}")
+            routes = cidrs.main_routes(ipr, families=(2,), skip_oifs=webb_links)
+        cidrs.refuse_routes(context, [self._wire, *pods, *([cluster] if cluster else [])], routes, "host route",
+                            ours={s.net for s in self._services})
 
     # ---- lifecycle ----
     def setup(self) -> Wire:
@@ -180,7 +162,7 @@ class Wire:
     def _harden(self, ipr: IPRoute) -> None:
         # blackholes first: nothing in this namespace may send to a VIP unrewritten
         for cidr in self.service_cidrs:
-            _blackhole(ipr, cidr)
+            blackhole(ipr, cidr)
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
     @staticmethod

@@ -27,7 +27,7 @@ from typing import IO, TypeVar
 
 from pyroute2 import IPRoute, netns
 
-from mesh.runtime import cgroups
+from mesh.runtime import cgroups, cidrs
 
 NETNS_DIR = Path("/var/run/netns")
 T = TypeVar("T")
@@ -65,7 +65,7 @@ class NodeConfig:
 
     @property
     def cgroup(self) -> Path:
-        return cgroups.cgroup2_mount() / "webb" / self.name
+        return cgroups.node_cgroup(self.name)
 
     @property
     def pods_cgroup(self) -> Path:
@@ -104,10 +104,6 @@ def pod_sandbox(cfg: NodeConfig, key: str) -> Sandbox:
     return Sandbox(key, "", netns_name(cfg.name, key), cg, cgroups.cgroup_id(cg))
 
 
-class CidrConflictError(RuntimeError):
-    pass
-
-
 @dataclass
 class LocalNode:
     config: NodeConfig = field(default_factory=NodeConfig)
@@ -115,43 +111,32 @@ class LocalNode:
 
     # ---- node ----
     def check_cidrs(self) -> None:
-        """Refuse CIDRs that overlap a route the host already has (other than our own).
+        """Refuse CIDRs that are not ones, overlap each other, or overlap a route the host
+        already has (other than our own); every error names the flag to change.
 
-        Routes inside the cluster CIDR that do not touch this node's pod CIDR are the other
-        nodes' pod CIDRs (``mesh.runtime.cluster`` routes them over the wire): not conflicts."""
+        Routes inside the cluster CIDR are the other nodes' pod CIDRs (``mesh.runtime.cluster``
+        routes them over the wire): not conflicts of the cluster CIDR, but of this node's own."""
         c = self.config
-        mine = {ipaddress.ip_network(n) for n in (c.pod_cidr, c.service_cidr, c.pod_cidr6, c.service_cidr6)}
-        cluster = ipaddress.ip_network(c.cluster_cidr) if c.cluster_cidr else None
+        context = f"start node {c.name}"
+        pod = cidrs.parse(c.pod_cidr, "--pod-cidr", "pod CIDR", version=4)
+        mine = [pod, cidrs.parse(c.service_cidr, "--service-cidr", "service CIDR", version=4),
+                cidrs.parse(c.pod_cidr6, "pod_cidr6", "pod CIDR", version=6),
+                cidrs.parse(c.service_cidr6, "service_cidr6", "service CIDR", version=6)]
+        cidrs.refuse_overlaps(context, mine)
+        cluster = cidrs.parse(c.cluster_cidr, "--cluster-cidr", "cluster CIDR", version=4) if c.cluster_cidr else None
         if cluster is not None:
-            pod = ipaddress.IPv4Network(c.pod_cidr)
-            if cluster.version != 4 or not pod.subnet_of(cluster):
-                raise CidrConflictError(f"start node {c.name}: pod CIDR {pod} is not inside cluster CIDR {cluster}; "
-                                        "choose another --cluster-cidr (an IPv4 supernet of every node's --pod-cidr)")
-            for s in (c.service_cidr, c.service_cidr6):
-                if ipaddress.ip_network(s).version == 4 and ipaddress.ip_network(s).overlaps(cluster):
-                    raise CidrConflictError(f"start node {c.name}: cluster CIDR {cluster} overlaps service CIDR {s}; "
-                                            "choose another --cluster-cidr/--service-cidr")
+            cidrs.require_inside(context, [pod], cluster)
+            cidrs.refuse_overlaps(context, [cluster, *mine[1:]])
         with IPRoute() as ipr:
-            br = ipr.link_lookup(ifname=self.config.bridge)
-            routes = [*ipr.get_routes(family=2, table=254), *ipr.get_routes(family=10, table=254)]
-            for r in routes:
-                dst = r.get_attr("RTA_DST") or ("0.0.0.0" if r["family"] == 2 else "::")
-                net = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
-                if net.prefixlen == 0 or net in mine or net.is_link_local:
-                    continue
-                if br and r.get_attr("RTA_OIF") in br:
-                    continue
-                peer = cluster is not None and net.version == 4 and net.subnet_of(cluster)
-                if cluster is not None and not peer and net.version == 4 and net.overlaps(cluster):
-                    raise CidrConflictError(f"start node {c.name}: cluster CIDR {cluster} overlaps host route {net}; "
-                                            "choose another --cluster-cidr")
-                for m in mine:
-                    if net.version == m.version and net.overlaps(m):
-                        raise CidrConflictError(
-                            f"start node {self.config.name}: CIDR {m} overlaps "
-                            f"{'another node' if peer else 'host'} route {net}; "
-                            "choose another --pod-cidr/--service-cidr"
-                        )
+            routes = cidrs.main_routes(ipr, skip_oifs=ipr.link_lookup(ifname=c.bridge))
+        ours = {m.net for m in mine}
+
+        def peer(r: cidrs.Net) -> bool:
+            return cluster is not None and isinstance(r, ipaddress.IPv4Network) and r.subnet_of(cluster.net)  # type: ignore[arg-type]
+
+        peers, hosts = [r for r in routes if peer(r)], [r for r in routes if not peer(r)]
+        cidrs.refuse_routes(context, [*mine, *([cluster] if cluster else [])], hosts, "host route", ours)
+        cidrs.refuse_routes(context, mine, peers, "another node's route", ours)
 
     def setup(self) -> None:
         c = self.config
@@ -169,8 +154,8 @@ class LocalNode:
             if c.gateway6 not in have:
                 ipr.addr("add", index=br, address=c.gateway6, prefixlen=64, flags=IFA_F_NODAD)
             ipr.link("set", index=br, state="up")
-            _blackhole(ipr, c.service_cidr)
-            _blackhole(ipr, c.service_cidr6)
+            blackhole(ipr, c.service_cidr)
+            blackhole(ipr, c.service_cidr6)
             self._peer_routes_from_gateway(ipr, True)
         c.pods_cgroup.mkdir(parents=True, exist_ok=True)
         (c.state_dir / "pods").mkdir(parents=True, exist_ok=True)
@@ -297,8 +282,8 @@ class LocalNode:
 
         def configure(nsr: IPRoute) -> None:
             # blackhole first: nothing in this pod may reach a VIP unrewritten
-            _blackhole(nsr, c.service_cidr)
-            _blackhole(nsr, c.service_cidr6)
+            blackhole(nsr, c.service_cidr)
+            blackhole(nsr, c.service_cidr6)
             lo = nsr.link_lookup(ifname="lo")[0]
             nsr.link("set", index=lo, state="up")
             idx = nsr.link_lookup(ifname=peer_if)[0]
@@ -360,7 +345,9 @@ class LocalNode:
             _del_netns(sb.netns)
 
 
-def _blackhole(ipr: IPRoute, cidr: str) -> None:
+def blackhole(ipr: IPRoute, cidr: str) -> None:
+    """Route ``cidr`` to a blackhole in ``ipr``'s netns (idempotent): a VIP the datapath did not
+    rewrite fails at once there instead of leaving (DESIGN safety rule)."""
     try:
         ipr.route("add", dst=cidr, type="blackhole")
     except Exception as e:  # pyroute2 raises NetlinkError

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.model import ClusterState, Pod
+from mesh.runtime import cidrs
 from mesh.source import Source
 
 NODES_DIR = "nodes"
@@ -76,7 +77,7 @@ class NodeRecord:
                       {str(k): int(v) for k, v in dict(d.get("mtls_ports") or {}).items()})
             if any(not 0 < p < 65536 for p in rec.mtls_ports.values()):
                 raise ValueError("mtls_ports: a port is outside 1-65535")
-            net = ipaddress.IPv4Network(rec.pod_cidr)
+            net = cidrs.parse(rec.pod_cidr, "pod_cidr", "pod CIDR", version=4).net
             for key, p in rec.pods.items():
                 if ipaddress.IPv4Address(p["ip"]) not in net:
                     raise ValueError(f"pod {key}: IP {p['ip']} is outside the node's pod CIDR {net}")

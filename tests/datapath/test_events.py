@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from bench import workload
 from datapath.loader import Datapath, pin_dir_for
-from datapath.maps import DatapathState, Reason, ServiceEntry
+from datapath.maps import DatapathState
+from datapath.types import Reason, ServiceEntry
 from mesh.agent.flows import FlowLog, Names, from_event
 from mesh.runtime.local import LocalNode
 from tests.conftest import SLOW
@@ -26,20 +27,9 @@ RATE = 10000
 # ring holds whole (its CPU runs client and consumer ~10x slower)
 COUNT = 10000 if os.environ.get("WEBB_IN_VM") else 50000
 # Refused connects (the service has no backend): each one is a counted, reported decision.
-# Paced in steps of 100 so the rate holds on a fast host (unpaced it reaches ~200,000/s).
-STORM = """
-import socket, sys, time
-n, rate = int(sys.argv[2]), float(sys.argv[3]); t0 = time.perf_counter()
-for i in range(n):
-    if i % 100 == 0:
-        ahead = t0 + i / rate - time.perf_counter()
-        if ahead > 0: time.sleep(ahead)
-    s = socket.socket()
-    try: s.connect((sys.argv[1], 80))
-    except ConnectionRefusedError: pass
-    s.close()
-print(n / (time.perf_counter() - t0))
-"""
+# bench.workload's connect storm, paced (in steps of 100) so the rate holds on a fast host
+# (unpaced it reaches ~200,000/s); stopped by its time limit if the rate cannot be held at all.
+LIMIT_S = 60 * SLOW
 
 
 def test_no_event_lost_under_a_connect_storm(node: LocalNode, tmp_path: Path) -> None:
@@ -60,16 +50,21 @@ def test_no_event_lost_under_a_connect_storm(node: LocalNode, tmp_path: Path) ->
 
         t = threading.Thread(target=consume)
         t.start()
-        p = node.spawn(cli, [sys.executable, "-c", STORM, VIP, str(COUNT), str(RATE)], stdout=subprocess.PIPE)
-        out, _ = p.communicate(timeout=300)
-        rate = float(out)
-        print(f"storm: {rate:.0f} connects/s")
+        p = node.spawn(cli, workload.argv("storm", VIP, 80, COUNT, RATE, LIMIT_S), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+        out, err = p.communicate(timeout=LIMIT_S + 60)
         deadline = time.monotonic() + 10 * SLOW
         while dp.events_lost() > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         stop.set()
         t.join(timeout=15 * SLOW)
         assert not t.is_alive()
+        assert p.returncode == 0, err.decode()[-500:]
+        storm = workload.Storm.parse(out)
+        rate = storm.per_s
+        print(f"storm: {rate:.0f} connects/s")
+        assert storm.connects == COUNT, f"the storm stopped at its time limit ({LIMIT_S:.0f} s)"
+        assert storm.refused == COUNT
         if not os.environ.get("WEBB_IN_VM"):  # the qemu guest is emulated (~2,500/s): loss only
             assert rate >= 0.9 * RATE, "the client could not reach the rate under test"
         assert dp.reason_counts()[Reason.NO_BACKEND] == COUNT

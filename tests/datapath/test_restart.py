@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from datapath.loader import OBJECT_PATH, Datapath, cleanup, pin_dir_for
-from datapath.maps import Backend, DatapathState, ServiceEntry
+from datapath.maps import DatapathState
+from datapath.types import Backend, ServiceEntry
 from mesh.runtime.local import LocalNode
 from tests.conftest import ROOT
 
@@ -52,7 +53,8 @@ OWNER = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from datapath.loader import Datapath, pin_dir_for
-from datapath.maps import Backend, DatapathState, ServiceEntry
+from datapath.maps import DatapathState
+from datapath.types import Backend, ServiceEntry
 dp = Datapath(sys.argv[2], pin_dir_for(sys.argv[3]))
 dp.apply(DatapathState(services=[ServiceEntry(sys.argv[4], 80, 5, (Backend(sys.argv[5], 8080),))]))
 print(json.dumps({"adopted": dp.adopted}), flush=True)

@@ -10,19 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from datapath.loader import Datapath, pin_dir_for
-from datapath.maps import (
-    EP_AUDIT,
-    EP_INGRESS_ENFORCED,
-    LAYOUT,
-    PROTO_UDP,
-    STATE_MAPS,
-    Backend,
-    DatapathState,
-    PolicyEntry,
-    Reason,
-    ServiceEntry,
-    Verdict,
-)
+from datapath.maps import LAYOUT, STATE_MAPS, DatapathState
+from datapath.types import EP_AUDIT, EP_INGRESS_ENFORCED, PROTO_UDP, Backend, PolicyEntry, Reason, ServiceEntry, Verdict
 from mesh.runtime.local import LocalNode, Sandbox
 from tests.conftest import SLOW
 

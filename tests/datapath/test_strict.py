@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from datapath.loader import Datapath, pin_dir_for
-from datapath.maps import EP_LOCAL, EP_MTLS_STRICT, DatapathState, Reason, Verdict
+from datapath.maps import DatapathState
+from datapath.types import EP_LOCAL, EP_MTLS_STRICT, Reason, Verdict
 from mesh.runtime.local import LocalNode, Sandbox
 from tests.conftest import SLOW
 

@@ -6,6 +6,7 @@ Runs on the host (no kTLS there: the user-space fallback) and in the Debian 6.1 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -23,6 +25,7 @@ from certs.store import IdentityStore
 from mesh.runtime.cluster import Wire
 from mesh.runtime.local import call_in_netns
 from tests.conftest import SLOW
+from tunnel.accept import ACCEPT, BUSY, POLL_S, AcceptLoop, Slots
 from tunnel.ktls import TunnelError, kernel_has_ktls
 from tunnel.session import KTLS, USERSPACE, TunnelNode, TunnelServer
 
@@ -238,6 +241,26 @@ def test_policy_denial_reaches_the_client_with_its_reason(wire: None, tmp_path: 
     server.stop()
     assert (server.events[0].verdict, server.events[0].reason.endswith(reason)) == ("denied", True)
     assert server.events[0].peer == "spiffe://webb.test/ns/alliance/sa/xwing"
+
+
+def test_a_peer_of_another_trust_domain_is_refused_both_ways(wire: None, tmp_path: Path,
+                                                            ca: CertificateAuthority) -> None:
+    """Both bundles trusted on both sides (the chains verify): the SPIFFE ID's trust domain still
+    decides, on each side (tunnel.session.Identities.peer_id, certs.store.IdentityStore)."""
+    other = CertificateAuthority.load_or_create(tmp_path / "other-ca", "other.test")
+    both = ca.bundle_pem() + other.bundle_pem()
+    store_a, store_b = IdentityStore(other, tmp_path / "a" / "certs"), IdentityStore(ca, tmp_path / "b" / "certs")
+    for store in (store_a, store_b):
+        store.bundle.write_bytes(both)
+    client = Node(store_a, TunnelNode(store_a, tmp_path / "a" / "keylog", kernel_has_ktls()))
+    server = serve(Node(store_b, TunnelNode(store_b, tmp_path / "b" / "keylog", kernel_has_ktls())))
+    with pytest.raises(TunnelError, match="peer spiffe://webb.test/ns/empire/sa/deathstar is outside trust domain other.test"):
+        exchange(client, b"hello")
+    wait_events(server, 1)
+    server.stop()
+    ev = server.events[0]
+    assert ev.verdict == "failed" and "spiffe://other.test/ns/alliance/sa/xwing is outside trust domain webb.test" \
+        in ev.reason, ev
 
 
 def test_an_identity_not_hosted_by_the_peer_is_not_presented(wire: None, tmp_path: Path, ca: CertificateAuthority) -> None:
@@ -500,3 +523,113 @@ def test_half_close_while_the_other_way_streams(wire: None, tmp_path: Path, ca: 
     got = in_ns(A, run)
     server.stop()
     assert got == [size] * rounds, got
+
+
+class FlakyListener:
+    """A listening socket whose accept fails ``fails`` times first, as out of descriptors (EMFILE)."""
+
+    def __init__(self, real: socket.socket, fails: int) -> None:
+        self.real, self.fails = real, fails
+
+    def settimeout(self, t: float | None) -> None:
+        self.real.settimeout(t)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.fails:
+            self.fails -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def getsockname(self) -> object:
+        return self.real.getsockname()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_accept_loop_survives_emfile_and_bounds_its_connections() -> None:
+    """tunnel.accept, the one accept loop (TunnelServer's, the agent's outbound listeners'):
+    accept errors are reported and the listener keeps serving; past the slots a connection is
+    refused and said so; a slot comes back when its connection ends; stopped() ends the loop."""
+    real = socket.create_server(("127.0.0.1", 0))
+    troubles: list[tuple[str, str, str]] = []
+    served: list[str] = []
+    release = threading.Event()
+    stop = threading.Event()
+
+    def handle(conn: socket.socket, peer: str) -> None:
+        served.append(peer)
+        release.wait(10 * SLOW)
+        conn.close()
+    slots = Slots(1)
+    loop = AcceptLoop(cast(socket.socket, FlakyListener(real, 3)), handle, slots,
+                      lambda *t: troubles.append(t), stop.is_set, time.monotonic() + 60 * SLOW).start()
+    addr = real.getsockname()
+    first = socket.create_connection(addr, timeout=10 * SLOW)
+    deadline = time.monotonic() + 10 * SLOW
+    while not served and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served == ["127.0.0.1"]
+    assert troubles == [(ACCEPT, "", "accept: [Errno 24] Too many open files")] * 3
+    second = socket.create_connection(addr, timeout=10 * SLOW)
+    assert second.recv(1) == b""  # refused: the one slot is taken
+    assert troubles[3:] == [(BUSY, "127.0.0.1", "more than 1 tunnels at once")]
+    release.set()
+    assert first.recv(1) == b""
+    deadline = time.monotonic() + 10 * SLOW
+    while not slots.take() and time.monotonic() < deadline:  # given back just after the handler returns
+        time.sleep(0.01)
+    slots.give()
+    third = socket.create_connection(addr, timeout=10 * SLOW)  # the slot is back
+    deadline = time.monotonic() + 10 * SLOW
+    while len(served) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(served) == 2 and len(troubles) == 4, troubles
+    stop.set()
+    loop.join(timeout=POLL_S * 5)
+    assert not loop.thread.is_alive()
+    for s in (first, second, third, real):
+        s.close()
+
+
+def test_accept_loop_ends_when_its_listener_closes_or_its_time_is_up() -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    troubles: list[tuple[str, str, str]] = []
+    a = AcceptLoop(closed, lambda c, p: c.close(), Slots(4), lambda *t: troubles.append(t), lambda: False,
+                   time.monotonic() + 60 * SLOW).start()
+    closed.close()
+    timed = socket.create_server(("127.0.0.1", 0))
+    b = AcceptLoop(timed, lambda c, p: c.close(), Slots(4), lambda *t: troubles.append(t), lambda: False,
+                   time.monotonic() + 0.3).start()
+    a.join(timeout=5 * SLOW)
+    b.join(timeout=5 * SLOW)
+    timed.close()
+    assert not a.thread.is_alive() and not b.thread.is_alive() and troubles == []
+
+
+def test_tunnel_server_reports_accept_errors_and_keeps_serving(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """On loopback: three accept errors are three failed events, then a tunnel is forwarded."""
+    client = make_node(tmp_path, ca, {("alliance", "xwing")}, "a")
+    server_node = make_node(tmp_path, ca, {("empire", "deathstar")}, "b")
+    listen = socket.create_server(("127.0.0.1", 0))
+    port = listen.getsockname()[1]
+    server = TunnelServer(server_node.tunnel, cast(socket.socket, FlakyListener(listen, 3)), lambda *_: None,
+                          lifetime_s=60 * SLOW).start()
+    srv = echo_server(WORKLOAD_PORT + 4)
+    try:
+        sess = client.tunnel.dial(("127.0.0.1", port), ("alliance", "xwing"), ("empire", "deathstar"),
+                                  "10.244.1.5", f"127.0.0.1:{WORKLOAD_PORT + 4}", timeout_s=10 * SLOW)
+        sess.sock.settimeout(10 * SLOW)
+        sess.send(b"ping")
+        sess.close_write()
+        got = b""
+        while data := sess.recv():
+            got += data
+        sess.close()
+        wait_events(server, 4)
+    finally:
+        server.stop()
+        srv.close()
+    assert got == b"ping"
+    assert [(e.verdict, e.reason) for e in server.events[:3]] == [("failed", "accept: [Errno 24] Too many open files")] * 3
+    assert server.events[3].verdict == "forwarded", server.events[3]

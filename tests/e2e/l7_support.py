@@ -1,4 +1,4 @@
-"""Shared by the layer-7 end-to-end tests: an agent of their own, apply, run in a pod."""
+"""Shared by the end-to-end tests (the layer-7 ones most): an agent of their own, its status, apply, run in a pod."""
 
 from __future__ import annotations
 

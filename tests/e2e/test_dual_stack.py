@@ -12,7 +12,8 @@ import pytest
 from mesh.cli.demo import CASES, expected, request
 from mesh.runtime.local import NodeConfig
 from tests.conftest import ROOT
-from tests.e2e.test_agent_restart import _start_agent, _status
+from tests.e2e.l7_support import status
+from tests.e2e.test_agent_restart import start_agent
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 
@@ -27,14 +28,14 @@ def test_starwars_over_ipv6(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     node = NodeConfig(state_dir=state)
-    agent = _start_agent(state)
+    agent = start_agent(state)
     try:
         _apply(state, "01-app.yaml")
         deadline = time.monotonic() + 20
         while request(node, "tiefighter", "POST", "/v1/request-landing", family=6).exit_code != 0:
             assert time.monotonic() < deadline, "deathstar not reachable over IPv6"
             time.sleep(0.2)
-        assert all(p["ip6"].startswith("fd00:10:244::") for p in _status(state)["pods"].values())
+        assert all(p["ip6"].startswith("fd00:10:244::") for p in status(state)["pods"].values())
         _apply(state, "policy.yaml")
         for (pod, method, path), (want_exit, want_body) in zip(CASES, expected(True), strict=True):
             o = request(node, pod, method, path, family=6)

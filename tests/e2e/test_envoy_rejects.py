@@ -15,7 +15,7 @@ import pytest
 from mesh.cli.demo import request
 from mesh.runtime.local import NodeConfig
 from tests.conftest import ROOT, leftovers
-from tests.e2e.test_agent_restart import _landing, _start_agent
+from tests.e2e.test_agent_restart import landing, start_agent
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 POLICY = (ROOT / "examples/starwars/policy.yaml").read_text()
@@ -35,7 +35,7 @@ def test_envoy_rejection_is_shown_and_last_good_config_serves(tmp_path: Path) ->
     state = tmp_path / "state"
     state.mkdir()
     node = NodeConfig(state_dir=state)
-    agent = _start_agent(state)
+    agent = start_agent(state)
     try:
         assert _webb("apply", "-f", str(ROOT / "examples/starwars/01-app.yaml"), "--state-dir", str(state)).returncode == 0
         policy = tmp_path / "policy.yaml"
@@ -52,14 +52,14 @@ def test_envoy_rejection_is_shown_and_last_good_config_serves(tmp_path: Path) ->
         assert "Envoy rejected Listener" in r.stderr and "invalid perl operator" in r.stderr, r.stderr
         status = _webb("status", "--state-dir", str(state)).stdout
         assert "Envoy rejected Listener" in status and "kept on the last accepted plan" in status, status
-        assert _landing(node) == "Ship landed"  # the last good listener and datapath still serve
+        assert landing(node) == "Ship landed"  # the last good listener and datapath still serve
         assert _exhaust(node) == "Access denied"
 
         policy.write_text(POLICY)
         r = _webb("apply", "-f", str(policy), "--state-dir", str(state))
         assert r.returncode == 0 and "rejected" not in r.stderr, r.stderr
         assert "rejected" not in _webb("status", "--state-dir", str(state)).stdout
-        assert _landing(node) == "Ship landed" and _exhaust(node) == "Access denied"
+        assert landing(node) == "Ship landed" and _exhaust(node) == "Access denied"
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
@@ -75,7 +75,7 @@ def test_envoy_silence_is_retried_not_forgotten(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     node = NodeConfig(state_dir=state)
-    agent = _start_agent(state)
+    agent = start_agent(state)
     envoy_pid = 0
     try:
         assert _webb("apply", "-f", str(ROOT / "examples/starwars/01-app.yaml"), "--state-dir", str(state)).returncode == 0

@@ -27,6 +27,7 @@ from mesh.runtime.local import NETNS_DIR, LocalNode, NodeConfig
 from mesh.runtime.peers import node_file
 from mesh.source import directory_version
 from tests.conftest import ROOT, SLOW, leftovers
+from tests.e2e.l7_support import status
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 
@@ -36,13 +37,6 @@ CLUSTER_CIDR = "10.244.0.0/16"
 BRIDGE = "webbmn0"
 MARKER = f"webb-multinode-{uuid.uuid4().hex}"
 ETH_P_ALL = 0x0003
-
-
-def _status(state: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((state / "status.json").read_text()))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 @dataclass
@@ -68,7 +62,7 @@ class MultiNode:
                           cluster_cidr=CLUSTER_CIDR)
 
     def status(self, node: str) -> dict[str, Any]:
-        return _status(self.state(node))
+        return status(self.state(node))
 
     def start(self, n: WireNode) -> None:
         state = self.state(n.name)
@@ -395,7 +389,7 @@ def test_clean_stop_removes_everything(cluster: MultiNode) -> None:
         assert leftovers(f"webb-{name}-") == []
         assert not cluster.config(name).cgroup.exists()
         assert not pin_dir_for(name).exists()
-        assert _status(cluster.state(name))["running"] is False
+        assert status(cluster.state(name))["running"] is False
         # the wire's routes to the other nodes are as the wire made them (no source address of the gone bridge)
         routes = subprocess.run(["ip", "-n", cluster.wire.node(name).netns, "-4", "route", "show", "table", "main"],
                                 capture_output=True, text=True, check=True).stdout.splitlines()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mesh.cli.demo import run_starwars
-from mesh.runtime.cgroups import cgroup2_mount
+from mesh.runtime.cgroups import node_cgroup
 from tests.conftest import ROOT, leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
@@ -33,7 +33,7 @@ def test_starwars_outcomes_with_and_without_policy(tmp_path: Path, sockmap: bool
     # everything it made is gone: pods' netns, bridge, cgroups, Envoy
     assert leftovers("webb-node1-") == []
     assert subprocess.run(["ip", "link", "show", "webb0"], capture_output=True).returncode != 0
-    assert not (cgroup2_mount() / "webb" / "node1").exists()
+    assert not node_cgroup("node1").exists()
     status = json.loads((state / "status.json").read_text())
     assert status["running"] is False
     assert status["envoy"]["Listener"]["acked"], status

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot
 
@@ -17,9 +18,9 @@ from .conftest import free_port as _free_port
 pytestmark = pytest.mark.envoy
 
 
-def _service(backend: int, listen: int, path_regex: str) -> r.HttpService:
-    return r.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
-                         (r.RbacPolicy("default/p#ingress[0]", ("127.0.0.1",), (r.HttpRule("POST", path_regex),)),))
+def _service(backend: int, listen: int, path_regex: str) -> xm.HttpService:
+    return xm.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
+                         (xm.RbacPolicy("default/p#ingress[0]", ("127.0.0.1",), (xm.HttpRule("POST", path_regex),)),))
 
 
 def test_rbac_allows_and_denies_and_access_log(plane: Plane, backend: int, tmp_path: Path) -> None:
@@ -64,8 +65,8 @@ def test_audit_mode_policy_lets_requests_through_and_logs_would_deny(
     cache = plane.cache
     listen = _free_port()
     log = tmp_path / "access.jsonl"
-    svc = r.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
-                        (r.RbacPolicy("default/p#ingress[0]", ("127.0.0.1",), (r.HttpRule("POST", "/ok"),), audit=True),))
+    svc = xm.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
+                        (xm.RbacPolicy("default/p#ingress[0]", ("127.0.0.1",), (xm.HttpRule("POST", "/ok"),), audit=True),))
     snap = Snapshot.of(r.build([svc], str(log)))
     cache.set_snapshot(NODE, snap)
     assert cache.wait_acked(NODE, snap, 10)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot
 from xds.server import XdsServer
@@ -18,11 +19,11 @@ from .conftest import NODE, Plane, call, free_port
 pytestmark = pytest.mark.envoy
 
 
-def _services(backend: int, ports: list[int], extra_backend: bool = False) -> list[r.HttpService]:
+def _services(backend: int, ports: list[int], extra_backend: bool = False) -> list[xm.HttpService]:
     out = []
     for i, port in enumerate(ports):
         backends = (("127.0.0.1", backend),) + ((("127.0.0.2", backend),) if extra_backend and i == 0 else ())
-        out.append(r.HttpService(f"default/svc{i}:80", "127.0.0.1", port, backends, None))
+        out.append(xm.HttpService(f"default/svc{i}:80", "127.0.0.1", port, backends, None))
     return out
 
 

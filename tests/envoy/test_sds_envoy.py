@@ -19,6 +19,7 @@ from cryptography import x509
 
 from certs.ca import CertificateAuthority, WorkloadCert, peer_spiffe_id
 from certs.store import IdentityStore
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot
 
@@ -76,11 +77,11 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
 
 def _snapshot(m: Mesh, listen: int, cert: WorkloadCert, peer: str = SERVER) -> Snapshot:
     """A plain listener routing to a cluster that speaks mTLS to the backend as CLIENT."""
-    svc = r.HttpService("default/deathstar:443", "127.0.0.1", listen, (), None)
-    up = r.Upstream("default/deathstar:443", (("127.0.0.1", m.backend),),
-                    tls=r.UpstreamMtls(CLIENT, TRUST_DOMAIN, (peer,), sni="default.deathstar"))
-    return Snapshot.of(r.build([svc], "/dev/null", [up], secrets=(r.workload_secret(cert),),
-                               bundles=(r.TrustBundle(TRUST_DOMAIN, m.ca.bundle_pem()),)))
+    svc = xm.HttpService("default/deathstar:443", "127.0.0.1", listen, (), None)
+    up = xm.Upstream("default/deathstar:443", (("127.0.0.1", m.backend),),
+                    tls=xm.UpstreamMtls(CLIENT, TRUST_DOMAIN, (peer,), sni="default.deathstar"))
+    return Snapshot.of(r.build([svc], "/dev/null", [up], secrets=(xm.workload_secret(cert),),
+                               bundles=(xm.TrustBundle(TRUST_DOMAIN, m.ca.bundle_pem()),)))
 
 
 def _active_secrets(plane: Plane) -> dict[str, dict[str, Any]]:

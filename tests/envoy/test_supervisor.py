@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot
 
@@ -46,9 +47,9 @@ def slow_backend() -> Iterator[int]:
     srv.shutdown()
 
 
-def _svc(backend: int, listen: int, path: str) -> r.HttpService:
-    return r.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
-                         (r.RbacPolicy("default/p#ingress[0]", None, (r.HttpRule("GET", path),)),))
+def _svc(backend: int, listen: int, path: str) -> xm.HttpService:
+    return xm.HttpService("default/web:80", "127.0.0.1", listen, (("127.0.0.1", backend),),
+                         (xm.RbacPolicy("default/p#ingress[0]", None, (xm.HttpRule("GET", path),)),))
 
 
 def test_config_change_does_not_drop_requests_in_flight(plane: Plane, slow_backend: int, tmp_path: Path) -> None:
@@ -62,7 +63,7 @@ def test_config_change_does_not_drop_requests_in_flight(plane: Plane, slow_backe
     time.sleep(SLOW_S / 4)  # the request is now inside Envoy, waiting on the backend
     # the listener's RBAC changes (a new filter chain) and so does the cluster's endpoint set
     second = Snapshot.of(r.build([_svc(slow_backend, listen, "/(slow|fast)")], log,
-                                 upstreams=[r.Upstream("default/web:80", (("127.0.0.1", slow_backend),
+                                 upstreams=[xm.Upstream("default/web:80", (("127.0.0.1", slow_backend),
                                                                           ("127.0.0.1", slow_backend)))]))
     assert second.versions[r.LISTENER] != first.versions[r.LISTENER]
     plane.cache.set_snapshot(NODE, second)

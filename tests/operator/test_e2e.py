@@ -21,7 +21,7 @@ from tests.conftest import leftovers
 from tests.kube.apiserver import KubeAPI, Process, free_port
 from tests.kube.meshpolicy import malformed
 from tests.operator.conftest import ROOT
-from tests.operator.test_status import _cond, _status
+from tests.operator.test_status import cond, cr_status_of
 
 pytestmark = [pytest.mark.kube, pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 APP, POLICY = ROOT / "examples/starwars/01-app.yaml", ROOT / "examples/starwars/policy.yaml"
@@ -66,8 +66,8 @@ def test_starwars_through_the_api_server(kube_api: KubeAPI, operator: Process, t
         assert outcome(LANDING).body.strip() == "Ship landed"
         denied = outcome(EXHAUST)
         assert (denied.status, denied.body.strip()) == (403, "Access denied")
-        st = _until("status Applied", lambda: _status(kube_api, "default"),
-                    lambda s: _cond(s, "Applied").get("status") == "True", agent, 30)
+        st = _until("status Applied", lambda: cr_status_of(kube_api, "default"),
+                    lambda s: cond(s, "Applied").get("status") == "True", agent, 30)
         k1 = next(n for n in st["nodes"] if n["node"] == "k1")
         applied = json.loads((state / "status.json").read_text())["applied"]
         assert k1["envoy"] == "ACK" and k1["observedGeneration"] == 1

@@ -13,7 +13,7 @@ from kubernetes.client.rest import ApiException
 
 from mesh.kube.watch import SYSTEM_NAMESPACE, report_name
 from tests.kube.apiserver import KubeAPI, Process
-from tests.operator.test_status import _cond, _report, wait_for
+from tests.operator.test_status import cond, report_of, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("webb_crds")]
 GROUP, VERSION, PLURAL = "webb.io", "v1alpha1", "meshtlses"
@@ -50,13 +50,13 @@ def test_crd_served_and_bad_mode_refused_naming_the_field(kube_api: KubeAPI, nam
 def test_meshtls_status_valid_applied_and_shadowed(kube_api: KubeAPI, namespace: str, operator: Process) -> None:
     out = kube_api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_mtls(namespace, "PERMISSIVE"))).stdout
     assert "meshtls.webb.io/default created" in out
-    st = wait_for("Valid=True", lambda: _status(kube_api, namespace), lambda s: _cond(s, "Valid").get("status") == "True",
+    st = wait_for("Valid=True", lambda: _status(kube_api, namespace), lambda s: cond(s, "Valid").get("status") == "True",
                   operator)
-    assert st["observedGeneration"] == 1 and _cond(st, "Applied")["reason"] in ("NoNodes", "Pending")
+    assert st["observedGeneration"] == 1 and cond(st, "Applied")["reason"] in ("NoNodes", "Pending")
 
     node = f"n-{namespace}"
     key = f"MeshTLS {namespace}/default"
-    _report(kube_api, node, {"node": node, "planVersion": "p1", "datapathVersion": "p1", "envoyVersion": "e1",
+    report_of(kube_api, node, {"node": node, "planVersion": "p1", "datapathVersion": "p1", "envoyVersion": "e1",
                              "generations": {key: 1}, "envoyRejected": {}})
     wait_for("Applied=True", lambda: _status(kube_api, namespace),
              lambda s: any(n["node"] == node and n.get("envoy") == "ACK" and n.get("observedGeneration") == 1
@@ -68,13 +68,13 @@ def test_meshtls_status_valid_applied_and_shadowed(kube_api: KubeAPI, namespace:
     # a second MeshTLS in the namespace: valid, but not in force ("default" sorts first)
     kube_api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_mtls(namespace, "STRICT", "other")))
     st = wait_for("Shadowed", lambda: _status(kube_api, namespace, "other"),
-                  lambda s: _cond(s, "Applied").get("reason") == "Shadowed", operator)
-    assert _cond(st, "Valid")["status"] == "True"
-    assert f"MeshTLS {namespace}/default is in force" in _cond(st, "Applied")["message"]
+                  lambda s: cond(s, "Applied").get("reason") == "Shadowed", operator)
+    assert cond(st, "Valid")["status"] == "True"
+    assert f"MeshTLS {namespace}/default is in force" in cond(st, "Applied")["message"]
 
     # the first one goes: the second one is in force now, and its status says so
     kube_api.kubectl("delete", "mtls", "default", "-n", namespace)
     wait_for("not shadowed", lambda: _status(kube_api, namespace, "other"),
-             lambda s: _cond(s, "Applied").get("reason") != "Shadowed", operator)
+             lambda s: cond(s, "Applied").get("reason") != "Shadowed", operator)
     kube_api.kubectl("delete", "mtls", "other", "-n", namespace)  # the API server is shared by every suite
     kube_api.kubectl("delete", "configmap", report_name(node), "-n", SYSTEM_NAMESPACE)

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.kube.watch import RESOURCES, KubeSource, _path, request
+from mesh.kube.watch import RESOURCES, KubeSource, api_path, request
 from mesh.model import ClusterState
-from mesh.plan.node import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, plan_node
 from mesh.source import StandaloneSource, allocate_vips
 from tests.kube.apiserver import SERVICE_CLUSTER_IP_RANGE, KubeAPI
 from tests.operator.conftest import ROOT
@@ -92,12 +92,12 @@ def test_same_plan_from_yaml_and_from_the_api_server(kube_api: KubeAPI, namespac
         kube_api.kubectl("apply", "-f", "-", stdin=files["01-app.yaml"])
         for key, ip in ips.items():  # kubelet's part: the pods' IPs
             ns, _, name = key.partition("/")
-            request(kube_api.api, "PATCH", _path(RESOURCES["Pod"], ns, name, "status"),
+            request(kube_api.api, "PATCH", api_path(RESOURCES["Pod"], ns, name, "status"),
                     {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}}, content_type="application/merge-patch+json")
         mine = lambda st: [p for p in st.pods if p.namespace == namespace]  # noqa: E731
         kube = _wait(source, lambda st: len(mine(st)) == 4 and all(p.ip for p in mine(st)))
         kube = _only(kube, namespace)
-        plan_yaml, plan_kube = reconcile(_with_ips(standalone.load(), ips), NODE), reconcile(kube, NODE)
+        plan_yaml, plan_kube = plan_node(_with_ips(standalone.load(), ips), NODE), plan_node(kube, NODE)
         assert plan_kube == plan_yaml and plan_kube.version == plan_yaml.version
         assert len(plan_kube.services) == 1 and len(plan_kube.endpoints) == 4
 
@@ -105,9 +105,9 @@ def test_same_plan_from_yaml_and_from_the_api_server(kube_api: KubeAPI, namespac
         kube_api.kubectl("apply", "-f", "-", stdin=files["policy.yaml"])
         kube = _wait(source, lambda st: any(p.namespace == namespace for p in st.policies))
         kube = _only(kube, namespace)
-        with_policy = reconcile(_with_ips(standalone.load(), ips), NODE)
+        with_policy = plan_node(_with_ips(standalone.load(), ips), NODE)
         assert with_policy.version != plan_yaml.version and with_policy.http  # the policy made an L7 listener
-        assert reconcile(kube, NODE).version == with_policy.version
+        assert plan_node(kube, NODE).version == with_policy.version
     finally:
         source.stop()
         # no controller deletes a namespace's pods: delete them, so that no agent of a later test runs them

@@ -31,16 +31,16 @@ def wait_for(what: str, get: Callable[[], Any], ok: Callable[[Any], bool], proc:
         time.sleep(0.1)
 
 
-def _status(api: KubeAPI, ns: str, name: str = "rule1") -> dict[str, Any]:
+def cr_status_of(api: KubeAPI, ns: str, name: str = "rule1") -> dict[str, Any]:
     obj = client.CustomObjectsApi(api.api).get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
     return dict(obj.get("status") or {})
 
 
-def _cond(st: dict[str, Any], ctype: str) -> dict[str, Any]:
+def cond(st: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
 
 
-def _report(api: KubeAPI, node: str, report: dict[str, Any]) -> None:
+def report_of(api: KubeAPI, node: str, report: dict[str, Any]) -> None:
     cm = {"apiVersion": "v1", "kind": "ConfigMap",
           "metadata": {"name": report_name(node), "namespace": SYSTEM_NAMESPACE, "labels": {REPORT_LABEL: node}},
           "data": {"report": json.dumps(report)}}
@@ -49,15 +49,15 @@ def _report(api: KubeAPI, node: str, report: dict[str, Any]) -> None:
 
 def test_valid_condition_names_the_field_and_shows_in_kubectl(kube_api: KubeAPI, namespace: str, operator: Process) -> None:
     kube_api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(example_policy(namespace)))
-    st = wait_for("Valid=True", lambda: _status(kube_api, namespace), lambda s: _cond(s, "Valid").get("status") == "True", operator)
-    assert st["observedGeneration"] == 1 and _cond(st, "Applied")["reason"] in ("NoNodes", "Pending")
+    st = wait_for("Valid=True", lambda: cr_status_of(kube_api, namespace), lambda s: cond(s, "Valid").get("status") == "True", operator)
+    assert st["observedGeneration"] == 1 and cond(st, "Applied")["reason"] in ("NoNodes", "Pending")
 
     # valid for the schema (a string), not for Webb: the path is not a regular expression
     bad = example_policy(namespace)
     bad["spec"]["ingress"][0]["toPorts"][0]["rules"]["http"][0]["path"] = "/v1/(unclosed"
     kube_api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(bad))
-    st = wait_for("Valid=False", lambda: _status(kube_api, namespace), lambda s: _cond(s, "Valid").get("status") == "False", operator)
-    msg = _cond(st, "Valid")["message"]
+    st = wait_for("Valid=False", lambda: cr_status_of(kube_api, namespace), lambda s: cond(s, "Valid").get("status") == "False", operator)
+    msg = cond(st, "Valid")["message"]
     assert "spec.ingress[0].toPorts[0].rules.http[0].path" in msg and "not a valid regular expression" in msg
     assert "keeping the previous version" in msg and st["observedGeneration"] == 2
     table = kube_api.kubectl("get", "mp", "rule1", "-n", namespace).stdout.split("\n")
@@ -65,7 +65,7 @@ def test_valid_condition_names_the_field_and_shows_in_kubectl(kube_api: KubeAPI,
     assert table[1].split()[:3] == ["rule1", "False", "enforce"], table
 
     kube_api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(example_policy(namespace)))
-    wait_for("Valid=True again", lambda: _status(kube_api, namespace), lambda s: _cond(s, "Valid").get("status") == "True", operator)
+    wait_for("Valid=True again", lambda: cr_status_of(kube_api, namespace), lambda s: cond(s, "Valid").get("status") == "True", operator)
 
 
 def test_per_node_ack_nack_and_audit_counts(kube_api: KubeAPI, namespace: str, operator: Process) -> None:
@@ -74,20 +74,20 @@ def test_per_node_ack_nack_and_audit_counts(kube_api: KubeAPI, namespace: str, o
     kube_api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))
     key = f"MeshPolicy {namespace}/rule1"
     node = f"n-{namespace}"
-    _report(kube_api, node, {"node": node, "planVersion": "p1", "datapathVersion": "p1", "envoyVersion": "e1",
+    report_of(kube_api, node, {"node": node, "planVersion": "p1", "datapathVersion": "p1", "envoyVersion": "e1",
                              "generations": {key: 1}, "envoyRejected": {}, "auditWouldDeny": {f"{namespace}/rule1": 7}})
-    st = wait_for("Applied", lambda: _status(kube_api, namespace),
-                  lambda s: _cond(s, "Applied").get("status") == "True" or any(n["node"] == node for n in s.get("nodes", [])
+    st = wait_for("Applied", lambda: cr_status_of(kube_api, namespace),
+                  lambda s: cond(s, "Applied").get("status") == "True" or any(n["node"] == node for n in s.get("nodes", [])
                                                                                if n.get("envoy") == "ACK"), operator)
     mine = next(n for n in st["nodes"] if n["node"] == node)
     assert mine == {"node": node, "datapathVersion": "p1", "envoyVersion": "e1", "observedGeneration": 1, "envoy": "ACK",
                     "auditWouldDeny": 7}
 
-    _report(kube_api, node, {"node": node, "planVersion": "p1", "datapathVersion": "p1", "envoyVersion": "e1",
+    report_of(kube_api, node, {"node": node, "planVersion": "p1", "datapathVersion": "p1", "envoyVersion": "e1",
                              "generations": {key: 1}, "envoyRejected": {"Listener": "Proto constraint validation failed"}})
-    st = wait_for("NACK", lambda: _status(kube_api, namespace),
+    st = wait_for("NACK", lambda: cr_status_of(kube_api, namespace),
                   lambda s: any(n.get("envoy") == "NACK" for n in s.get("nodes", []) if n["node"] == node), operator)
-    applied = _cond(st, "Applied")
+    applied = cond(st, "Applied")
     assert applied["status"] == "False" and applied["reason"] == "EnvoyRejected"
     assert f"{node}: Listener: Proto constraint validation failed" in applied["message"]
     kube_api.kubectl("delete", "configmap", report_name(node), "-n", SYSTEM_NAMESPACE)

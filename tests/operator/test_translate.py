@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from datapath.maps import PROTO_TCP, PROTO_UDP
+from datapath.types import PROTO_TCP, PROTO_UDP
 from mesh.kube.indexer import Indexer
 from mesh.kube.translate import NETPOL_PREFIX, network_policy_doc
 from mesh.manifests import ManifestError
 from mesh.model import NAMESPACE_LABEL
-from mesh.plan.node import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, plan_node
 
 NODE = NodeSpec("k1", "10.244.210.1")
 
@@ -45,7 +45,7 @@ def _indexer(*netpols: dict[str, Any]) -> Indexer:
 
 
 def _allowed(ix: Indexer) -> tuple[dict[str, int], set[tuple[int, int, int, int]], set[str]]:
-    plan = reconcile(ix.state(), NODE)
+    plan = plan_node(ix.state(), NODE)
     ident = {e.pod: e.identity for e in plan.endpoints}
     return ident, {(p.dst_identity, p.src_identity, p.port, p.proto) for p in plan.policy}, {
         e.pod for e in plan.endpoints if e.enforced}

@@ -1,9 +1,11 @@
 """certs.ca and certs.store: SPIFFE workload certificates (URI SAN, 24 h, renewed at 2/3), key
 files 0600 (a readable CA key refused with the fix), a user-supplied intermediate (made here,
-at test time) verified up to its root, the store across a restart, rotate() renews only what is due."""
+at test time) verified up to its root, the store across a restart, rotate() renews only what is due;
+the store as the tunnel's identities, and certs and tunnel importing nothing of each other."""
 
 from __future__ import annotations
 
+import ast
 import datetime
 import os
 import socket
@@ -18,8 +20,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certs.ca import DEFAULT_TTL_S, SKEW_S, CertificateAuthority, peer_spiffe_id, spiffe_id
+from certs.ca import DEFAULT_TTL_S, SKEW_S, CertificateAuthority, peer_spiffe_id, spiffe_id, write_private
 from certs.store import IdentityStore, read_index
+from tunnel.session import Identities
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TD = "webb.test"
 NOW = 1_900_000_000.0  # a fixed issue time: lifetimes are compared exactly
@@ -222,3 +227,63 @@ def test_tls_alerts_are_told_in_words() -> None:
     assert alert_text(bytes([2, 42])) == "fatal alert bad_certificate (42)"
     assert alert_text(bytes([1, 0])) == "warning alert close_notify (0)"
     assert alert_text(b"\x02") == "a truncated TLS alert (02)"
+
+
+def test_the_store_is_the_tunnels_identities(tmp_path: Path) -> None:
+    """What tunnel.session.Identities asks of it: SPIFFE IDs built and read by certs.ca alone, a
+    peer of another trust domain refused, a server context without a certificate."""
+    store = IdentityStore(CertificateAuthority.load_or_create(tmp_path / "ca", TD), tmp_path / "certs")
+    ids: Identities = store  # the composition mesh.agent.tunnels makes (mypy checks it there)
+    assert ids.spiffe_id("shop", "web") == spiffe_id(TD, "shop", "web") == store.get("shop", "web").spiffe_id
+
+    def der(cert_pem: bytes) -> bytes:
+        return x509.load_pem_x509_certificates(cert_pem)[0].public_bytes(serialization.Encoding.DER)
+    assert ids.peer_id(der(store.get("shop", "web").chain_pem)) == "spiffe://webb.test/ns/shop/sa/web"
+    other = CertificateAuthority.load_or_create(tmp_path / "other-ca", "other.test").issue("shop", "web")
+    with pytest.raises(ValueError, match="peer spiffe://other.test/ns/shop/sa/web is outside trust domain webb.test"):
+        ids.peer_id(der(other.chain_pem))
+    with pytest.raises(ValueError, match="no subjectAltName"):
+        ids.peer_id(der(store.ca.bundle_pem()))  # a CA certificate: not a workload's
+
+    base = ids.server_context()
+    assert base.minimum_version == base.maximum_version == ssl.TLSVersion.TLSv1_3
+    assert base.verify_mode == ssl.CERT_REQUIRED and base.num_tickets == 0
+    assert ids.context("shop", "web", server_side=True) is ids.context("shop", "web", server_side=True)
+    with pytest.raises(ValueError, match="not a DNS label"):
+        ids.context("Shop", "web", server_side=True)  # what the tunnel answers unrecognized_name to
+
+
+@pytest.mark.usefixtures("umask_zero")
+def test_write_private_is_0600_and_atomic(tmp_path: Path) -> None:
+    target = tmp_path / "key.pem"
+    target.write_bytes(b"old")
+    write_private(target, b"new")
+    assert target.read_bytes() == b"new" and _mode(target) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["key.pem"]  # no temporary file left
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import in a file, function-local ones too."""
+    out: list[tuple[str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, [a.name for a in node.names]))
+    return out
+
+
+@pytest.mark.parametrize("package", ["certs", "tunnel"])
+def test_certs_and_tunnel_import_nothing_of_each_other(package: str) -> None:
+    """The layers' bottom: datapath, xds, certs, tunnel are independent (mesh composes them), and
+    no module takes another's private names. SPIFFE IDs are spelled out in certs.spiffe only."""
+    others = {"certs", "tunnel", "mesh", "xds", "datapath"} - {package}
+    files = sorted((ROOT / package).glob("*.py"))
+    assert files
+    for f in files:
+        for module, names in _imports(f):
+            assert module.split(".")[0] not in others, f"{f.relative_to(ROOT)} imports {module}"
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            assert not private, f"{f.relative_to(ROOT)} imports private {private} from {module}"
+        if f.name != "spiffe.py":
+            assert "spiffe://{" not in f.read_text(), f"{f.relative_to(ROOT)} builds a SPIFFE ID (certs.spiffe.spiffe_id does)"

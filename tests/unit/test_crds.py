@@ -15,21 +15,21 @@ def _schema() -> dict[str, Any]:
     (version,) = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     assert "$ref" not in (ROOT / "crds/meshpolicy.yaml").read_text()  # not allowed in structural schemas
-    return _strict(dict(version["schema"]["openAPIV3Schema"]))
+    return strict(dict(version["schema"]["openAPIV3Schema"]))
 
 
-def _strict(node: Any) -> Any:
+def strict(node: Any) -> Any:
     """What the API server does with strict field validation (kubectl's default): an object
     with ``properties`` takes no other field. (A structural schema may not say so itself:
     ``additionalProperties`` beside ``properties`` makes the API server refuse the CRD.)"""
     if isinstance(node, dict):
         assert not ("properties" in node and "additionalProperties" in node), "refused by the API server"
-        out = {k: _strict(v) for k, v in node.items()}
+        out = {k: strict(v) for k, v in node.items()}
         if "properties" in out:
             out["additionalProperties"] = False
         return out
     if isinstance(node, list):
-        return [_strict(v) for v in node]
+        return [strict(v) for v in node]
     return node
 
 

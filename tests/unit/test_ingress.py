@@ -11,8 +11,9 @@ import yaml
 
 from mesh.manifests import ManifestError, parse_object
 from mesh.model import Ingress, Secret
-from mesh.plan.node import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, plan_node
 from mesh.source import StandaloneSource
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot
 
@@ -34,7 +35,7 @@ def _ingresses() -> list[dict[str, Any]]:
 
 def test_secret_parses_and_never_shows_the_key() -> None:
     s = parse_object(_secret_doc())
-    assert isinstance(s, Secret) and s.tls.key_pem == KEY
+    assert isinstance(s, Secret) and s.key_pem == KEY
     assert b"SECRETKEYMATERIAL".decode() not in repr(s)
     assert parse_object({**_secret_doc(), "type": "Opaque"}) is None  # other Secret types are not kept
     with pytest.raises(ManifestError) as e:
@@ -68,7 +69,7 @@ def _plan(tmp_path: Path, with_secret: bool) -> Any:
     (tmp_path / "ingress.yaml").write_text((EXAMPLE / "ingress.yaml").read_text())
     if with_secret:
         (tmp_path / "secret.yaml").write_text(yaml.safe_dump(_secret_doc()))
-    return reconcile(StandaloneSource(tmp_path, "10.96.0.0/16").load(), NODE)
+    return plan_node(StandaloneSource(tmp_path, "10.96.0.0/16").load(), NODE)
 
 
 def test_gateway_plan_and_resources(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_gateway_plan_and_resources(tmp_path: Path) -> None:
     gw = plan.ingress
     assert gw is not None and (gw.listen_ip, gw.http_port, gw.https_port) == ("127.0.0.1", 18080, 18443)
     assert [vh.name for vh in gw.virtual_hosts] == ["api.example.test", "shop.example.test"]  # not legacy (class nginx)
-    assert gw.tls == (r.TlsHosts(("shop.example.test",), "default/shop-tls"),)
+    assert gw.tls == (xm.TlsHosts(("shop.example.test",), "default/shop-tls"),)
     assert [s.name for s in plan.secrets] == ["default/shop-tls"]
     assert {u.name for u in plan.upstreams} == {"default/web-v1:80", "default/web-v2:80"}
     assert not plan.http  # ingress alone makes no east-west listener

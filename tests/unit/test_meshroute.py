@@ -10,11 +10,13 @@ import jsonschema
 import pytest
 import yaml
 
+from mesh import model as mm
 from mesh.manifests import ManifestError, parse_object
 from mesh.model import ClusterState, MeshRoute, RouteMatch
-from mesh.plan.node import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, plan_node
 from mesh.source import StandaloneSource
-from tests.unit.test_crds import _strict
+from tests.unit.test_crds import strict
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot
 
@@ -72,7 +74,7 @@ def _crd_schema() -> dict[str, Any]:
     crd = yaml.safe_load((ROOT / "crds/meshroute.yaml").read_text())
     (version,) = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
-    return dict(_strict(version["schema"]["openAPIV3Schema"]))
+    return dict(strict(version["schema"]["openAPIV3Schema"]))
 
 
 def test_crd_accepts_example_and_rejects_at_the_parsers_field() -> None:
@@ -90,9 +92,9 @@ def test_crd_accepts_example_and_rejects_at_the_parsers_field() -> None:
 
 
 def test_route_makes_parent_l7_and_clusters_for_every_backend(tmp_path: Path) -> None:
-    without = reconcile(_state(tmp_path / "a"), NODE)
+    without = plan_node(_state(tmp_path / "a"), NODE)
     assert not without.http and not without.upstreams
-    plan = reconcile(_state(tmp_path / "b", "route.yaml"), NODE)
+    plan = plan_node(_state(tmp_path / "b", "route.yaml"), NODE)
     (listener,) = plan.http
     assert listener.name == "default/web:80" and listener.policies is None
     assert {u.name for u in plan.upstreams} == {"default/web-v1:80", "default/web-v2:80"}  # no cluster of web itself
@@ -108,7 +110,7 @@ def test_route_makes_parent_l7_and_clusters_for_every_backend(tmp_path: Path) ->
 def test_route_to_unknown_backend_warns_and_keeps_the_rest(tmp_path: Path) -> None:
     (tmp_path / "route.yaml").write_text((EXAMPLE / "route.yaml").read_text().replace("name: web-v2, port: 80}", "name: web-v2, port: 81}"))
     (tmp_path / "01-app.yaml").write_text((EXAMPLE / "01-app.yaml").read_text())
-    plan = reconcile(StandaloneSource(tmp_path, "10.96.0.0/16").load(), NODE)
+    plan = plan_node(StandaloneSource(tmp_path, "10.96.0.0/16").load(), NODE)
     assert any("spec.rules[0].backendRefs[0]: Service default/web-v2 has no TCP port 81" in w for w in plan.warnings)
     (listener,) = plan.http
     canary = next(h for h in listener.routes if h.matches[0].headers)
@@ -120,10 +122,10 @@ def test_route_to_unknown_backend_warns_and_keeps_the_rest(tmp_path: Path) -> No
 
 
 def test_envoy_route_protos() -> None:
-    route = r.HttpRoute((r.RouteMatch("PathPrefix", "/api/", "GET", (r.HeaderMatch("X-V", "v[12]", "RegularExpression"),)),),
+    route = xm.HttpRoute((mm.RouteMatch("PathPrefix", "/api/", "GET", (mm.HeaderMatch("X-V", "v[12]", "RegularExpression"),)),),
                         (("ns/a:80", 3), ("ns/b:80", 1), ("ns/c:80", 0)), timeout_ms=2500,
-                        retry=r.Retry(2, per_try_timeout_ms=500, codes=(503,)))
-    svc = r.HttpService("ns/web:80", "10.244.0.1", 15001, (), None, routes=(route,))
+                        retry=mm.Retry(2, per_try_timeout_ms=500, codes=(503,)))
+    svc = xm.HttpService("ns/web:80", "10.244.0.1", 15001, (), None, routes=(route,))
     (env,) = r.route(svc).virtual_hosts[0].routes
     assert env.match.path_separated_prefix == "/api"  # whole elements; trailing "/" ignored
     assert [(h.name, h.string_match.exact or h.string_match.safe_regex.regex) for h in env.match.headers] == [
@@ -136,9 +138,9 @@ def test_envoy_route_protos() -> None:
 
 
 def test_clusters_and_listeners_are_built_apart() -> None:
-    svc = r.HttpService("ns/web:80", "10.244.0.1", 15001, (("10.244.0.9", 80),), None,
-                        routes=(r.HttpRoute(clusters=(("ns/other:80", 1),)),))
-    res = r.build([svc], "/tmp/a.log", [r.Upstream("ns/other:80", (("10.244.0.5", 8080),))])
+    svc = xm.HttpService("ns/web:80", "10.244.0.1", 15001, (("10.244.0.9", 80),), None,
+                        routes=(xm.HttpRoute(clusters=(("ns/other:80", 1),)),))
+    res = r.build([svc], "/tmp/a.log", [xm.Upstream("ns/other:80", (("10.244.0.5", 8080),))])
     assert set(res[r.CLUSTER]) == {"ns/other:80"} and set(res[r.LISTENER]) == {"ns/web:80"}
     assert Snapshot.of(res).problems() == []
     missing = r.build([svc], "/tmp/a.log", [])

@@ -14,9 +14,9 @@ from mesh.kube.indexer import Indexer
 from mesh.kube.status import cr_status
 from mesh.manifests import ManifestError, parse_object
 from mesh.model import ClusterState, MeshTLS, Namespace, Pod, mtls_conflicts, mtls_mode, mtls_modes
-from mesh.plan.node import NodeSpec, reconcile
+from mesh.plan.node import NodeSpec, plan_node
 from mesh.source import StandaloneSource
-from tests.unit.test_crds import _strict
+from tests.unit.test_crds import strict
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = NodeSpec("node1", "10.244.0.1")
@@ -79,18 +79,18 @@ def test_two_meshtls_in_a_namespace_first_name_wins_other_warned() -> None:
     (warning,) = mtls_conflicts(state)
     assert warning.startswith("MeshTLS shop/zz: ignored: MeshTLS shop/aa sets the mode of namespace shop")
     assert "delete one of them" in warning
-    plan = reconcile(state, NODE)
+    plan = plan_node(state, NODE)
     assert warning in plan.warnings
     assert plan.mtls == (("ops", "PERMISSIVE"), ("shop", "STRICT"))
 
 
 def test_plan_follows_the_mode_and_default_changes_nothing() -> None:
     pods = (Pod("shop", "a", (("app", "a"),), ip="10.244.0.5"),)
-    plain = reconcile(ClusterState(pods=pods), NODE)
+    plain = plan_node(ClusterState(pods=pods), NODE)
     assert plain.mtls == () and not plain.warnings
-    strict = reconcile(ClusterState(pods=pods, mtls=(MeshTLS("shop", "m", "STRICT"),)), NODE)
+    strict = plan_node(ClusterState(pods=pods, mtls=(MeshTLS("shop", "m", "STRICT"),)), NODE)
     assert strict.mtls == (("shop", "STRICT"),) and strict.version != plain.version
-    disabled = reconcile(ClusterState(pods=pods, mtls=(MeshTLS("shop", "m", "DISABLE"),)), NODE)
+    disabled = plan_node(ClusterState(pods=pods, mtls=(MeshTLS("shop", "m", "DISABLE"),)), NODE)
     assert disabled.mtls == ()
 
 
@@ -104,7 +104,7 @@ def test_standalone_source_keeps_meshtls_and_last_good_version(tmp_path: Path) -
     state = src.load()
     assert set(state.mtls) == {MeshTLS("shop", "default", "STRICT"), MeshTLS("shop", "later", "PERMISSIVE")}
     assert mtls_mode(state, "shop") == "STRICT" and not state.errors
-    assert any("MeshTLS shop/later: ignored" in w for w in reconcile(state, NODE).warnings)
+    assert any("MeshTLS shop/later: ignored" in w for w in plan_node(state, NODE).warnings)
 
     _write(tmp_path, "tls.yaml", _ns("shop", "strict"), _doc("permissive"))
     state = src.load()
@@ -150,7 +150,7 @@ def _crd_schema() -> dict[str, Any]:
     (version,) = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Valid", "Mode", "Applied", "Age"]
-    return dict(_strict(version["schema"]["openAPIV3Schema"]))
+    return dict(strict(version["schema"]["openAPIV3Schema"]))
 
 
 def test_crd_schema_accepts_the_modes_and_refuses_at_the_parsers_field() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datapath.maps import EP_LOCAL, EP_MTLS_STRICT
+from certs.ca import parse_spiffe_id
+from datapath.types import EP_LOCAL, EP_MTLS_STRICT
 from mesh.model import (
     ClusterState,
     IngressRule,
@@ -15,12 +16,12 @@ from mesh.model import (
     Service,
     ServicePort,
 )
-from mesh.plan.node import NodeSpec, reconcile
-from mesh.plan.tunnels import TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT, authorize, plan_tunnels, source_identity
-from tunnel.session import Refusal
+from mesh.plan.node import NodePlan, NodeSpec, Peer, plan_node
+from mesh.plan.policy import Denial, authorize
+from mesh.plan.tunnels import NODE_IDENTITY, TUNNEL_OUT_BASE, TUNNEL_OUT_COUNT, source_identity
 
 GW = "10.244.1.1"
-PEERS = {"n2": "10.250.0.2"}
+PEERS = {"n2": Peer("10.250.0.2")}
 
 
 def _state(mode: str | None = "STRICT", policy: bool = False, label: str | None = None) -> ClusterState:
@@ -36,13 +37,18 @@ def _state(mode: str | None = "STRICT", policy: bool = False, label: str | None 
                         mtls=(MeshTLS("empire", "default", mode),) if mode else ())
 
 
-def _plan(state: ClusterState, node: str = "n1"):  # type: ignore[no-untyped-def]
-    return reconcile(state, NodeSpec(node, GW))
+def _plan(state: ClusterState, node: str = "n1", peers: dict[str, Peer] | None = None) -> NodePlan:
+    return plan_node(state, NodeSpec(node, GW), peers)
+
+
+def _auth(st: ClusterState, plan: NodePlan, node: str, peer_id: str, src: str, dst: str) -> Denial | None:
+    _, ns, sa = parse_spiffe_id(peer_id)
+    return authorize(st, plan, node, (ns, sa), peer_id, src, dst)
 
 
 def test_remote_backends_in_mtls_namespaces_go_through_a_tunnel_listener() -> None:
     st = _state("STRICT")
-    tp = plan_tunnels(st, _plan(st), "n1", GW, PEERS)
+    tp = _plan(st, peers=PEERS).tunnels
     (lst,) = tp.listeners
     assert TUNNEL_OUT_BASE <= lst.port < TUNNEL_OUT_BASE + TUNNEL_OUT_COUNT
     remote = [b for b in lst.backends if b.node_addr]
@@ -58,20 +64,35 @@ def test_remote_backends_in_mtls_namespaces_go_through_a_tunnel_listener() -> No
     assert "10.244.2.5" not in flags  # another node's pod: that node enforces
 
 
+def test_the_plan_carries_tunnels_flags_and_upstreams_and_its_version_covers_them() -> None:
+    """plan_node decides it all: services after tunnel planning, every endpoint's final flags,
+    the node's own address; the version is hashed last, so the peers' view changes it."""
+    st = _state("STRICT")
+    plan = _plan(st, peers=PEERS)
+    (lst,) = plan.tunnels.listeners
+    (svc,) = plan.services
+    assert svc.proxy_port == lst.port and plan.via(lst.port) == "mtls tunnel"
+    flags = {e.ip: e.flags for e in plan.endpoints}
+    assert flags["10.244.1.9"] & (EP_LOCAL | EP_MTLS_STRICT) == EP_LOCAL | EP_MTLS_STRICT
+    assert plan.node_endpoints == ((GW, NODE_IDENTITY, EP_LOCAL),)
+    assert _plan(st).version != plan.version  # same state, another view of the peers: another plan
+    assert _plan(st, peers=PEERS).version == plan.version  # deterministic
+
+
 def test_permissive_tunnels_without_strict_flags_and_disable_does_not_tunnel() -> None:
     st = _state("PERMISSIVE")
-    tp = plan_tunnels(st, _plan(st), "n1", GW, PEERS)
+    tp = _plan(st, peers=PEERS).tunnels
     assert len(tp.listeners) == 1 and tp.flags()["10.244.1.9"] == EP_LOCAL
     st = _state("DISABLE")
-    tp = plan_tunnels(st, _plan(st), "n1", GW, PEERS)
+    tp = _plan(st, peers=PEERS).tunnels
     assert tp.listeners == () and tp.services[0].proxy_port == 0
     st = _state(None, label="STRICT")  # the namespace label shortcut
-    assert len(plan_tunnels(st, _plan(st), "n1", GW, PEERS).listeners) == 1
+    assert len(_plan(st, peers=PEERS).tunnels.listeners) == 1
 
 
 def test_unknown_peer_node_is_a_warning_not_a_silent_plaintext() -> None:
     st = _state("STRICT")
-    tp = plan_tunnels(st, _plan(st), "n1", GW, {})
+    tp = _plan(st).tunnels
     assert tp.listeners == ()
     assert any("no tunnel address known" in w for w in tp.warnings)
 
@@ -80,21 +101,21 @@ def test_accepting_node_checks_certificate_against_the_source_pod_and_policy() -
     st = _state("STRICT", policy=True)
     plan = _plan(st, "n2")
     xwing = "spiffe://cluster.local/ns/alliance/sa/xwing"
-    assert authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.2.5:8080") is None
+    assert _auth(st, plan, "n2", xwing, "10.244.1.5", "10.244.2.5:8080") is None
     # a certificate of another identity than the pod it claims to be
-    why = authorize(st, plan, "n2", "spiffe://cluster.local/ns/empire/sa/probe", "10.244.1.5", "10.244.2.5:8080")
-    assert why and "but the certificate is" in why
+    why = _auth(st, plan, "n2", "spiffe://cluster.local/ns/empire/sa/probe", "10.244.1.5", "10.244.2.5:8080")
+    assert why and "but the certificate is" in why.reason
     # policy: the probe (same labels as the deathstar, other namespace rule) is not allowed
-    why = authorize(st, plan, "n2", "spiffe://cluster.local/ns/empire/sa/probe", "10.244.1.9", "10.244.2.5:8080")
-    assert why and "MeshPolicy empire/ds" in why and "no ingress rule allows empire/probe" in why
+    why = _auth(st, plan, "n2", "spiffe://cluster.local/ns/empire/sa/probe", "10.244.1.9", "10.244.2.5:8080")
+    assert why and "MeshPolicy empire/ds" in why.reason and "no ingress rule allows empire/probe" in why.reason
     # a port the rule does not cover
-    why = authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.2.5:9090")
-    assert why and "port 9090/TCP" in why
+    why = _auth(st, plan, "n2", xwing, "10.244.1.5", "10.244.2.5:9090")
+    assert why and "port 9090/TCP" in why.reason
     # only pods of this node; that is this node's view, not a decision: the dialer tries the next backend
-    why = authorize(st, plan, "n2", xwing, "10.244.1.5", "10.244.1.9:8080")
-    assert isinstance(why, Refusal) and not why.final and "not a pod of node n2" in why.reason, why
-    why = authorize(st, plan, "n2", xwing, "10.244.9.9", "10.244.2.5:8080")
-    assert isinstance(why, Refusal) and not why.final and "not a pod of the mesh" in why.reason, why
+    why = _auth(st, plan, "n2", xwing, "10.244.1.5", "10.244.1.9:8080")
+    assert isinstance(why, Denial) and not why.final and "not a pod of node n2" in why.reason, why
+    why = _auth(st, plan, "n2", xwing, "10.244.9.9", "10.244.2.5:8080")
+    assert isinstance(why, Denial) and not why.final and "not a pod of the mesh" in why.reason, why
     assert source_identity(st, "n1", "10.244.1.5") == ("alliance", "xwing")
     assert source_identity(st, "n1", "10.244.2.5") is None
 
@@ -117,8 +138,7 @@ def test_l7_upstreams_to_other_nodes_go_to_their_mtls_port_as_the_node_proxy() -
     assert out[0].backends == (("10.244.1.9", 8080),) and out[0].mtls_backends == ()
     assert warnings and "has not published an mTLS port" in warnings[0]
     # the node owning the backend offers a port for it
-    plan2 = _plan(st, "n2")
-    tp = plan_tunnels(st, plan2, "n2", "10.244.2.1", {"n1": "10.250.0.1"})
+    tp = plan_node(st, NodeSpec("n2", "10.244.2.1"), {"n1": Peer("10.250.0.1")}).tunnels
     assert [k for k, _ in tp.inbound] == ["10.244.2.5:8080"]
 
 
@@ -126,16 +146,17 @@ def test_only_a_node_proxy_may_use_a_pods_mtls_port() -> None:
     st = _state("STRICT", policy=True)
     plan = _plan(st, "n2")
     proxy = "spiffe://cluster.local/ns/webb-system/sa/webb-node-proxy"
-    assert authorize(st, plan, "n2", proxy, "", "10.244.2.5:8080") is None
-    why = authorize(st, plan, "n2", "spiffe://cluster.local/ns/alliance/sa/xwing", "", "10.244.2.5:8080")
-    assert why and "not a node proxy" in why
+    assert _auth(st, plan, "n2", proxy, "", "10.244.2.5:8080") is None
+    why = _auth(st, plan, "n2", "spiffe://cluster.local/ns/alliance/sa/xwing", "", "10.244.2.5:8080")
+    assert why and "not a node proxy" in why.reason
 
 
 def test_cluster_with_mtls_backends_matches_transport_sockets_by_endpoint_metadata() -> None:
+    from xds import model as xm
     from xds import resources as r
 
-    tls = r.UpstreamMtls("spiffe://td/ns/webb-system/sa/webb-node-proxy", "td", ("spiffe://td/ns/a/sa/b",), "a.b")
-    up = r.Upstream("a/svc:80", (("10.244.1.9", 8080),), mtls_backends=(r.MtlsEndpoint("10.250.0.2", 10042, tls),))
+    tls = xm.UpstreamMtls("spiffe://td/ns/webb-system/sa/webb-node-proxy", "td", ("spiffe://td/ns/a/sa/b",), "a.b")
+    up = xm.Upstream("a/svc:80", (("10.244.1.9", 8080),), mtls_backends=(xm.MtlsEndpoint("10.250.0.2", 10042, tls),))
     c, cla = r.cluster(up), r.endpoints(up)
     assert not c.HasField("transport_socket")  # this node's backend: plaintext
     (m,) = c.transport_socket_matches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import pytest
 
 from mesh.manifests import ManifestError, parse_object
 from mesh.model import ClusterState, Pod
+from mesh.runtime import cidrs
+from mesh.runtime.cidrs import CidrConflictError, CidrError
 from mesh.runtime.cluster import Wire, wire_ifname
-from mesh.runtime.local import CidrConflictError
+from mesh.runtime.local import LocalNode, NodeConfig
 from mesh.runtime.peers import ClusterSource, NodeRecord, Peers, node_file, split_pods
 
 
@@ -114,6 +117,49 @@ def test_wire_names_and_addresses() -> None:
 def test_wire_refuses_overlaps_naming_the_flag(nodes: list[tuple[str, str]], cluster: str, wire: str, flag: str) -> None:
     with pytest.raises(CidrConflictError, match=flag):
         Wire(nodes, prefix="t", cluster_cidr=cluster, wire_cidr=wire).check_cidrs()
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    ({"nodes": [("a", "10.244.231.1/24")]}, "--pod-cidr"),  # host bits set
+    ({"nodes": [("a", "fd00:10:244::/64")]}, "--pod-cidr"),  # IPv6
+    ({"nodes": [("a", "10.244.231.0/24")], "wire_cidr": "10.250.0/24"}, "wire_cidr"),
+    ({"nodes": [("a", "10.244.231.0/24")], "cluster_cidr": "10.244.0.0/33"}, "--cluster-cidr"),
+])
+def test_wire_refuses_a_bad_cidr_naming_the_flag(args: dict, flag: str) -> None:
+    with pytest.raises(CidrError, match=flag):
+        Wire(**args)
+
+
+@pytest.mark.parametrize(("cfg", "flag"), [
+    (NodeConfig(pod_cidr="10.96.1.0/24"), "--pod-cidr or --service-cidr"),  # pod CIDR inside the service CIDR
+    (NodeConfig(pod_cidr="10.244.1.0/24", cluster_cidr="10.245.0.0/16"), "--cluster-cidr"),
+    (NodeConfig(cluster_cidr="10.0.0.0/8"), "--cluster-cidr or --service-cidr"),
+    (NodeConfig(service_cidr="10.96.0.1/16"), "--service-cidr"),
+])
+def test_node_refuses_bad_cidrs_naming_the_flag(cfg: NodeConfig, flag: str) -> None:
+    with pytest.raises((CidrError, CidrConflictError), match=flag):
+        LocalNode(cfg).check_cidrs()
+
+
+def test_one_cidr_check() -> None:
+    a = cidrs.parse("10.244.1.0/24", "--pod-cidr", "pod CIDR", "node a")
+    b = cidrs.parse("10.244.0.0/16", "--cluster-cidr", "cluster CIDR")
+    v6 = cidrs.parse("fd00:10:244::/64", "pod_cidr6", "pod CIDR")
+    assert str(a) == "pod CIDR 10.244.1.0/24 of node a"
+    cidrs.refuse_overlaps("t", [a, v6])  # other IP version: no overlap
+    cidrs.require_inside("t", [a], b)
+    with pytest.raises(CidrConflictError, match="t: pod CIDR 10.244.1.0/24 of node a overlaps cluster CIDR 10.244.0.0/16; "
+                                                "choose another --pod-cidr or --cluster-cidr"):
+        cidrs.refuse_overlaps("t", [a, b])
+    with pytest.raises(CidrConflictError, match="overlaps host route 10.244.1.128/25; choose another --pod-cidr"):
+        cidrs.refuse_routes("t", [a, v6], [ipaddress.ip_network("10.244.1.128/25")])
+    cidrs.refuse_routes("t", [a], [a.net], ours={a.net})  # our own route
+
+
+def test_node_file_with_a_bad_pod_cidr_names_the_field() -> None:
+    rec = NodeRecord("n1", "10.250.0.1", "10.244.231.1/24", "10.244.231.1", {}).to_json()
+    with pytest.raises(ValueError, match="read node file n1.json: pod_cidr '10.244.231.1/24'"):
+        NodeRecord.parse(rec, "n1.json")
 
 
 @pytest.mark.root

@@ -2,7 +2,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mesh.model import ClusterState
-from mesh.plan.node import PROXY_PORT_BASE, PROXY_PORT_COUNT, NodeSpec, reconcile
+from mesh.plan.node import PROXY_PORT_BASE, PROXY_PORT_COUNT, NodeSpec, plan_node
 from mesh.source import StandaloneSource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ def _state(tmp_path: Path, with_policy: bool) -> ClusterState:
 
 
 def test_without_policy_everything_is_l4_and_open(tmp_path: Path) -> None:
-    plan = reconcile(_state(tmp_path, False), NODE)
+    plan = plan_node(_state(tmp_path, False), NODE)
     (svc,) = plan.services
     assert svc.proxy_port == 0 and len(svc.backends) == 2
     assert not plan.policy and not plan.http
@@ -28,7 +28,7 @@ def test_without_policy_everything_is_l4_and_open(tmp_path: Path) -> None:
 
 
 def test_starwars_policy_plan(tmp_path: Path) -> None:
-    plan = reconcile(_state(tmp_path, True), NODE)
+    plan = plan_node(_state(tmp_path, True), NODE)
     ident = {e.pod: e.identity for e in plan.endpoints}
     assert ident["default/deathstar-1"] == ident["default/deathstar-2"]
     enforced = {e.pod for e in plan.endpoints if e.enforced}
@@ -49,18 +49,18 @@ def test_starwars_policy_plan(tmp_path: Path) -> None:
 
 
 def test_plan_is_deterministic_and_versions_follow_content(tmp_path: Path) -> None:
-    a = reconcile(_state(tmp_path / "a", True), NODE)
-    b = reconcile(_state(tmp_path / "b", True), NODE)
+    a = plan_node(_state(tmp_path / "a", True), NODE)
+    b = plan_node(_state(tmp_path / "b", True), NODE)
     assert a == b
-    c = reconcile(_state(tmp_path / "c", False), NODE)
+    c = plan_node(_state(tmp_path / "c", False), NODE)
     assert c.version != a.version
 
 
 def test_unrelated_service_does_not_renumber(tmp_path: Path) -> None:
     st = _state(tmp_path, True)
-    before = reconcile(st, NODE)
+    before = plan_node(st, NODE)
     extra = replace(st.services[0], name="other", cluster_ip="10.96.1.1")
-    after = reconcile(replace(st, services=st.services + (extra,)), NODE)
+    after = plan_node(replace(st, services=st.services + (extra,)), NODE)
     old = before.services[0]
     new = next(s for s in after.services if s.vip == old.vip)
     assert (new.service_id, new.proxy_port) == (old.service_id, old.proxy_port)

@@ -12,9 +12,10 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from certs.ca import CertificateAuthority, WorkloadCert
+from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot, SnapshotCache
-from xds.server import _DeltaStream
+from xds.server import DeltaStream
 
 TD = "webb.test"
 PEER = f"spiffe://{TD}/ns/default/sa/deathstar"
@@ -26,18 +27,18 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertificateAuthori
     return ca, ca.issue("default", "tiefighter")
 
 
-def _up(cert: WorkloadCert, name: str = "default/deathstar:443") -> r.Upstream:
-    return r.Upstream(name, (("10.244.1.5", 8443),), tls=r.UpstreamMtls(cert.spiffe_id, TD, (PEER,), sni="default.deathstar"))
+def _up(cert: WorkloadCert, name: str = "default/deathstar:443") -> xm.Upstream:
+    return xm.Upstream(name, (("10.244.1.5", 8443),), tls=xm.UpstreamMtls(cert.spiffe_id, TD, (PEER,), sni="default.deathstar"))
 
 
 def test_workload_and_bundle_secrets(issued: tuple[CertificateAuthority, WorkloadCert]) -> None:
     ca, cert = issued
-    s = r.secret(r.workload_secret(cert))
+    s = r.secret(xm.workload_secret(cert))
     assert s.name == cert.spiffe_id == f"spiffe://{TD}/ns/default/sa/tiefighter"
     assert s.tls_certificate.certificate_chain.inline_bytes == cert.chain_pem
     assert s.tls_certificate.private_key.inline_bytes == cert.key_pem
-    b = r.bundle_secret(r.TrustBundle(TD, ca.bundle_pem()))
-    assert b.name == f"spiffe://{TD}" == r.bundle_name(TD)
+    b = r.bundle_secret(xm.TrustBundle(TD, ca.bundle_pem()))
+    assert b.name == f"spiffe://{TD}" == xm.bundle_name(TD)
     assert b.validation_context.trusted_ca.inline_bytes == ca.bundle_pem()
 
 
@@ -58,15 +59,15 @@ def test_mtls_cluster_names_both_secrets_by_sds_and_matches_the_peer(issued: tup
     (san,) = combined.default_validation_context.match_typed_subject_alt_names
     assert (san.san_type, san.matcher.exact) == (common_pb2.SubjectAltNameMatcher.URI, PEER)
     assert r.references(r.CLUSTER, c) == {r.ENDPOINT: {"default/deathstar:443"}, r.SECRET: {cert.spiffe_id, f"spiffe://{TD}"}}
-    assert not r.cluster(r.Upstream("plain", ())).HasField("transport_socket")
+    assert not r.cluster(xm.Upstream("plain", ())).HasField("transport_socket")
 
 
 def test_snapshot_needs_the_endpoints_and_both_secrets(issued: tuple[CertificateAuthority, WorkloadCert]) -> None:
     ca, cert = issued
-    bundle = r.TrustBundle(TD, ca.bundle_pem())
-    full = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(r.workload_secret(cert),), bundles=(bundle,)))
+    bundle = xm.TrustBundle(TD, ca.bundle_pem())
+    full = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(xm.workload_secret(cert),), bundles=(bundle,)))
     assert not full.problems()
-    no_bundle = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(r.workload_secret(cert),)))
+    no_bundle = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(xm.workload_secret(cert),)))
     assert no_bundle.problems() == [f"Cluster default/deathstar:443 needs Secret spiffe://{TD}"]
     # incremental: the cluster's endpoints gone too
     worse = no_bundle.updated({r.ENDPOINT: {"default/deathstar:443": None}})
@@ -79,10 +80,10 @@ def test_snapshot_needs_the_endpoints_and_both_secrets(issued: tuple[Certificate
 
 def test_renewal_changes_only_the_secret(issued: tuple[CertificateAuthority, WorkloadCert]) -> None:
     ca, cert = issued
-    bundles = (r.TrustBundle(TD, ca.bundle_pem()),)
+    bundles = (xm.TrustBundle(TD, ca.bundle_pem()),)
     renewed = ca.issue("default", "tiefighter")
-    a = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(r.workload_secret(cert),), bundles=bundles))
-    b = Snapshot.of(r.build([], "/dev/null", [_up(renewed)], secrets=(r.workload_secret(renewed),), bundles=bundles))
+    a = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(xm.workload_secret(cert),), bundles=bundles))
+    b = Snapshot.of(r.build([], "/dev/null", [_up(renewed)], secrets=(xm.workload_secret(renewed),), bundles=bundles))
     assert [t for t in r.TYPE_ORDER if a.versions[t] != b.versions[t]] == [r.SECRET]
     assert a.resource_versions[r.SECRET][f"spiffe://{TD}"] == b.resource_versions[r.SECRET][f"spiffe://{TD}"]
 
@@ -90,8 +91,8 @@ def test_renewal_changes_only_the_secret(issued: tuple[CertificateAuthority, Wor
 def test_no_key_in_any_repr(issued: tuple[CertificateAuthority, WorkloadCert]) -> None:
     ca, cert = issued
     key_line = cert.key_pem.decode().splitlines()[1]
-    ts = r.workload_secret(cert)
-    snap = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(ts,), bundles=(r.TrustBundle(TD, ca.bundle_pem()),)))
+    ts = xm.workload_secret(cert)
+    snap = Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(ts,), bundles=(xm.TrustBundle(TD, ca.bundle_pem()),)))
     for text in (repr(cert), repr(ts), repr(snap), repr(snap.entries[r.SECRET][cert.spiffe_id]), str(snap.problems())):
         assert "PRIVATE KEY" not in text and key_line not in text, text[:200]
 
@@ -102,10 +103,10 @@ def test_delta_stream_sends_a_secret_subscribed_in_a_later_request(issued: tuple
     "nothing known" for "at the parent snapshot" and diffed only the changed names)."""
     ca, cert = issued
     cache = SnapshotCache()
-    bundle = r.TrustBundle(TD, ca.bundle_pem())
-    cache.set_snapshot("n", Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(r.workload_secret(cert),),
+    bundle = xm.TrustBundle(TD, ca.bundle_pem())
+    cache.set_snapshot("n", Snapshot.of(r.build([], "/dev/null", [_up(cert)], secrets=(xm.workload_secret(cert),),
                                                 bundles=(bundle,))))
-    stream = _DeltaStream(cache, Counter())
+    stream = DeltaStream(cache, Counter())
     sent: list[discovery_pb2.DeltaDiscoveryResponse] = []
     node = {"node": {"id": "n"}, "type_url": r.SECRET}
     stream.on_request(discovery_pb2.DeltaDiscoveryRequest(**node, resource_names_subscribe=[cert.spiffe_id]))

@@ -1,17 +1,18 @@
 import pytest
 
+from xds import model as xm
 from xds import resources as r
 from xds.cache import InconsistentSnapshotError, Snapshot, SnapshotCache
 
-SVC = r.HttpService("default/web:80", "10.244.0.1", 15001, (("10.244.0.2", 80),),
-                    (r.RbacPolicy("default/p#ingress[0]", ("10.244.0.3",), (r.HttpRule("GET", "/.*"),)),))
+SVC = xm.HttpService("default/web:80", "10.244.0.1", 15001, (("10.244.0.2", 80),),
+                    (xm.RbacPolicy("default/p#ingress[0]", ("10.244.0.3",), (xm.HttpRule("GET", "/.*"),)),))
 
 
 def test_versions_are_content_hashes() -> None:
     a = Snapshot.of(r.build([SVC], "/tmp/a.log"))
     b = Snapshot.of(r.build([SVC], "/tmp/a.log"))
     assert a.versions == b.versions
-    other = r.HttpService(SVC.name, SVC.listen_ip, SVC.listen_port, (("10.244.0.9", 80),), SVC.policies)
+    other = xm.HttpService(SVC.name, SVC.listen_ip, SVC.listen_port, (("10.244.0.9", 80),), SVC.policies)
     c = Snapshot.of(r.build([other], "/tmp/a.log"))
     assert c.versions[r.ENDPOINT] != a.versions[r.ENDPOINT]  # backends live in EDS
     assert all(c.versions[t] == a.versions[t] for t in (r.CLUSTER, r.LISTENER, r.ROUTE))
@@ -43,9 +44,9 @@ def test_inconsistent_snapshot_is_refused_and_the_last_stays() -> None:
 
 
 def test_one_service_change_touches_only_its_resources() -> None:
-    other = r.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
+    other = xm.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
     a = Snapshot.of(r.build([SVC, other], "/tmp/a.log"))
-    moved = r.HttpService(other.name, other.listen_ip, other.listen_port, (("10.244.0.6", 80),), None)
+    moved = xm.HttpService(other.name, other.listen_ip, other.listen_port, (("10.244.0.6", 80),), None)
     b = Snapshot.of(r.build([SVC, moved], "/tmp/a.log"))
     changed = {(t, n) for t in r.TYPE_ORDER for n in b.resource_versions[t]
                if a.resource_versions[t].get(n) != b.resource_versions[t][n]}
@@ -58,11 +59,11 @@ def test_rbac_denies_with_cilium_body() -> None:
 
 
 def test_snapshot_reuses_unchanged_resources_of_the_previous_one() -> None:
-    other = r.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
+    other = xm.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
     res = r.build([SVC, other], "/tmp/a.log")
     a = Snapshot.of(res)
     res2 = {t: dict(items) for t, items in res.items()}
-    res2[r.ENDPOINT][other.name] = r.endpoints(r.Upstream(other.name, (("10.244.0.6", 80),)))
+    res2[r.ENDPOINT][other.name] = r.endpoints(xm.Upstream(other.name, (("10.244.0.6", 80),)))
     b = Snapshot.of(res2, previous=a)
     assert b.entries[r.LISTENER][SVC.name] is a.entries[r.LISTENER][SVC.name]  # shared, not hashed again
     assert b.entries[r.ENDPOINT][other.name] is not a.entries[r.ENDPOINT][other.name]
@@ -75,9 +76,9 @@ def test_snapshot_reuses_unchanged_resources_of_the_previous_one() -> None:
 
 
 def test_updated_snapshot_equals_one_built_from_scratch_and_stays_consistent() -> None:
-    other = r.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
+    other = xm.HttpService("default/api:80", "10.244.0.1", 15002, (("10.244.0.5", 80),), None)
     a = Snapshot.of(r.build([SVC, other], "/tmp/a.log"))
-    moved = r.HttpService(other.name, other.listen_ip, other.listen_port, (("10.244.0.6", 80),), None)
+    moved = xm.HttpService(other.name, other.listen_ip, other.listen_port, (("10.244.0.6", 80),), None)
     full = r.build([SVC, moved], "/tmp/a.log")
     b = a.updated({r.ENDPOINT: {other.name: full[r.ENDPOINT][other.name]}})
     assert b.versions == Snapshot.of(full).versions and not b.missing

@@ -1,0 +1,1 @@
+"""The `webb` command (typer): agent, apply/delete, status, observe, exec, certs, wire, demo."""

@@ -1,0 +1,42 @@
+"""What the agent needs from whatever runs the pods of its node: one interface.
+
+The embedded mode runs pods itself (``mesh.runtime.embedded``: network namespaces, veths on a
+bridge, cgroups, processes); in a cluster kubelet runs them and the runtime only finds them.
+The agent drives either through this Protocol and never knows which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from mesh.model import Pod
+from mesh.status import PodStatus
+
+
+class PodRuntime(Protocol):
+    @property
+    def pods_cgroup(self) -> Path:
+        """The cgroup that holds every pod of this node: the datapath attaches its programs there."""
+
+    def setup(self) -> None:
+        """Make the node ready (bridge, routes, cgroups), adopting what a killed agent left."""
+
+    def teardown(self) -> None:
+        """Remove what ``setup`` and the pods made."""
+
+    def run(self, pods: Sequence[Pod]) -> tuple[Pod, ...]:
+        """Make exactly these pods (this node's) exist; return them with their addresses and node."""
+
+    def cgroups(self) -> dict[int, str]:
+        """cgroup id -> pod key, for every cgroup whose sockets are a pod's (its identity)."""
+
+    def addresses(self) -> dict[str, tuple[str, str]]:
+        """pod key -> (IPv4, IPv6 or "") of this node's pods."""
+
+    def set_hosts(self, hosts: Mapping[str, Sequence[str]]) -> None:
+        """Service names each pod resolves: VIP -> names (the embedded mode writes /etc/hosts)."""
+
+    def status(self) -> dict[str, PodStatus]:
+        """What ``webb status`` shows of each pod."""
