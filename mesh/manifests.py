@@ -16,6 +16,7 @@ from mesh.model import (
     MTLS_MODES,
     BackendRef,
     ContainerPort,
+    EndpointSlice,
     HeaderMatch,
     HttpMatch,
     Ingress,
@@ -44,8 +45,10 @@ from mesh.model import (
 API_GROUP = "webb.io"
 MESH_VERSION = f"{API_GROUP}/v1alpha1"
 INGRESS_VERSION = "networking.k8s.io/v1"
-KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "MeshTLS", "Ingress")
-API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS": MESH_VERSION, "Ingress": INGRESS_VERSION}
+KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "MeshTLS", "Ingress", "EndpointSlice")
+API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS": MESH_VERSION, "Ingress": INGRESS_VERSION,
+                "EndpointSlice": "discovery.k8s.io/v1"}
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _METHOD = re.compile(r"^[A-Z]+$")
@@ -53,7 +56,7 @@ _DURATION = re.compile(r"^(?:[0-9]{1,5}(?:h|m|s|ms)){1,4}$")
 _DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
 _MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
 _HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-Obj = Namespace | Pod | Service | MeshPolicy | MeshRoute | MeshTLS | Ingress | Secret
+Obj = Namespace | Pod | Service | MeshPolicy | MeshRoute | MeshTLS | Ingress | Secret | EndpointSlice
 
 
 class ManifestError(ValueError):
@@ -440,6 +443,8 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     labels = ctx.labels(meta.get("labels"), "metadata.labels")
     if kind == "Secret":
         return _secret(ctx, ns, name, doc)
+    if kind == "EndpointSlice":
+        return _endpoint_slice(ctx, ns, name, dict(labels), doc)
     spec = ctx.mapping(doc.get("spec"), "spec")
     if kind == "MeshRoute":
         return _mesh_route(ctx, ns, name, spec)
@@ -495,6 +500,37 @@ def _service(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> Service:
     v4, v6 = _cluster_ips(ctx, spec)
     return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(sports),
                    cluster_ip=v4, cluster_ip6=v6, affinity_timeout_s=_affinity(ctx, spec))
+
+
+def _endpoint_slice(ctx: Ctx, ns: str, name: str, labels: dict[str, str], doc: dict[str, Any]) -> EndpointSlice | None:
+    """The ready addresses and ports of an EndpointSlice; None when it belongs to no Service
+    (no kubernetes.io/service-name label) or its addresses are FQDNs (not balanced here)."""
+    service = labels.get(SERVICE_NAME_LABEL, "")
+    atype = doc.get("addressType")
+    if atype not in ("IPv4", "IPv6", "FQDN"):
+        raise ctx.fail("addressType", f"{atype!r}: use IPv4, IPv6 or FQDN")
+    if not service or atype == "FQDN":
+        return None
+    addresses: list[str] = []
+    for i, raw in enumerate(ctx.seq(doc.get("endpoints"), "endpoints")):
+        ep = ctx.mapping(raw, f"endpoints[{i}]")
+        ready = ctx.mapping(ep.get("conditions"), f"endpoints[{i}].conditions").get("ready")
+        if ready is False:  # unset means ready (EndpointSlice API)
+            continue
+        for j, a in enumerate(ctx.seq(ep.get("addresses"), f"endpoints[{i}].addresses")):
+            try:
+                ip = ipaddress.ip_address(str(a))
+            except ValueError:
+                raise ctx.fail(f"endpoints[{i}].addresses[{j}]", f"{a!r} is not an IP address") from None
+            if (ip.version == 4) != (atype == "IPv4"):
+                raise ctx.fail(f"endpoints[{i}].addresses[{j}]", f"{a} is not an {atype} address (addressType)")
+            addresses.append(str(ip))
+    ports = []
+    for i, raw in enumerate(ctx.seq(doc.get("ports"), "ports")):
+        p = ctx.mapping(raw, f"ports[{i}]")
+        ports.append((str(p.get("name") or ""), ctx.port(p.get("port"), f"ports[{i}].port"),
+                      ctx.protocol(p.get("protocol"), f"ports[{i}].protocol")))
+    return EndpointSlice(ns, name, service, str(atype), tuple(sorted(set(addresses))), tuple(ports))
 
 
 def _cluster_ips(ctx: Ctx, spec: dict[str, Any]) -> tuple[str, str]:

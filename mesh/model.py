@@ -75,6 +75,8 @@ class Pod:
     ip: str = ""  # status.podIP: from the runtime (standalone) or the API (cluster)
     node: str = ""
     ip6: str = ""  # the IPv6 of status.podIPs (dual stack); "" when single-stack
+    uid: str = ""  # metadata.uid (a cluster's pods: kubelet names the pod's cgroup by it)
+    qos: str = ""  # status.qosClass: Guaranteed | Burstable | BestEffort (where kubelet puts the cgroup)
 
     @property
     def key(self) -> str:
@@ -114,6 +116,23 @@ class Service:
     cluster_ip: str = ""
     affinity_timeout_s: int = 0  # sessionAffinity: ClientIP (timeoutSeconds); 0 = None
     cluster_ip6: str = ""  # the IPv6 of spec.clusterIPs (dual stack)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    """The backends of a Service without a selector (discovery.k8s.io/v1): its ready addresses
+    and named ports. ``service``: the label kubernetes.io/service-name."""
+
+    namespace: str
+    name: str
+    service: str
+    address_type: str  # IPv4 | IPv6
+    addresses: tuple[str, ...]  # of the ready endpoints
+    ports: tuple[tuple[str, int, str], ...]  # (name, port, protocol)
 
     @property
     def key(self) -> str:
@@ -295,6 +314,7 @@ class ClusterState:
     ingresses: tuple[Ingress, ...] = ()
     secrets: tuple[Secret, ...] = ()
     mtls: tuple[MeshTLS, ...] = ()
+    endpoint_slices: tuple[EndpointSlice, ...] = ()
     errors: tuple[str, ...] = field(default=())  # objects rejected by the source, with why
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
-from mesh.model import ClusterState, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
+from mesh.model import ClusterState, EndpointSlice, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
 
 Key = tuple[str, str, str]  # kind, namespace ("" for Namespace), name
 KEEPING = "; keeping the previous version"
@@ -23,7 +23,7 @@ def key_of(kind: str, doc: dict[str, Any]) -> Key:
     return (kind, "" if kind == "Namespace" else str(meta.get("namespace") or "default"), str(meta.get("name")))
 
 
-def object_key(o: Namespace | Pod | Service | MeshPolicy | MeshRoute | Ingress | Secret | MeshTLS) -> Key:
+def object_key(o: Namespace | Pod | Service | MeshPolicy | MeshRoute | Ingress | Secret | MeshTLS | EndpointSlice) -> Key:
     if isinstance(o, Namespace):
         return ("Namespace", "", o.name)
     return (type(o).__name__, o.namespace, o.name)
@@ -59,4 +59,4 @@ def assemble(objs: Iterable[object], errors: Iterable[str]) -> ClusterState:
 
     return ClusterState(namespaces=of(Namespace), pods=of(Pod), services=of(Service), policies=of(MeshPolicy),
                         routes=of(MeshRoute), ingresses=of(Ingress), secrets=of(Secret), mtls=of(MeshTLS),
-                        errors=tuple(errors))
+                        endpoint_slices=of(EndpointSlice), errors=tuple(errors))

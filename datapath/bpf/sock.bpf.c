@@ -165,13 +165,44 @@ static __always_inline void __emit_cg(__u64 cgroup_id, __u32 src_identity,
 	bpf_ringbuf_submit(e, 0);
 }
 
-/* An event of a socket call: the calling task's cgroup is the source pod. */
-static __always_inline void __emit(__u32 src_identity, const struct webb_addr *orig,
+/*
+ * The source pod of the calling task. Its own cgroup is the pod's in the embedded
+ * mode; kubelet puts every container (the pause one too) in a child of the pod's
+ * cgroup, one or two levels under kubepods by QoS class, so the nearest ancestor
+ * the agent knows is the pod. *cgid is the cgroup that matched (the task's own
+ * when none did): events name the pod by it. Unknown: NULL (fail closed where
+ * policy applies: no rule names WEBB_IDENTITY_UNKNOWN).
+ */
+static __always_inline struct endpoint_value *__source(__u64 *cgid)
+{
+	struct endpoint_value *src;
+	__u64 id;
+	int level;
+
+	*cgid = bpf_get_current_cgroup_id();
+	src = bpf_map_lookup_elem(&webb_cgroups, cgid);
+	if (src)
+		return src;
+	for (level = WEBB_MAX_CGROUP_LEVEL; level > 0; level--) {
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!id || id == *cgid)
+			continue;	/* deeper than the task, or the task's own */
+		src = bpf_map_lookup_elem(&webb_cgroups, &id);
+		if (src) {
+			*cgid = id;
+			return src;
+		}
+	}
+	return NULL;
+}
+
+/* An event of a socket call: ``cgid`` is the source pod's cgroup (__source). */
+static __always_inline void __emit(__u64 cgid, __u32 src_identity, const struct webb_addr *orig,
 				   __u16 orig_port, const struct webb_addr *new, __u16 new_port,
 				   __u32 dst_identity, __u8 proto, __u8 family, __u8 verdict,
 				   __u8 reason)
 {
-	__emit_cg(bpf_get_current_cgroup_id(), src_identity, orig, orig_port, new, new_port,
+	__emit_cg(cgid, src_identity, orig, orig_port, new, new_port,
 		  dst_identity, proto, family, verdict, reason);
 }
 
@@ -284,7 +315,7 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 {
 	struct webb_addr dst_addr, new_addr;
 	__u16 dst_port = (__u16)ctx->user_port;	/* network order in low 16 bits */
-	__u64 cgid = bpf_get_current_cgroup_id();
+	__u64 cgid;
 	struct endpoint_value *src, *dst;
 	struct service_value *svc;
 	struct backend_value *be = NULL;
@@ -296,7 +327,7 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 
 	__ctx_get(ctx, family, &dst_addr);
 	new_addr = dst_addr;
-	src = bpf_map_lookup_elem(&webb_cgroups, &cgid);
+	src = __source(&cgid);
 	if (src)
 		src_identity = src->identity;
 
@@ -306,7 +337,7 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 	svc = bpf_map_lookup_elem(&webb_services, &sk);
 	if (svc) {
 		if (svc->backend_count == 0) {
-			__emit(src_identity, &dst_addr, dst_port, &dst_addr, 0, 0, proto, family,
+			__emit(cgid, src_identity, &dst_addr, dst_port, &dst_addr, 0, 0, proto, family,
 			       WEBB_VERDICT_DROPPED, WEBB_REASON_NO_BACKEND);
 			/* like a closed port, not like a policy denial */
 			bpf_set_retval(-ECONNREFUSED);
@@ -316,7 +347,7 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 		if (!be) {
 			/* The agent writes backends before the service entry,
 			 * so a hole here means a bug in the agent: drop loudly. */
-			__emit(src_identity, &dst_addr, dst_port, &dst_addr, 0, 0, proto, family,
+			__emit(cgid, src_identity, &dst_addr, dst_port, &dst_addr, 0, 0, proto, family,
 			       WEBB_VERDICT_DROPPED, WEBB_REASON_BACKEND_MISSING);
 			bpf_set_retval(-ECONNREFUSED);
 			return 0;
@@ -329,7 +360,7 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 	dst = bpf_map_lookup_elem(&webb_endpoints, &new_addr);
 	if (dst && !__policy_allows(src_identity, dst, bpf_ntohs(new_port), proto)) {
 		if (!(dst->flags & WEBB_EP_AUDIT)) {
-			__emit(src_identity, &dst_addr, dst_port, &new_addr, new_port,
+			__emit(cgid, src_identity, &dst_addr, dst_port, &new_addr, new_port,
 			       dst->identity, proto, family, WEBB_VERDICT_DENIED,
 			       WEBB_REASON_POLICY_DENIED);
 			return 0;	/* EPERM */
@@ -357,7 +388,7 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 	}
 	/* sendmsg runs per datagram: report only what is not plain forwarding */
 	if (!per_datagram || verdict != WEBB_VERDICT_FORWARDED)
-		__emit(src_identity, &dst_addr, dst_port, &new_addr, new_port,
+		__emit(cgid, src_identity, &dst_addr, dst_port, &new_addr, new_port,
 		       dst ? dst->identity : 0, proto, family, verdict, reason);
 	return 1;
 }

@@ -7,6 +7,7 @@
 #define WEBB_MAX_BACKENDS	262144
 #define WEBB_MAX_ENDPOINTS	65536
 #define WEBB_MAX_POLICY		262144
+#define WEBB_MAX_CGROUP_LEVEL	16	/* deepest cgroup level searched for a pod's ancestor */
 
 /* Constants shared with datapath/maps.py are named enums, never #defines:
  * struct webb_btf_enums puts each one into the object's BTF, where the loader

@@ -84,10 +84,10 @@ def source_version(directory: Path) -> str:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, source: Source | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, source: Source | None = None, runtime: PodRuntime | None = None) -> None:
         self.cfg = cfg
-        self.node = LocalNode(cfg.node)
-        self.runtime: PodRuntime = EmbeddedRuntime(self.node)
+        # whatever runs this node's pods: the embedded runtime (pods as network namespaces) by default
+        self.runtime: PodRuntime = runtime or EmbeddedRuntime(LocalNode(cfg.node))
         # the manifest directory, or the API server (mesh.kube.watch.KubeSource)
         self.source: Source = source or StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
         self.peers: Peers | None = None
@@ -104,6 +104,7 @@ class Agent:
         self.good: Snapshot | None = None  # the last snapshot Envoy ACKed: served again after a NACK
         self._stop = False
         self._seen_version = ""
+        self._seen_runtime = ""
         self._retry_at = 0.0  # an unanswered snapshot (no ACK, no NACK) is tried again then
         self._retry_backoff_s = 0.0
         self.envoy: Envoy | None = None
@@ -148,7 +149,9 @@ class Agent:
                 if self._retry_at and time.monotonic() >= self._retry_at:
                     self._retry_at = 0.0
                     self._seen_version = ""  # Envoy did not answer the last snapshot: sync again
-                if version != self._seen_version:
+                runtime_version = self.runtime.version()
+                if version != self._seen_version or runtime_version != self._seen_runtime:
+                    self._seen_runtime = runtime_version
                     self.sync(version)
                     self._publish()
                     self._write_status()  # at once: `webb apply` and the operator wait on it
@@ -173,7 +176,9 @@ class Agent:
 
     def _start_accel(self) -> None:
         assert self.datapath is not None
-        self.accel = Accelerator(self.node, self.datapath)
+        if not isinstance(self.runtime, EmbeddedRuntime):  # the self-test runs its own two pods
+            raise RuntimeError("sockmap acceleration (--sockmap) needs the embedded pod runtime for its self-test")
+        self.accel = Accelerator(self.runtime.node, self.datapath)
         self.datapath.apply(DatapathState(endpoints=self.accel.start_pods()))
         st = self.accel.self_test()
         log.log(logging.INFO if st.enabled else logging.WARNING, "sockmap acceleration: %s (%.1f s)",

@@ -39,13 +39,14 @@ class Resource:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
-# the kinds Webb reads. EndpointSlice and ServiceAccount are not needed: pods carry their IPs
-# (status.podIPs) and their service account's name (spec.serviceAccountName)
+# the kinds Webb reads (ServiceAccount is not needed: pods carry its name). EndpointSlices give
+# the backends of Services without a selector; those with one are balanced over their pods.
 RESOURCES: dict[str, Resource] = {
     "Namespace": Resource("", "v1", "namespaces"),
     "Pod": Resource("", "v1", "pods"),
     "Service": Resource("", "v1", "services"),
     "Secret": Resource("", "v1", "secrets"),
+    "EndpointSlice": Resource("discovery.k8s.io", "v1", "endpointslices"),
     "Ingress": Resource("networking.k8s.io", "v1", "ingresses"),
     "NetworkPolicy": Resource("networking.k8s.io", "v1", "networkpolicies"),
     "MeshPolicy": Resource("webb.io", "v1alpha1", "meshpolicies"),
@@ -62,13 +63,10 @@ def where(kind: str, doc: dict[str, Any]) -> str:
 def from_api(kind: str, doc: dict[str, Any], base_dir: Path | None = None) -> Obj | None:
     """One API object → a model object; None for what the mesh does not keep (a Service
     without a selector, a Secret not of type TLS). Raises ManifestError naming the field."""
-    doc = {**doc, "kind": kind}
+    # items of a list carry neither kind nor apiVersion: they are the resource's
+    doc = {**doc, "kind": kind, "apiVersion": doc.get("apiVersion") or RESOURCES[kind].api_version}
     if kind == "Pod":
         return _pod(doc, base_dir)
-    if kind == "Service" and not (doc.get("spec") or {}).get("selector"):
-        # endpoints managed by hand (e.g. default/kubernetes): not Webb's to balance; its VIP
-        # is left to whatever serves it (kube-proxy), rather than programmed without backends
-        return None
     return parse_object(doc, base_dir)
 
 
@@ -100,8 +98,11 @@ def _pod(doc: dict[str, Any], base_dir: Path | None) -> Pod:
                       for j, p in enumerate(ctx.seq(ctx.mapping(c, f"spec.containers[{i}]").get("ports"), f"spec.containers[{i}].ports")))
         pod = Pod(str(meta.get("namespace") or "default"), str(meta.get("name")), ctx.labels(meta.get("labels"), "metadata.labels"),
                   (), ports, str(spec.get("serviceAccountName") or "default"))
-    ip, ip6 = _ips(doc.get("status") or {})
-    return replace(pod, ip=ip, ip6=ip6, node=str(spec.get("nodeName") or ""))
+    status = doc.get("status") or {}
+    ip, ip6 = _ips(status)
+    meta = doc.get("metadata") or {}
+    return replace(pod, ip=ip, ip6=ip6, node=str(spec.get("nodeName") or ""), uid=str(meta.get("uid") or ""),
+                   qos=str(status.get("qosClass") or ""))
 
 
 # ---- NetworkPolicy ----

@@ -23,6 +23,7 @@ from mesh.model import (
     MTLS_DEFAULT,
     NAMESPACE_LABEL,
     ClusterState,
+    EndpointSlice,
     HttpMatch,
     MeshPolicy,
     Pod,
@@ -272,18 +273,38 @@ class _Ports:
     warnings: list[str] = field(default_factory=list)
 
 
+def _slice_backends(s: Service, sp: ServicePort, slices: list[EndpointSlice], family: str) -> tuple[Backend, ...]:
+    """A selectorless Service port's backends: the ready addresses of its EndpointSlices, on the
+    slice port of the same name and protocol."""
+    return tuple(sorted({Backend(ip, port) for sl in slices if sl.address_type == family
+                         for name, port, proto in sl.ports if name == sp.name and proto == sp.protocol for ip in sl.addresses}))
+
+
 def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str, int],
-                   l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]]) -> _Ports:
-    """Per service port: an IPv4 entry, an IPv6 entry when dual-stack."""
+                   l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
+                   slices: dict[str, list[EndpointSlice]]) -> _Ports:
+    """Per service port: an IPv4 entry, an IPv6 entry when dual-stack. A Service without a
+    selector takes its backends from its EndpointSlices (e.g. default/kubernetes: the API server)."""
     ids = alloc((n for s in svcs for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")), 1, (1 << 31) - 1)
     out = _Ports()
     by_label = _label_index(pods)
     for s in svcs:
-        members = _members(s, by_label)
+        members = _members(s, by_label) if s.selector else []
         out.hosts += [(vip, _dns(s)) for vip in (s.cluster_ip, s.cluster_ip6) if vip]
         for sp in s.ports:
             name = port_name(s, sp)
             proto = PROTO_UDP if sp.protocol == "UDP" else PROTO_TCP
+            if not s.selector:
+                own = slices.get(s.key, [])
+                v4 = ServiceEntry(s.cluster_ip, sp.port, ids[name], _slice_backends(s, sp, own, "IPv4"), proto=proto,
+                                  affinity_timeout_s=s.affinity_timeout_s)
+                out.named.append((name, v4))
+                if s.cluster_ip6:
+                    out.named.append((name, replace(v4, vip=s.cluster_ip6, service_id=ids[name + "@v6"],
+                                                    backends=_slice_backends(s, sp, own, "IPv6"))))
+                if proto == PROTO_TCP:
+                    out.index[name] = PortInfo(s, sp, tuple((b.ip, b.port) for b in v4.backends))
+                continue
             targets = _targets(s, sp, members, out.warnings)
             backends = tuple(Backend(p.ip, tp) for p, tp in targets)
             v4 = ServiceEntry(s.cluster_ip, sp.port, ids[name], backends, proto=proto, affinity_timeout_s=s.affinity_timeout_s)
@@ -316,8 +337,11 @@ def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int]
               node: NodeSpec) -> _L7:
     """Kernel service entries, and an Envoy listener for every port an HTTP rule covers or a
     MeshRoute names (with the RBAC of its backends), clusters for what routes reach, ingress."""
-    svcs = sorted((s for s in state.services if s.cluster_ip and s.selector), key=lambda s: s.key)
-    ports = _service_ports(svcs, pods, pod_identity, l7, l4)
+    svcs = sorted((s for s in state.services if s.cluster_ip), key=lambda s: s.key)
+    slices: dict[str, list[EndpointSlice]] = defaultdict(list)
+    for sl in state.endpoint_slices:
+        slices[f"{sl.namespace}/{sl.service}"].append(sl)
+    ports = _service_ports(svcs, pods, pod_identity, l7, l4, slices)
     routes, warnings = mesh_routes(state.routes, ports.index)
     gateway, secrets, ingress_warnings = ingress_gateway(
         state.ingresses, state.secrets, ports.index,

@@ -40,3 +40,6 @@ class PodRuntime(Protocol):
 
     def status(self) -> dict[str, PodStatus]:
         """What ``webb status`` shows of each pod."""
+
+    def version(self) -> str:
+        """Changes when what the runtime found changes on its own (kubelet made a pod's cgroup)."""

@@ -50,5 +50,8 @@ class EmbeddedRuntime:
         for sb in self.node.sandboxes.values():
             self.node.write_hosts(sb, {vip: list(names) for vip, names in hosts.items()})
 
+    def version(self) -> str:
+        return ""  # its pods change only when the agent runs them
+
     def status(self) -> dict[str, PodStatus]:
         return {k: PodStatus(sb.ip, sb.ip6, sb.netns, str(sb.cgroup), sb.adopted) for k, sb in self.node.sandboxes.items()}

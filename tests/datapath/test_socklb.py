@@ -220,3 +220,39 @@ def test_ipv6_vip_rewritten_policy_applies(node: LocalNode, pods: tuple, dp: Dat
     dp.apply(st)
     assert "PermissionError" in _connect(node, c, VIP6, 80).stderr
     assert any(e.verdict == Verdict.DENIED and e.new_ip == a.ip6 for e in dp.poll_events(100))
+
+
+def test_a_container_cgroup_under_a_pod_cgroup_is_that_pod(node: LocalNode, pods: tuple, dp: Datapath) -> None:
+    """kubelet puts each container (the pause one too) in a child of the pod's cgroup: the
+    nearest ancestor the datapath knows is the source pod; a cgroup under no known pod is
+    unknown and denied where policy applies (fail closed)."""
+    import dataclasses
+
+    from mesh.runtime import cgroups
+
+    a, b, c = pods
+    _wait_listening(node, c, [a.ip, b.ip])
+    container = c.cgroup / "container-1"
+    stranger = node.config.pods_cgroup / "not-a-pod"
+    for cg in (container, stranger):
+        cg.mkdir(exist_ok=True)
+    try:
+        dp.apply(_state(a, b, c, enforced=True, allow=True))
+        dp.poll_events(10)
+        r = _connect(node, dataclasses.replace(c, cgroup=container))
+        assert r.returncode == 0, r.stderr
+        ev = [e for e in dp.poll_events(100) if e.reason == Reason.SERVICE]
+        assert ev and ev[-1].src_identity == CLIENT_ID and ev[-1].cgroup_id == c.cgroup_id  # named by the pod's cgroup
+        r = _connect(node, dataclasses.replace(c, cgroup=stranger))
+        assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr
+        denied = [e for e in dp.poll_events(100) if e.verdict == Verdict.DENIED]
+        assert denied and denied[-1].cgroup_id == cgroups.cgroup_id(stranger)
+    finally:
+        for cg in (container, stranger):
+            deadline = time.monotonic() + 10 * SLOW
+            while cg.exists():
+                try:
+                    cg.rmdir()
+                except OSError:  # its process is still leaving
+                    assert time.monotonic() < deadline, f"remove cgroup {cg}"
+                    time.sleep(0.05)

@@ -151,9 +151,17 @@ def test_indexer_keeps_the_last_good_version_and_reports_why() -> None:
     assert ix.state().policies == ()
 
 
-def test_services_without_selector_are_left_alone() -> None:
+def test_services_without_selector_are_balanced_over_their_endpoint_slices() -> None:
+    """No kube-proxy on the node: Webb serves every ClusterIP, default/kubernetes too (CoreDNS needs the API)."""
     ix = Indexer()
     kubernetes = {"metadata": {"name": "kubernetes", "namespace": "default"},
-                  "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 443, "targetPort": 6443}]}}
+                  "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}}
     assert ix.upsert("Service", kubernetes) is None
-    assert ix.state().services == ()
+    (svc,) = ix.state().services
+    assert svc.selector == () and svc.cluster_ip == "10.96.0.1"
+    assert ix.upsert("EndpointSlice", {
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["192.0.2.10"]}],
+        "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}) is None
+    (entry,) = plan_node(ix.state(), NODE).services
+    assert [(b.ip, b.port) for b in entry.backends] == [("192.0.2.10", 6443)]

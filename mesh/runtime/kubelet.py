@@ -1,0 +1,107 @@
+"""Pods that kubelet runs (a cluster): the runtime only finds them, it never starts one.
+
+kubelet (cgroupfs driver) makes ``<root>/kubepods/[burstable|besteffort/]pod<uid>/`` for a pod
+before any of its containers; every container, the pause one too, is a child of it. The
+datapath attaches at ``<root>/kubepods`` and takes the nearest known ancestor of a socket's
+cgroup as its pod, so the pod-level cgroup id is the pod's identity (``cgroups``). With the
+systemd driver the same tree is ``kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice``
+(dashes of the uid as underscores).
+
+A pod's cgroup appears after the API has told the agent about the pod; ``version`` changes when
+the set of pod cgroups does, so the agent syncs again at once. Until then the pod's sockets
+carry no identity: where policy applies they are denied (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mesh.model import Pod
+from mesh.runtime import cgroups
+from mesh.status import PodStatus
+
+QOS_DIRS = {"Guaranteed": "", "Burstable": "burstable", "BestEffort": "besteffort"}
+
+
+class KubeletRuntime:
+    def __init__(self, node: str, cgroup_root: Path, driver: str = "cgroupfs") -> None:
+        """``cgroup_root``: kubelet's ``cgroupRoot`` in the cgroup2 hierarchy (e.g. <cgroup2>/ for "/")."""
+        if driver not in ("cgroupfs", "systemd"):
+            raise ValueError(f"--cgroup-driver {driver!r}: use cgroupfs or systemd (kubelet's cgroupDriver)")
+        self.node = node
+        self.root = cgroup_root
+        self.driver = driver
+        self._pods: dict[str, Pod] = {}
+
+    @property
+    def pods_cgroup(self) -> Path:
+        return self.root / ("kubepods" if self.driver == "cgroupfs" else "kubepods.slice")
+
+    def setup(self) -> None:
+        if not self.pods_cgroup.is_dir():
+            raise RuntimeError(f"kubelet's pod cgroup {self.pods_cgroup} does not exist: is kubelet running on this node "
+                               "with cgroupsPerQOS, and are --kubelet-cgroup-root / --cgroup-driver the kubelet's?")
+
+    def teardown(self) -> None:
+        """Nothing: the pods are kubelet's (they keep running; the pinned programs keep enforcing)."""
+
+    def run(self, pods: Sequence[Pod]) -> tuple[Pod, ...]:
+        self._pods = {p.key: p for p in pods}
+        return tuple(pods)
+
+    def pod_cgroup(self, pod: Pod) -> Path | None:
+        """The pod's cgroup directory, when kubelet has made it."""
+        if not pod.uid:
+            return None
+        classes = [pod.qos] if pod.qos in QOS_DIRS else list(QOS_DIRS)
+        for qos in classes:
+            path = self._path(pod.uid, QOS_DIRS[qos])
+            if path.is_dir():
+                return path
+        return None
+
+    def _path(self, uid: str, qos: str) -> Path:
+        if self.driver == "cgroupfs":
+            return self.pods_cgroup / qos / f"pod{uid}" if qos else self.pods_cgroup / f"pod{uid}"
+        unit = uid.replace("-", "_")
+        if not qos:
+            return self.pods_cgroup / f"kubepods-pod{unit}.slice"
+        return self.pods_cgroup / f"kubepods-{qos}.slice" / f"kubepods-{qos}-pod{unit}.slice"
+
+    def cgroups(self) -> dict[int, str]:
+        out = {}
+        for key, pod in self._pods.items():
+            path = self.pod_cgroup(pod)
+            if path is not None:
+                try:
+                    out[cgroups.cgroup_id(path)] = key
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+        return out
+
+    def version(self) -> str:
+        """Changes when a pod cgroup appears or goes (a scan of the QoS levels, no recursion)."""
+        names: list[str] = []
+        for sub in ("", *(d for d in QOS_DIRS.values() if d)):
+            d = self.pods_cgroup / (sub if self.driver == "cgroupfs" or not sub else f"kubepods-{sub}.slice")
+            try:
+                names += sorted(f"{sub}/{e.name}" for e in os.scandir(d) if e.is_dir() and "pod" in e.name)
+            except FileNotFoundError:
+                continue
+        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+    def addresses(self) -> dict[str, tuple[str, str]]:
+        return {k: (p.ip, p.ip6) for k, p in self._pods.items() if p.ip}
+
+    def set_hosts(self, hosts: Mapping[str, Sequence[str]]) -> None:
+        """Nothing: pods resolve Service names through the cluster's DNS."""
+
+    def status(self) -> dict[str, PodStatus]:
+        out = {}
+        for k, p in self._pods.items():
+            path = self.pod_cgroup(p)
+            out[k] = PodStatus(p.ip, p.ip6, "", str(path) if path else "", False)
+        return out
