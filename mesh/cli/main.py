@@ -26,6 +26,7 @@ from mesh.status import AgentStatus
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
 STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "starwars"
+POD_CIDR = "10.244.0.0/24"
 StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state (status, flows, manifests)")]
 
 
@@ -35,7 +36,8 @@ def agent(
     state_dir: StateOpt = STATE,
     manifests: Annotated[Path | None, typer.Option(help="watched manifest directory")] = None,
     node: str = "node1",
-    pod_cidr: str = "10.244.0.0/24",
+    pod_cidr: Annotated[str, typer.Option(help=f"this node's pod CIDR (default {POD_CIDR}; with --kube: the Node's "
+                                                "spec.podCIDRs)")] = "",
     service_cidr: str = "10.96.0.0/16",
     envoy_admin_port: int = 15000,
     envoy_concurrency: int = 1,
@@ -47,7 +49,12 @@ def agent(
     ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
     ingress_https_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTPS listener on 127.0.0.1")] = 443,
     kube: Annotated[str | None, typer.Option(help="read objects from the API server: a kubeconfig, or in-cluster")] = None,
-    pod_workdir: Annotated[Path | None, typer.Option(help="with --kube: where relative pod commands resolve")] = None,
+    pod_workdir: Annotated[Path | None, typer.Option(help="with --kube, test harness only (an API server without kubelet): "
+                                                          "this agent runs the API's pods itself; their relative commands "
+                                                          "resolve here")] = None,
+    kubelet_cgroup_root: Annotated[Path | None, typer.Option(help="with --kube: kubelet's cgroupRoot in the cgroup2 "
+                                                                  "hierarchy (default: the cgroup2 mount, kubelet's '/')")] = None,
+    cgroup_driver: Annotated[str, typer.Option(help="with --kube: kubelet's cgroupDriver (cgroupfs or systemd)")] = "cgroupfs",
     bridge: Annotated[str, typer.Option(help="the node's bridge")] = "webb0",
     node_netns: Annotated[str, typer.Option(help="run the node in this network namespace (one of /var/run/netns, "
                                                  "e.g. made by mesh.runtime.cluster.Wire); default: the host's")] = "",
@@ -67,7 +74,7 @@ def agent(
     if xds not in ("delta", "sotw"):
         raise typer.BadParameter(f"{xds!r}: use delta or sotw", param_hint="--xds")
     cfg = AgentConfig(
-        node=NodeConfig(name=node, bridge=bridge, pod_cidr=pod_cidr, service_cidr=service_cidr, state_dir=state_dir,
+        node=NodeConfig(name=node, bridge=bridge, pod_cidr=pod_cidr or POD_CIDR, service_cidr=service_cidr, state_dir=state_dir,
                         netns=node_netns, cluster_cidr=cluster_cidr),
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
@@ -79,9 +86,12 @@ def agent(
         if cluster_dir is not None:
             raise typer.BadParameter("with --kube, pod IPs of other nodes come from the API server; "
                                      "--cluster-dir is for the manifest directory", param_hint="--cluster-dir")
+        if pod_workdir is None and (sockmap or node_netns):
+            raise typer.BadParameter("kubelet runs the pods of a cluster node: --sockmap's self-test pods and "
+                                     "--node-netns are the embedded mode's", param_hint="--kube")
         from mesh.agent.kube import run_agent  # the kubernetes client: only paid for in a cluster
 
-        run_agent(cfg, kube, pod_workdir)
+        run_agent(cfg, kube, pod_workdir, kubelet_cgroup_root, cgroup_driver, pod_cidr_from_node=not pod_cidr)
         return
     Agent(cfg).run()
 

@@ -27,14 +27,17 @@ QOS_DIRS = {"Guaranteed": "", "Burstable": "burstable", "BestEffort": "besteffor
 
 
 class KubeletRuntime:
-    def __init__(self, node: str, cgroup_root: Path, driver: str = "cgroupfs") -> None:
-        """``cgroup_root``: kubelet's ``cgroupRoot`` in the cgroup2 hierarchy (e.g. <cgroup2>/ for "/")."""
+    def __init__(self, node: str, cgroup_root: Path, driver: str = "cgroupfs", service_cidrs: Sequence[str] = ()) -> None:
+        """``cgroup_root``: kubelet's ``cgroupRoot`` in the cgroup2 hierarchy (e.g. <cgroup2>/ for "/");
+        ``service_cidrs``: blackholed in the host at setup (a VIP the datapath did not rewrite fails at
+        once instead of leaving the node: no kube-proxy serves them)."""
         if driver not in ("cgroupfs", "systemd"):
             raise ValueError(f"--cgroup-driver {driver!r}: use cgroupfs or systemd (kubelet's cgroupDriver)")
         self.node = node
         self.root = cgroup_root
         self.driver = driver
         self._pods: dict[str, Pod] = {}
+        self.service_cidrs = tuple(service_cidrs)
 
     @property
     def pods_cgroup(self) -> Path:
@@ -44,6 +47,14 @@ class KubeletRuntime:
         if not self.pods_cgroup.is_dir():
             raise RuntimeError(f"kubelet's pod cgroup {self.pods_cgroup} does not exist: is kubelet running on this node "
                                "with cgroupsPerQOS, and are --kubelet-cgroup-root / --cgroup-driver the kubelet's?")
+        if self.service_cidrs:
+            from pyroute2 import IPRoute
+
+            from mesh.runtime.local import blackhole
+
+            with IPRoute() as ipr:
+                for cidr in self.service_cidrs:
+                    blackhole(ipr, cidr)
 
     def teardown(self) -> None:
         """Nothing: the pods are kubelet's (they keep running; the pinned programs keep enforcing)."""
