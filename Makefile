@@ -31,7 +31,7 @@ $(BPF_OBJ): datapath/bpf/sock.bpf.c datapath/bpf/webb.h $(STAMP)
 run: deps bpf  ## the Star Wars demo on this machine (root)
 	$(PYTHON) -m mesh.cli demo examples/starwars
 
-test: deps bpf lint kube-tools  ## lint, then every test: unit, datapath (root, BPF), Envoy, end to end
+test: deps bpf lint kube-tools cluster-tools  ## lint, then every test: unit, datapath (root, BPF), Envoy, end to end
 	$(PYTHON) -m pytest -q tests
 
 test-vm: deps bpf  ## the datapath suite under Debian's 6.1 kernel in qemu (image cached in /var/cache/webb)
@@ -54,3 +54,20 @@ lint: deps  ## ruff, mypy (strict on the core), the import layers (import-linter
 
 clean:  ## remove build products
 	rm -rf build $(BPF_OBJ) .pytest_cache
+
+# the one-node cluster of tests/cluster (docs/testing.md): kubelet, kube-controller-manager, kube-scheduler and
+# CoreDNS built once (tools/cluster/build.sh, cached in /var/cache/webb next to kube-apiserver), Debian's containerd,
+# runc and CNI plugins, images made from this host's files (tools/cluster/images.py, cached in /var/cache/webb/images)
+CLUSTER_APT_PKGS := containerd runc containernetworking-plugins busybox-static python3
+.PHONY: cluster-tools kube-node-up kube-node-down
+cluster-tools: kube-tools  ## the one-node cluster's packages, binaries and images (idempotent; instant once built)
+	@if ! dpkg -s $(CLUSTER_APT_PKGS) >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_APT_PKGS); fi
+	@eval "$$(bash tools/cluster/build.sh)" && \
+	  $(PYTHON) -m tools.cluster.images --pause "$$pause/pause" --coredns "$$coredns/coredns"
+
+kube-node-up: cluster-tools  ## a one-node cluster for a manual session (webb-kn1; prints KUBECONFIG)
+	$(PYTHON) -m tests.cluster.node up
+
+kube-node-down:  ## stop the kube-node-up cluster and remove all it added (exactly its recorded PIDs)
+	$(PYTHON) -m tests.cluster.node down

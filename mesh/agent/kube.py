@@ -11,6 +11,7 @@ to put into CR status.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from mesh.kube.watch import KubeSource, NodeReporter, api_path, request
 from mesh.runtime.base import PodRuntime
 from mesh.runtime.kubelet import KubeletRuntime
 
+log = logging.getLogger("webb.kube")
 NODES = Resource("", "v1", "nodes")
 
 
@@ -56,7 +58,10 @@ def run_agent(cfg: AgentConfig, kube: str, pod_workdir: Path | None = None, kube
     try:
         reporter.start()
         Agent(cfg, source, runtime).run()
-        reporter.report_once()  # the final state (running: false)
+        try:
+            reporter.report_once()  # the final state (running: false)
+        except Exception as e:  # noqa: BLE001 - the API may be away at shutdown; the node stopped cleanly anyway
+            log.warning("final node report: %s", e)
     finally:
         reporter.stop()
         source.stop()

@@ -1,0 +1,3 @@
+module webb.dev/tools/cluster/pause
+
+go 1.26.0
