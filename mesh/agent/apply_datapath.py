@@ -9,13 +9,14 @@ from mesh.plan.node import NodePlan
 def datapath_state(plan: NodePlan, cgroups: dict[int, str], extra: dict[str, tuple[int, int]] | None = None) -> DatapathState:
     """``cgroups``: cgroup id -> pod key (the runtime's); ``extra``: endpoints the agent adds for
     itself (the sockmap self-test pods), overridden by the plan's."""
-    by_pod = {e.pod: e for e in plan.endpoints}
+    by_pod = {pod: (identity, flags) for pod, identity, flags in plan.sources}
+    by_pod.update((e.pod, (e.identity, e.flags)) for e in plan.endpoints)
     endpoints = {ip: (e.identity, e.flags) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip}
     for ip, identity, flags in plan.node_endpoints:
         endpoints.setdefault(ip, (identity, flags))
     return DatapathState(
         services=list(plan.services),
         endpoints={**(extra or {}), **endpoints},
-        cgroups={cid: (by_pod[key].identity, by_pod[key].flags) for cid, key in cgroups.items() if key in by_pod},
+        cgroups={cid: by_pod[key] for cid, key in cgroups.items() if key in by_pod},
         policy=list(plan.policy),
     )

@@ -229,8 +229,14 @@ def observe(
 
 
 @app.command()
-def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o")] = "text") -> None:
-    """What the agent applied, what Envoy accepted, and every error."""
+def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o")] = "text",
+           kube: Annotated[str | None, typer.Option(help="every node of a cluster, from their reports: a kubeconfig, "
+                                                         "or in-cluster")] = None) -> None:
+    """What the agent applied, what Envoy accepted, and every error (--kube: every node of the cluster)."""
+    if kube:
+        from mesh.cli.cluster import cluster_status
+
+        raise typer.Exit(cluster_status(kube, output))
     st = AgentStatus.read(state_dir)
     if st is None:
         err.print(f"no agent status in {state_dir}: is `webb agent` running?")

@@ -94,6 +94,7 @@ class NodePlan:
     tunnels: TunnelPlan = TunnelPlan()  # mTLS tunnel listeners of this node, ports it serves to others
     node_endpoints: tuple[tuple[str, int, int], ...] = ()  # the node's own addresses: (ip, identity, flags)
     service_names: tuple[tuple[str, str], ...] = ()  # VIP -> "namespace/name"
+    sources: tuple[tuple[str, int, int], ...] = ()  # pods without an address yet: (pod, identity, flags) for their cgroups
 
     def via(self, port: int) -> str:
         """What listens on a port the kernel redirects to: "envoy" or "mtls tunnel" ("" = neither)."""
@@ -153,8 +154,11 @@ def _http_rules(matches: Iterable[HttpMatch]) -> tuple[HttpRule, ...]:
 
 def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
     """Identities, policy, services and L7 (before tunnels; no version yet)."""
-    pods = sorted((p for p in state.pods if p.ip), key=lambda p: p.key)
-    id_labels = {p.key: identity_labels(p) for p in pods}
+    # every pod has an identity (its labels), even before it has an address: kubelet starts a
+    # pod's containers before the API shows its IP, and their sockets must be known by then
+    every = sorted(state.pods, key=lambda p: p.key)
+    pods = [p for p in every if p.ip]
+    id_labels = {p.key: identity_labels(p) for p in every}
     ident_of_labels = alloc((_labels_text(lbl) for lbl in id_labels.values()), IDENTITY_MIN, 1 << 24)
     pod_identity = {k: ident_of_labels[_labels_text(lbl)] for k, lbl in id_labels.items()}
     identities = {pod_identity[k]: dict(id_labels[k]) for k in pod_identity}
@@ -201,6 +205,9 @@ def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
 
     endpoints = tuple(_endpoint(p, pod_identity[p.key], pod_identity[p.key] in selected_by, pod_identity[p.key] in enforcing)
                       for p in pods)
+    sources = tuple((e.pod, e.identity, e.flags) for e in (
+        _endpoint(p, pod_identity[p.key], pod_identity[p.key] in selected_by, pod_identity[p.key] in enforcing)
+        for p in every if not p.ip))
 
     out = _services(state, pods, pod_identity, l7, l4, node)
     plan = NodePlan(
@@ -213,6 +220,7 @@ def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
         tuple(state.errors) + tuple(out.warnings) + tuple(mtls_conflicts(state)), out.upstreams, out.ingress, out.secrets,
         tuple((ns, mode) for ns, mode in mtls_modes(state).items() if mode != MTLS_DEFAULT),
         service_names=tuple(sorted((vip, s.key) for s in state.services for vip in (s.cluster_ip, s.cluster_ip6) if vip)),
+        sources=sources,
     )
     return plan
 

@@ -129,6 +129,12 @@ def test_star_wars_on_kubelet_pods(kube_node: KubeNode, agent: Path, ns: str) ->
                                                           and f.get("src") == f"{ns}/tiefighter" for f in denied()), 10)
     assert any(f["layer"] == "L4" and f["src"] == f"{ns}/xwing" and f"{ns}/rule1" in f.get("policy", "") for f in denied())
     assert not _status(agent).rejected()
+    # every node's state, from the reports the agents publish in webb-system
+    def cluster_status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--kube", str(kube_node.kubeconfig), "-o", "json"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = eventually("webb status --kube", lambda: (c := cluster_status()).returncode == 0 and c, 30)
+    assert json.loads(r.stdout)[kube_node.name]["running"] is True
 
 
 def test_a_pod_the_agent_does_not_know_is_denied_where_policy_applies(kube_node: KubeNode, agent: Path, ns: str) -> None:

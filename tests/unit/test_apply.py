@@ -42,3 +42,14 @@ def test_flows_take_protocol_from_the_event_and_names_from_the_plan() -> None:
     assert flow["protocol"] == "UDP" and flow["service"] == "shop/dns" and flow["src"] == "shop/web"
     assert flow["why"] == ("shop/db is selected by MeshPolicy shop/db-only-from-nobody and no ingress rule allows "
                            "shop/web on port 53/UDP")
+
+
+def test_a_pod_without_an_address_yet_is_known_by_its_cgroup() -> None:
+    """kubelet starts containers before the API shows the pod's IP: its sockets carry its identity already."""
+    st = _state()
+    new = Pod("shop", "web-2", (("app", "web"),), node="n1")  # no IP yet
+    plan = plan_node(ClusterState(pods=st.pods + (new,), services=st.services, policies=st.policies), NodeSpec("n1", GW))
+    web = next(e for e in plan.endpoints if e.pod == "shop/web")
+    assert all(e.pod != "shop/web-2" for e in plan.endpoints)  # nothing to reach it at yet
+    dp = datapath_state(plan, {77: "shop/web-2"})
+    assert dp.cgroups == {77: (web.identity, web.flags & ~EP_LOCAL)}  # same labels, same identity

@@ -6,8 +6,13 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${1:?usage: build-image.sh CACHE_DIR}
 # never hard-code the ABI: Debian drops old kernel packages
-KVER=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: linux-image-\(.*\)$/\1/p' | head -1)
-[ -n "$KVER" ] || { echo "build-image: cannot resolve linux-image-amd64 (run apt-get update)" >&2; exit 1; }
+kver() { apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: linux-image-\(.*\)$/\1/p' | head -1; }
+KVER=$(kver)
+if [ -z "$KVER" ]; then  # a machine whose package lists are missing (never fetched, or cleaned): fetch them once
+    apt-get update -qq >&2 || true
+    KVER=$(kver)
+fi
+[ -n "$KVER" ] || { echo "build-image: cannot resolve linux-image-amd64 even after apt-get update" >&2; exit 1; }
 OUT=$CACHE/$KVER
 STAMP=$OUT/.built-$(sha256sum "$HERE/init" "$0" | sha256sum | cut -c1-12)
 if [ -e "$STAMP" ]; then echo "$OUT"; exit 0; fi
