@@ -58,7 +58,7 @@ clean:  ## remove build products
 # the one-node cluster of tests/cluster (docs/testing.md): kubelet, kube-controller-manager, kube-scheduler and
 # CoreDNS built once (tools/cluster/build.sh, cached in /var/cache/webb next to kube-apiserver), Debian's containerd,
 # runc and CNI plugins, images made from this host's files (tools/cluster/images.py, cached in /var/cache/webb/images)
-CLUSTER_APT_PKGS := containerd runc containernetworking-plugins busybox-static python3
+CLUSTER_APT_PKGS := containerd runc containernetworking-plugins busybox-static python3 mmdebstrap
 .PHONY: cluster-tools kube-node-up kube-node-down
 cluster-tools: kube-tools  ## the one-node cluster's packages, binaries and images (idempotent; instant once built)
 	@if ! dpkg -s $(CLUSTER_APT_PKGS) >/dev/null 2>&1; then \

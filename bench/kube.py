@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +58,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run() -> tuple[dict[str, float], list[list[str]]]:
-    from mesh.status import AgentStatus
+    from tests.cluster.agent import host_agent
     from tests.cluster.node import KubeNode
 
     node = KubeNode()
@@ -69,62 +66,55 @@ def run() -> tuple[dict[str, float], list[list[str]]]:
     node.start()
     node_up = time.monotonic() - t0
     state = Path(tempfile.mkdtemp(prefix="webb-bench-kube-"))
-    agent: subprocess.Popen[bytes] | None = None
     try:
-        node.kubectl("apply", "-f", str(ROOT / "crds"))
-        node.kubectl("create", "namespace", "webb-system")
-        with open(state / "agent.log", "ab") as log:
-            agent = subprocess.Popen(
-                ["setpriv", "--pdeathsig", "SIGTERM", "--", sys.executable, "-m", "mesh.cli", "agent", "--kube", str(node.kubeconfig),
-                 "--node", node.name, "--kubelet-cgroup-root", str(node.cgroup_root), "--service-cidr", node.service_cidr,
-                 "--state-dir", str(state), "--envoy-admin-port", "0", "--lifetime", "900"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while (st := AgentStatus.read(state)) is None or not st.applied.plan_version:
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not start: {(state / 'agent.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        ns = "bench"
-        node.kubectl("create", "namespace", ns)
-        node.apply(_pod("target", ns, {"app": "target"}, ["python3", "-c", TARGET]))
-        target_ip = node.wait_pod_ready(ns, "target")["status"]["podIP"]
-        node.apply({"apiVersion": "webb.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "probes-only", "namespace": ns},
-                    "spec": {"endpointSelector": {"matchLabels": {"app": "target"}},
-                             "ingress": [{"fromEndpoints": [{"matchLabels": {"role": "probe"}}]}]}})
-        deadline = time.monotonic() + 30
-        while not any("probes-only" in r for r in (AgentStatus.read(state) or AgentStatus("")).rules.values()):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the policy was not applied in 30 s")
-            time.sleep(0.05)
-        node.apply(*(_pod(f"probe-{i}", ns, {"role": "probe"}, ["python3", "-c", PROBE, target_ip]) for i in range(PODS)))
-        results: dict[str, dict[str, Any]] = {}
-        deadline = time.monotonic() + 300
-        while len(results) < PODS and time.monotonic() < deadline:
-            for i in range(PODS):
-                name = f"probe-{i}"
-                if name in results:
-                    continue
-                out = node.kubectl("logs", "-n", ns, name, check=False).stdout.strip()
-                if out.startswith("{"):
-                    pod = node.get("-n", ns, "pod", name)
-                    cg = node.cgroup_root / "kubepods" / "besteffort" / f"pod{pod['metadata']['uid']}"
-                    results[name] = {**json.loads(out.splitlines()[0]), "cgroup_ctime": os.stat(cg).st_ctime}
-            time.sleep(0.5)
-        missing: dict[str, Any] = {}
-        for i in range(PODS):
-            if f"probe-{i}" not in results:
-                pst = node.get("-n", ns, "pod", f"probe-{i}").get("status") or {}
-                missing[f"probe-{i}"] = (pst.get("phase"), [c.get("state") for c in pst.get("containerStatuses") or []])
-        if len(results) < PODS // 2:
-            raise RuntimeError(f"only {len(results)} of {PODS} probes reported in 300 s: {missing}")
+        with host_agent(node, state):
+            results, missing = _probe(node, state)
     finally:
-        if agent is not None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
         node.stop()
+    return _figures(node_up, results, missing)
+
+
+def _probe(node: Any, state: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The probes' reports, and the state of those that never reported."""
+    from mesh.status import AgentStatus
+
+    ns = "bench"
+    node.kubectl("create", "namespace", ns)
+    node.apply(_pod("target", ns, {"app": "target"}, ["python3", "-c", TARGET]))
+    target_ip = node.wait_pod_ready(ns, "target")["status"]["podIP"]
+    node.apply({"apiVersion": "webb.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "probes-only", "namespace": ns},
+                "spec": {"endpointSelector": {"matchLabels": {"app": "target"}},
+                         "ingress": [{"fromEndpoints": [{"matchLabels": {"role": "probe"}}]}]}})
+    deadline = time.monotonic() + 30
+    while not any("probes-only" in r for r in (AgentStatus.read(state) or AgentStatus("")).rules.values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the policy was not applied in 30 s")
+        time.sleep(0.05)
+    node.apply(*(_pod(f"probe-{i}", ns, {"role": "probe"}, ["python3", "-c", PROBE, target_ip]) for i in range(PODS)))
+    results: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 300
+    while len(results) < PODS and time.monotonic() < deadline:
+        for i in range(PODS):
+            name = f"probe-{i}"
+            if name in results:
+                continue
+            out = node.kubectl("logs", "-n", ns, name, check=False).stdout.strip()
+            if out.startswith("{"):
+                pod = node.get("-n", ns, "pod", name)
+                cg = node.cgroup_root / "kubepods" / "besteffort" / f"pod{pod['metadata']['uid']}"
+                results[name] = {**json.loads(out.splitlines()[0]), "cgroup_ctime": os.stat(cg).st_ctime}
+        time.sleep(0.5)
+    missing: dict[str, Any] = {}
+    for i in range(PODS):
+        if f"probe-{i}" not in results:
+            pst = node.get("-n", ns, "pod", f"probe-{i}").get("status") or {}
+            missing[f"probe-{i}"] = (pst.get("phase"), [c.get("state") for c in pst.get("containerStatuses") or []])
+    if len(results) < PODS // 2:
+        raise RuntimeError(f"only {len(results)} of {PODS} probes reported in 300 s: {missing}")
+    return results, missing
+
+
+def _figures(node_up: float, results: dict[str, dict[str, Any]], missing: dict[str, Any]) -> tuple[dict[str, float], list[list[str]]]:
     failed = [r for r in results.values() if r["other"] or r["t1"] - r["t0"] >= 30] + [{"pod": k, "state": v} for k, v in missing.items()]
     from_cg = [(r["t1"] - r["cgroup_ctime"]) * 1000 for r in results.values()]
     window = [(r["t1"] - r["t0"]) * 1000 if r["denied"] else 0.0 for r in results.values()]

@@ -18,6 +18,7 @@ from datapath.types import (
     EP_INGRESS_ENFORCED,
     EP_LOCAL,
     EP_MTLS_STRICT,
+    EP_PROXY,
     IDENTITY_UNKNOWN,
     REASON_MAX,
     PolicyEntry,
@@ -106,7 +107,8 @@ def shared_enums() -> dict[str, dict[str, int]]:
     return {
         "webb_identity": {"WEBB_IDENTITY_UNKNOWN": IDENTITY_UNKNOWN},
         "webb_ep_flag": {"WEBB_EP_INGRESS_ENFORCED": EP_INGRESS_ENFORCED, "WEBB_EP_AUDIT": EP_AUDIT,
-                         "WEBB_EP_MTLS_STRICT": EP_MTLS_STRICT, "WEBB_EP_LOCAL": EP_LOCAL},
+                         "WEBB_EP_MTLS_STRICT": EP_MTLS_STRICT, "WEBB_EP_LOCAL": EP_LOCAL,
+                         "WEBB_EP_PROXY": EP_PROXY},
         "webb_verdict": {f"WEBB_VERDICT_{v.name}": int(v) for v in Verdict},
         "webb_reason": {**{f"WEBB_REASON_{r.name}": int(r) for r in Reason}, "WEBB_REASON_MAX": REASON_MAX},
         "webb_config_flag": {"WEBB_CONFIG_SOCKMAP": CONFIG_SOCKMAP},

@@ -14,6 +14,7 @@ EP_INGRESS_ENFORCED = 1
 EP_AUDIT = 2
 EP_MTLS_STRICT = 4  # MeshTLS STRICT: new TCP connections only from this node
 EP_LOCAL = 8  # a pod of this node, or the node address the mTLS tunnel delivers from
+EP_PROXY = 16  # the node proxy's own cgroup (agent + Envoy run as a pod): its sockets pass as the host's would
 PROTO_TCP = 6
 PROTO_UDP = 17
 

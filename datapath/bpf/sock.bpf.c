@@ -328,6 +328,8 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 	__ctx_get(ctx, family, &dst_addr);
 	new_addr = dst_addr;
 	src = __source(&cgid);
+	if (src && (src->flags & WEBB_EP_PROXY))
+		return 1;	/* the node proxy (Envoy, the tunnel) as a pod: as if it ran on the host */
 	if (src)
 		src_identity = src->identity;
 

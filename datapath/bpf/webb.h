@@ -21,6 +21,7 @@ enum webb_ep_flag {			/* endpoint_value.flags */
 	WEBB_EP_AUDIT = 2,		/* ...in audit mode only: count, allow */
 	WEBB_EP_MTLS_STRICT = 4,	/* MeshTLS STRICT: new TCP only from this node */
 	WEBB_EP_LOCAL = 8,		/* a pod of this node, or its tunnel address */
+	WEBB_EP_PROXY = 16,		/* the node proxy's own cgroup (the agent and its Envoy in a pod): not rewritten, not judged */
 };
 
 enum webb_verdict {			/* flow_event.verdict */

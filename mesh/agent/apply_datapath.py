@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datapath.maps import DatapathState
+from datapath.types import EP_PROXY
 from mesh.plan.node import NodePlan
+from mesh.plan.tunnels import NODE_IDENTITY
 
 
-def datapath_state(plan: NodePlan, cgroups: dict[int, str], extra: dict[str, tuple[int, int]] | None = None) -> DatapathState:
+def datapath_state(plan: NodePlan, cgroups: dict[int, str], extra: dict[str, tuple[int, int]] | None = None,
+                   proxy_cgroups: tuple[int, ...] = ()) -> DatapathState:
     """``cgroups``: cgroup id -> pod key (the runtime's); ``extra``: endpoints the agent adds for
-    itself (the sockmap self-test pods), overridden by the plan's."""
+    itself (the sockmap self-test pods), overridden by the plan's; ``proxy_cgroups``: the node
+    proxy's own (the agent as a pod), marked EP_PROXY."""
     by_pod = {pod: (identity, flags) for pod, identity, flags in plan.sources}
     by_pod.update((e.pod, (e.identity, e.flags)) for e in plan.endpoints)
     endpoints = {ip: (e.identity, e.flags) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip}
@@ -17,6 +21,7 @@ def datapath_state(plan: NodePlan, cgroups: dict[int, str], extra: dict[str, tup
     return DatapathState(
         services=list(plan.services),
         endpoints={**(extra or {}), **endpoints},
-        cgroups={cid: by_pod[key] for cid, key in cgroups.items() if key in by_pod},
+        cgroups={**{cid: by_pod[key] for cid, key in cgroups.items() if key in by_pod},
+                 **{cid: (NODE_IDENTITY, EP_PROXY) for cid in proxy_cgroups}},
         policy=list(plan.policy),
     )

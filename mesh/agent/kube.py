@@ -49,8 +49,7 @@ def run_agent(cfg: AgentConfig, kube: str, pod_workdir: Path | None = None, kube
     if pod_workdir is None:  # kubelet's pods
         if pod_cidr_from_node:
             cfg = replace(cfg, node=replace(cfg.node, pod_cidr=node_pod_cidr(api, cfg.node.name)))
-        runtime = KubeletRuntime(cfg.node.name, kubelet_cgroup_root or cgroup2_mount(), cgroup_driver,
-                                 [c for c in (cfg.node.service_cidr, cfg.node.service_cidr6) if c])
+        runtime = KubeletRuntime(cfg.node.name, kubelet_cgroup_root or cgroup2_mount(), cgroup_driver, [cfg.node.service_cidr])
     source = KubeSource(api, Indexer(base_dir=pod_workdir))
     reporter = NodeReporter(api, cfg.node.name, cfg.state_dir, source, patch_pod_ips=pod_workdir is not None)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)

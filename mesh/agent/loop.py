@@ -117,7 +117,8 @@ class Agent:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
-        deadline = time.monotonic() + self.cfg.lifetime_s
+        # 0: until stopped (a DaemonSet); tests and the demo bound it
+        deadline = time.monotonic() + self.cfg.lifetime_s if self.cfg.lifetime_s > 0 else float("inf")
         self.cfg.manifests.mkdir(parents=True, exist_ok=True)
         self.runtime.setup()
         xds = XdsServer(self.cache, self.cfg.xds_port)
@@ -226,7 +227,8 @@ class Agent:
         assert self.datapath is not None and self.tunnels is not None
         tunnel_errors = self.tunnels.update(state, plan, plan.tunnels)  # listeners open before connect4 redirects to them
         cgroups = self.runtime.cgroups()
-        changed = self.datapath.apply(datapath_state(plan, cgroups, self.accel.endpoints() if self.accel else None))
+        changed = self.datapath.apply(datapath_state(plan, cgroups, self.accel.endpoints() if self.accel else None,
+                                                     self.runtime.proxy_cgroups()))
         self.plan = plan
         self.names = Names.of(plan, cgroups)
         self.errors = list(plan.warnings) + tunnel_errors

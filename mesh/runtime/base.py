@@ -41,5 +41,9 @@ class PodRuntime(Protocol):
     def status(self) -> dict[str, PodStatus]:
         """What ``webb status`` shows of each pod."""
 
+    def proxy_cgroups(self) -> tuple[int, ...]:
+        """Cgroups of the node proxy itself (the agent and its Envoy) under the pods' cgroup, if any:
+        their sockets are neither rewritten nor judged, as the host's are not."""
+
     def version(self) -> str:
         """Changes when what the runtime found changes on its own (kubelet made a pod's cgroup)."""

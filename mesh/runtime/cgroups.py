@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datapath.cgroup2 import cgroup2_mount
 
-__all__ = ["cgroup2_mount", "cgroup_id", "node_cgroup", "populated", "procs", "remove_tree"]
+__all__ = ["cgroup2_mount", "cgroup_id", "node_cgroup", "own_cgroup", "populated", "procs", "remove_tree"]
 
 
 WEBB = "webb"  # the subtree every node of this machine makes its own under: <cgroup2>/webb/<node>
@@ -19,6 +19,14 @@ WEBB = "webb"  # the subtree every node of this machine makes its own under: <cg
 def node_cgroup(node: str) -> Path:
     """Node ``node``'s cgroup subtree (its pods' under ``pods/``), on the one cgroup v2 mount."""
     return cgroup2_mount() / WEBB / node
+
+
+def own_cgroup(pid: int | str = "self") -> Path:
+    """The cgroup v2 directory of a process (``/proc/<pid>/cgroup``'s unified line)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return cgroup2_mount() / line.removeprefix("0::").lstrip("/")
+    raise RuntimeError(f"process {pid} is in no cgroup v2 (no 0:: line in /proc/{pid}/cgroup)")
 
 
 def cgroup_id(path: Path) -> int:

@@ -50,6 +50,9 @@ class EmbeddedRuntime:
         for sb in self.node.sandboxes.values():
             self.node.write_hosts(sb, {vip: list(names) for vip, names in hosts.items()})
 
+    def proxy_cgroups(self) -> tuple[int, ...]:
+        return ()  # the agent and its Envoy run outside the pods' cgroup
+
     def version(self) -> str:
         return ""  # its pods change only when the agent runs them
 

@@ -23,6 +23,16 @@ from mesh.model import Pod
 from mesh.runtime import cgroups
 from mesh.status import PodStatus
 
+
+def _is_blackhole(ipr: object, cidr: str) -> bool:
+    """Whether the main table already has exactly this blackhole route."""
+    net, _, plen = cidr.partition("/")
+    for r in ipr.get_routes(type="blackhole"):  # type: ignore[attr-defined]
+        if r.get_attr("RTA_DST") == net and str(r["dst_len"]) == plen:
+            return True
+    return False
+
+
 QOS_DIRS = {"Guaranteed": "", "Burstable": "burstable", "BestEffort": "besteffort"}
 
 
@@ -38,6 +48,7 @@ class KubeletRuntime:
         self.driver = driver
         self._pods: dict[str, Pod] = {}
         self.service_cidrs = tuple(service_cidrs)
+        self._added: list[str] = []  # blackhole routes this runtime added (and removes at teardown)
 
     @property
     def pods_cgroup(self) -> Path:
@@ -54,10 +65,24 @@ class KubeletRuntime:
 
             with IPRoute() as ipr:
                 for cidr in self.service_cidrs:
-                    blackhole(ipr, cidr)
+                    if not _is_blackhole(ipr, cidr):
+                        blackhole(ipr, cidr)
+                        self._added.append(cidr)
 
     def teardown(self) -> None:
-        """Nothing: the pods are kubelet's (they keep running; the pinned programs keep enforcing)."""
+        """The pods are kubelet's: they keep running (the pinned programs keep enforcing). Only the
+        blackhole routes this runtime added go (a route that was there before stays)."""
+        if not self._added:
+            return
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for cidr in self._added:
+                try:
+                    ipr.route("del", dst=cidr, type="blackhole")
+                except Exception:  # noqa: BLE001, S110 - already gone
+                    pass
+        self._added = []
 
     def run(self, pods: Sequence[Pod]) -> tuple[Pod, ...]:
         self._pods = {p.key: p for p in pods}
@@ -81,6 +106,12 @@ class KubeletRuntime:
         if not qos:
             return self.pods_cgroup / f"kubepods-pod{unit}.slice"
         return self.pods_cgroup / f"kubepods-{qos}.slice" / f"kubepods-{qos}-pod{unit}.slice"
+
+    def proxy_cgroups(self) -> tuple[int, ...]:
+        """The agent's own cgroup when kubelet runs the agent as a pod (the DaemonSet): the node
+        Envoy and the tunnel run there, under the pods' cgroup the programs attach to."""
+        own = cgroups.own_cgroup()
+        return (cgroups.cgroup_id(own),) if own.is_relative_to(self.pods_cgroup) else ()
 
     def cgroups(self) -> dict[int, str]:
         out = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,70 +16,20 @@ from typing import Any
 import pytest
 
 from mesh.status import AgentStatus
+from tests.cluster.agent import host_agent
 from tests.cluster.node import KubeNode
-from tests.cluster.test_node import PYTHON, container_id, eventually
+from tests.cluster.starwars import APP, ROOT, deploy, pod, request
+from tests.cluster.test_node import container_id, eventually
 
 pytestmark = [pytest.mark.kube, pytest.mark.root]
-
-ROOT = Path(__file__).resolve().parents[2]
-APP = ROOT / "examples" / "starwars" / "app.py"
-# a request from inside a pod: "<status> <body>" or the exception's name (e.g. PermissionError: refused at connect)
-CLIENT = """
-import sys, urllib.request, urllib.error
-req = urllib.request.Request(sys.argv[1], method=sys.argv[2], data=b"")
-try:
-    with urllib.request.urlopen(req, timeout=5) as r:
-        print(r.status, r.read().decode().strip())
-except urllib.error.HTTPError as e:
-    print(e.code, e.read().decode().strip())
-except urllib.error.URLError as e:
-    print(type(e.reason).__name__, e.reason)
-"""
 
 
 @pytest.fixture(scope="module")
 def agent(kube_node: KubeNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """``webb agent --kube`` on the node (host network, as the DaemonSet runs it), stopped at the end."""
-    kube_node.kubectl("apply", "-f", str(ROOT / "crds"))
-    if kube_node.kubectl("get", "namespace", "webb-system", check=False).returncode != 0:
-        kube_node.kubectl("create", "namespace", "webb-system")  # where nodes report (the installer makes it)
     state = tmp_path_factory.mktemp("agent")
-    log = open(state / "agent.log", "ab")  # noqa: SIM115 - closed at the end of the fixture
-    proc = subprocess.Popen(
-        ["setpriv", "--pdeathsig", "SIGTERM", "--", sys.executable, "-m", "mesh.cli", "agent",
-         "--kube", str(kube_node.kubeconfig), "--node", kube_node.name, "--kubelet-cgroup-root", str(kube_node.cgroup_root),
-         "--service-cidr", kube_node.service_cidr, "--state-dir", str(state), "--envoy-admin-port", "0", "--lifetime", "900"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def running() -> bool:
-            assert proc.poll() is None, (state / "agent.log").read_text()[-3000:]
-            st = AgentStatus.read(state)
-            return st is not None and st.running and bool(st.applied.plan_version)
-        eventually("the agent applies its first plan", running, 60)
+    with host_agent(kube_node, state):
         yield state
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-    assert proc.returncode == 0, (state / "agent.log").read_text()[-3000:]
-    assert not Path(f"/sys/fs/bpf/webb/{kube_node.name}").exists(), "pins left behind"
-
-
-def _pod(name: str, ns: str, labels: dict[str, str], command: list[str]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "spec": {"terminationGracePeriodSeconds": 1,
-                     "containers": [{"name": "main", "image": PYTHON, "imagePullPolicy": "Never", "command": command,
-                                     "volumeMounts": [{"name": "app", "mountPath": "/app"}]}],
-                     "volumes": [{"name": "app", "configMap": {"name": "starwars"}}]}}
-
-
-def _request(node: KubeNode, ns: str, pod: str, method: str, url: str) -> str:
-    r = node.kubectl("exec", "-n", ns, pod, "--", "python3", "-c", CLIENT, url, method, check=False)
-    return (r.stdout + r.stderr).strip()
 
 
 def _status(agent: Path) -> AgentStatus:
@@ -90,16 +39,7 @@ def _status(agent: Path) -> AgentStatus:
 
 
 def test_star_wars_on_kubelet_pods(kube_node: KubeNode, agent: Path, ns: str) -> None:
-    kube_node.kubectl("create", "configmap", "starwars", "-n", ns, f"--from-file=app.py={APP}")
-    sleep = ["python3", "-c", "import time; time.sleep(3600)"]
-    kube_node.apply(
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "deathstar", "namespace": ns},
-         "spec": {"selector": {"org": "empire", "class": "deathstar"}, "ports": [{"port": 80, "targetPort": 80}]}},
-        _pod("deathstar", ns, {"org": "empire", "class": "deathstar"}, ["python3", "/app/app.py", "--port", "80"]),
-        _pod("tiefighter", ns, {"org": "empire", "class": "tiefighter"}, sleep),
-        _pod("xwing", ns, {"org": "alliance", "class": "xwing"}, sleep),
-    )
-    pods = {name: kube_node.wait_pod_ready(ns, name) for name in ("deathstar", "tiefighter", "xwing")}
+    pods = deploy(kube_node, ns)
     assert all(container_id(p) for p in pods.values())  # kubelet's containers (containerd://), not the agent's
 
     # the agent found every pod's cgroup (kubelet made them), by the pod's uid
@@ -111,16 +51,16 @@ def test_star_wars_on_kubelet_pods(kube_node: KubeNode, agent: Path, ns: str) ->
 
     # by name: CoreDNS through its ClusterIP, then the deathstar's ClusterIP, both by Webb's socket LB
     url = f"http://deathstar.{ns}.svc.cluster.local"
-    assert eventually("landing without a policy", lambda: _request(kube_node, ns, "tiefighter", "POST",
+    assert eventually("landing without a policy", lambda: request(kube_node, ns, "tiefighter", "POST",
                                                                      url + "/v1/request-landing").startswith("200"), 60)
-    assert _request(kube_node, ns, "xwing", "POST", url + "/v1/request-landing") == "200 Ship landed"
+    assert request(kube_node, ns, "xwing", "POST", url + "/v1/request-landing") == "200 Ship landed"
 
     policy = (ROOT / "examples" / "starwars" / "policy.yaml").read_text().replace("namespace: default", f"namespace: {ns}")
     kube_node.kubectl("apply", "-f", "-", stdin=policy)
-    eventually("the xwing refused at connect", lambda: "PermissionError" in _request(kube_node, ns, "xwing", "POST",
+    eventually("the xwing refused at connect", lambda: "PermissionError" in request(kube_node, ns, "xwing", "POST",
                                                                                        url + "/v1/request-landing"), 60)
-    assert _request(kube_node, ns, "tiefighter", "POST", url + "/v1/request-landing") == "200 Ship landed"
-    assert _request(kube_node, ns, "tiefighter", "PUT", url + "/v1/exhaust-port") == "403 Access denied"
+    assert request(kube_node, ns, "tiefighter", "POST", url + "/v1/request-landing") == "200 Ship landed"
+    assert request(kube_node, ns, "tiefighter", "PUT", url + "/v1/exhaust-port") == "403 Access denied"
 
     def denied() -> list[dict[str, Any]]:
         flows = [json.loads(line) for line in (agent / "flows.jsonl").read_text().splitlines()]
@@ -143,7 +83,7 @@ def test_a_pod_the_agent_does_not_know_is_denied_where_policy_applies(kube_node:
     agent learning its pod is this case)."""
 
     kube_node.kubectl("create", "configmap", "starwars", "-n", ns, f"--from-file=app.py={APP}")
-    kube_node.apply(_pod("db", ns, {"app": "db"}, ["python3", "/app/app.py", "--port", "80"]))
+    kube_node.apply(pod("db", ns, {"app": "db"}, ["python3", "/app/app.py", "--port", "80"]))
     db = kube_node.wait_pod_ready(ns, "db")
     ip = db["status"]["podIP"]
     kube_node.apply({"apiVersion": "webb.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "db", "namespace": ns},

@@ -48,3 +48,26 @@ def test_missing_kubelet_cgroup_is_named(tmp_path: Path) -> None:
         KubeletRuntime("kn1", tmp_path).setup()
     with pytest.raises(ValueError, match="--cgroup-driver 'cgroupv1'"):
         KubeletRuntime("kn1", tmp_path, driver="cgroupv1")
+
+
+@pytest.mark.root
+def test_the_service_cidr_is_blackholed_and_only_what_was_added_is_removed(tmp_path: Path) -> None:
+    from pyroute2 import IPRoute
+
+    from mesh.runtime.kubelet import _is_blackhole
+
+    (tmp_path / "kubepods").mkdir()
+    mine, theirs = "10.199.77.0/24", "10.199.78.0/24"
+    with IPRoute() as ipr:
+        ipr.route("add", dst=theirs, type="blackhole")  # someone else's (the node's installer, a test harness)
+        try:
+            rt = KubeletRuntime("kn1", tmp_path, service_cidrs=[mine, theirs])
+            rt.setup()
+            assert _is_blackhole(ipr, mine) and _is_blackhole(ipr, theirs)
+            rt.teardown()
+            assert not _is_blackhole(ipr, mine) and _is_blackhole(ipr, theirs)
+        finally:
+            for cidr in (mine, theirs):
+                if _is_blackhole(ipr, cidr):
+                    ipr.route("del", dst=cidr, type="blackhole")
+    assert rt.proxy_cgroups() == ()  # this test runs outside kubelet's pods

@@ -7,10 +7,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${1:?usage: build-image.sh CACHE_DIR}
 # never hard-code the ABI: Debian drops old kernel packages
 kver() { apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: linux-image-\(.*\)$/\1/p' | head -1; }
-KVER=$(kver)
+KVER=$(kver || true)
 if [ -z "$KVER" ]; then  # a machine whose package lists are missing (never fetched, or cleaned): fetch them once
     apt-get update -qq >&2 || true
-    KVER=$(kver)
+    KVER=$(kver || true)
 fi
 [ -n "$KVER" ] || { echo "build-image: cannot resolve linux-image-amd64 even after apt-get update" >&2; exit 1; }
 OUT=$CACHE/$KVER
