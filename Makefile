@@ -59,7 +59,7 @@ clean:  ## remove build products
 # CoreDNS built once (tools/cluster/build.sh, cached in /var/cache/webb next to kube-apiserver), Debian's containerd,
 # runc and CNI plugins, images made from this host's files (tools/cluster/images.py, cached in /var/cache/webb/images)
 CLUSTER_APT_PKGS := containerd runc containernetworking-plugins busybox-static python3 mmdebstrap
-.PHONY: cluster-tools kube-node-up kube-node-down
+.PHONY: cluster-tools kube-node-up kube-node-down kube-demo
 cluster-tools: kube-tools  ## the one-node cluster's packages, binaries and images (idempotent; instant once built)
 	@if ! dpkg -s $(CLUSTER_APT_PKGS) >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_APT_PKGS); fi
@@ -83,3 +83,6 @@ image: bpf  ## Webb's image webb.local/webb:<version>: agent + operator (cached;
 
 helm:  ## helm v4.3.2, built once from helm.sh/helm/v4 into /var/cache/webb/helm
 	bash tools/image/build-helm.sh
+
+kube-demo: cluster-tools bpf  ## Star Wars on a real node, Webb installed with its Helm chart and image; removes everything, exit 0
+	$(PYTHON) -m tests.cluster.demo

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from mesh.agent.loop import Agent, AgentConfig
 from mesh.kube.client import api_client
@@ -27,9 +28,14 @@ log = logging.getLogger("webb.kube")
 NODES = Resource("", "v1", "nodes")
 
 
-def node_pod_cidr(api: object, node: str) -> str:
+def node_internal_ip(doc: dict[str, Any]) -> str:
+    """The Node's first IPv4 InternalIP ("" when it has none)."""
+    addrs = (doc.get("status") or {}).get("addresses") or []
+    return next((str(a["address"]) for a in addrs if a.get("type") == "InternalIP" and ":" not in str(a.get("address"))), "")
+
+
+def node_pod_cidr(doc: dict[str, Any], node: str) -> str:
     """The Node's IPv4 pod CIDR (spec.podCIDRs, set by the controller-manager or the installer)."""
-    doc = request(api, "GET", api_path(NODES, "", node))
     spec = doc.get("spec") or {}
     cidrs = [str(c) for c in (spec.get("podCIDRs") or [spec.get("podCIDR")]) if c]
     v4 = [c for c in cidrs if ":" not in c]
@@ -47,8 +53,10 @@ def run_agent(cfg: AgentConfig, kube: str, pod_workdir: Path | None = None, kube
     api = api_client(None if kube == "in-cluster" else kube)
     runtime: PodRuntime | None = None
     if pod_workdir is None:  # kubelet's pods
+        doc = request(api, "GET", api_path(NODES, "", cfg.node.name))
         if pod_cidr_from_node:
-            cfg = replace(cfg, node=replace(cfg.node, pod_cidr=node_pod_cidr(api, cfg.node.name)))
+            cfg = replace(cfg, node=replace(cfg.node, pod_cidr=node_pod_cidr(doc, cfg.node.name)))
+        cfg = replace(cfg, proxy_ip=cfg.proxy_ip or node_internal_ip(doc) or cfg.node.gateway)
         runtime = KubeletRuntime(cfg.node.name, kubelet_cgroup_root or cgroup2_mount(), cgroup_driver, [cfg.node.service_cidr])
     source = KubeSource(api, Indexer(base_dir=pod_workdir))
     reporter = NodeReporter(api, cfg.node.name, cfg.state_dir, source, patch_pod_ips=pod_workdir is not None)

@@ -72,6 +72,13 @@ class AgentConfig:
     # user's intermediate), and the SPIFFE trust domain
     ca_dir: Path | None = None  # default: <state-dir>/ca (one node)
     trust_domain: str = "cluster.local"
+    # where the node Envoy and the tunnel listeners take the pods' redirected connections: the node's
+    # bridge gateway (embedded mode), or in a cluster the Node's InternalIP (any CNI routes pods to it)
+    proxy_ip: str = ""
+
+    @property
+    def node_proxy_ip(self) -> str:
+        return self.proxy_ip or self.node.gateway
 
     @property
     def state_dir(self) -> Path:
@@ -137,7 +144,7 @@ class Agent:
             if self.cfg.sockmap:
                 self._start_accel()
             self.tunnels = NodeTunnels(self.cfg.node.name, self.cfg.state_dir, self.cfg.ca_dir or self.cfg.state_dir / "ca",
-                                       self.cfg.trust_domain, self.cfg.node.gateway, self.cfg.wire_ip,
+                                       self.cfg.trust_domain, self.cfg.node_proxy_ip, self.cfg.wire_ip,
                                        max(1.0, deadline - time.monotonic()))
             self.tunnels.start()
             self._publish()
@@ -237,7 +244,7 @@ class Agent:
 
     @property
     def spec(self) -> NodeSpec:
-        return NodeSpec(self.cfg.node.name, self.cfg.node.gateway, self.cfg.node.gateway6,
+        return NodeSpec(self.cfg.node.name, self.cfg.node_proxy_ip, self.cfg.node.gateway6 if not self.cfg.proxy_ip else "",
                         ingress_http_port=self.cfg.ingress_http_port, ingress_https_port=self.cfg.ingress_https_port,
                         trust_domain=self.cfg.trust_domain)
 

@@ -133,6 +133,15 @@ def _set_values(node: KubeNode, ref: str) -> list[str]:
 def installed(kube_node: KubeNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Install]:
     """``helm install`` of charts/webb with Webb's image, Ready; uninstalled at the end if a test did not, and
     the node put back as found (namespace, CRDs, image)."""
+    with helm_installed(kube_node, tmp_path_factory.mktemp("helm")) as inst:
+        yield inst
+
+
+@contextlib.contextmanager
+def helm_installed(kube_node: KubeNode, home: Path) -> Iterator[Install]:
+    """The chart installed with Webb's image (built or cached, imported into the node), Ready; on exit
+    uninstalled (unless done already) and the node put back as found (namespace, CRDs, image, routes).
+    ``home``: helm's cache, config and data. Also used by `make kube-demo` (tests/cluster/demo.py)."""
     t0 = time.monotonic()
     helm = build_helm()
     t_helm = time.monotonic() - t0
@@ -140,7 +149,7 @@ def installed(kube_node: KubeNode, tmp_path_factory: pytest.TempPathFactory) -> 
     t_image = time.monotonic() - t0 - t_helm
     import_archives(kube_node.containerd_socket, [built.archive], timeout_s=600)
     pods_cgroup = kube_node.cgroup_root / "kubepods"
-    inst = Install(helm, tmp_path_factory.mktemp("helm"), kube_node.kubeconfig, built, pods_cgroup,
+    inst = Install(helm, home, kube_node.kubeconfig, built, pods_cgroup,
                    Path("/sys/fs/bpf/webb") / kube_node.name, host_state(pods_cgroup))
     inst.timings = {"helm (build or cache)": round(t_helm, 1), "image (build or cache)": round(t_image, 1),
                     "image import": round(time.monotonic() - t0 - t_helm - t_image, 1)}
