@@ -168,7 +168,7 @@ static __always_inline void __emit_cg(__u64 cgroup_id, __u32 src_identity,
 /*
  * The source pod of the calling task. Its own cgroup is the pod's in the embedded
  * mode; kubelet puts every container (the pause one too) in a child of the pod's
- * cgroup, one or two levels under kubepods by QoS class, so the nearest ancestor
+ * cgroup, one or two levels under kubepods by QoS class, so the ancestor
  * the agent knows is the pod. *cgid is the cgroup that matched (the task's own
  * when none did): events name the pod by it. Unknown: NULL (fail closed where
  * policy applies: no rule names WEBB_IDENTITY_UNKNOWN).
@@ -183,10 +183,13 @@ static __always_inline struct endpoint_value *__source(__u64 *cgid)
 	src = bpf_map_lookup_elem(&webb_cgroups, cgid);
 	if (src)
 		return src;
-	for (level = WEBB_MAX_CGROUP_LEVEL; level > 0; level--) {
+	/* from the root down: a pod's cgroup never holds another pod's, so the first
+	 * known ancestor is the pod; the walk ends at the task's own cgroup (looked up
+	 * above), a few levels down, not at the deepest level there could be */
+	for (level = 1; level <= WEBB_MAX_CGROUP_LEVEL; level++) {
 		id = bpf_get_current_ancestor_cgroup_id(level);
 		if (!id || id == *cgid)
-			continue;	/* deeper than the task, or the task's own */
+			break;
 		src = bpf_map_lookup_elem(&webb_cgroups, &id);
 		if (src) {
 			*cgid = id;

@@ -2,7 +2,7 @@
 
 kubelet (cgroupfs driver) makes ``<root>/kubepods/[burstable|besteffort/]pod<uid>/`` for a pod
 before any of its containers; every container, the pause one too, is a child of it. The
-datapath attaches at ``<root>/kubepods`` and takes the nearest known ancestor of a socket's
+datapath attaches at ``<root>/kubepods`` and takes the known ancestor of a socket's
 cgroup as its pod, so the pod-level cgroup id is the pod's identity (``cgroups``). With the
 systemd driver the same tree is ``kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice``
 (dashes of the uid as underscores).

@@ -11,32 +11,21 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
 
 from tests.cluster.node import KubeNode
-from tests.cluster.starwars import ROOT, deploy, request
+from tests.cluster.starwars import apply_rule1, deploy, request, url, wait_landing
 from tests.cluster.test_install import helm_installed
 
 console = Console()
 NS = "starwars"
-URL = f"http://deathstar.{NS}.svc.cluster.local"
 CASES = (  # pod, method, path, what the outcome must start with
     ("tiefighter", "POST", "/v1/request-landing", "200 Ship landed"),
     ("tiefighter", "PUT", "/v1/exhaust-port", "403 Access denied"),
     ("xwing", "POST", "/v1/request-landing", "PermissionError"),
 )
-
-
-def _until(node: KubeNode, pod: str, method: str, path: str, want: str, timeout_s: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = request(node, NS, pod, method, URL + path)
-        if got.startswith(want) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.5)
 
 
 def main() -> int:
@@ -51,15 +40,13 @@ def main() -> int:
             pods = deploy(node, NS)
             for name, p in pods.items():
                 console.print(f"  pod {name}: {p['status']['podIP']} {p['status']['containerStatuses'][0]['containerID']}")
-            got = _until(node, "tiefighter", "POST", "/v1/request-landing", "200")
+            got = wait_landing(node, NS)
             console.print(f"[bold]Without a policy:[/] tiefighter POST /v1/request-landing → {got}")
             ok &= got.startswith("200")
-            policy = (ROOT / "examples" / "starwars" / "policy.yaml").read_text().replace("namespace: default", f"namespace: {NS}")
-            node.kubectl("apply", "-f", "-", stdin=policy)
+            apply_rule1(node, NS)
             console.print("[bold]With MeshPolicy rule1 (kubectl apply):[/]")
-            _until(node, "xwing", "POST", "/v1/request-landing", "PermissionError")
             for pod, method, path, want in CASES:
-                got = request(node, NS, pod, method, URL + path)
+                got = request(node, NS, pod, method, url(NS, path))
                 good = got.startswith(want)
                 ok &= good
                 console.print(f"  {pod:10} {method:4} {path:22} → {got}  {'[green]as expected[/]' if good else f'[red]expected {want}[/]'}")

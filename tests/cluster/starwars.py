@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster.node import KubeNode
-from tests.cluster.test_node import PYTHON
+from tests.cluster.test_node import PYTHON, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "starwars" / "app.py"
@@ -50,3 +50,25 @@ def deploy(node: KubeNode, ns: str) -> dict[str, dict[str, Any]]:
         pod("xwing", ns, {"org": "alliance", "class": "xwing"}, sleep),
     )
     return {name: node.wait_pod_ready(ns, name) for name in ("deathstar", "tiefighter", "xwing")}
+
+
+def url(ns: str, path: str) -> str:
+    """By name: CoreDNS through its ClusterIP, then the deathstar's ClusterIP, both by Webb's socket LB."""
+    return f"http://deathstar.{ns}.svc.cluster.local{path}"
+
+
+def landing(node: KubeNode, ns: str, pod: str) -> str:
+    return request(node, ns, pod, "POST", url(ns, "/v1/request-landing"))
+
+
+def wait_landing(node: KubeNode, ns: str, timeout_s: float = 60.0) -> str:
+    """The tiefighter's landing once it answers (the pods and the agent may still be starting)."""
+    return str(eventually("landing without a policy", lambda: (r := landing(node, ns, "tiefighter")).startswith("200") and r,
+                          timeout_s))
+
+
+def apply_rule1(node: KubeNode, ns: str, timeout_s: float = 60.0) -> None:
+    """Cilium's rule1 (examples/starwars/policy.yaml) in ``ns``, in force: the xwing refused at connect."""
+    policy = (ROOT / "examples" / "starwars" / "policy.yaml").read_text().replace("namespace: default", f"namespace: {ns}")
+    node.kubectl("apply", "-f", "-", stdin=policy)
+    eventually("the xwing refused at connect", lambda: "PermissionError" in landing(node, ns, "xwing"), timeout_s)

@@ -29,7 +29,7 @@ import pytest
 from datapath.cgroup2 import cgroup2_mount
 from datapath.loader import cleanup
 from tests.cluster.node import KubeNode
-from tests.cluster.starwars import ROOT, deploy, request
+from tests.cluster.starwars import ROOT, apply_rule1, deploy, landing, request, url, wait_landing
 from tests.cluster.test_node import container_id, eventually
 from tools.cluster.images import import_archives
 from tools.image import build as image
@@ -263,27 +263,18 @@ def starwars(kube_node: KubeNode, installed: Install) -> Iterator[str]:
             return all(p["metadata"]["uid"] in ((st["pods"].get(f"{ns}/{n}") or {}).get("cgroup") or "") for n, p in pods.items())
         eventually("the DaemonSet's agent knows the pods' cgroups", known, 30)
 
-        url = f"http://deathstar.{ns}.svc.cluster.local"  # CoreDNS's ClusterIP, then the deathstar's: Webb's socket LB
-        assert eventually("landing without a policy", lambda: request(kube_node, ns, "tiefighter", "POST",
-                                                                         url + "/v1/request-landing").startswith("200"), 60)
-        assert request(kube_node, ns, "xwing", "POST", url + "/v1/request-landing") == "200 Ship landed"
-        policy = (ROOT / "examples" / "starwars" / "policy.yaml").read_text().replace("namespace: default", f"namespace: {ns}")
-        kube_node.kubectl("apply", "-f", "-", stdin=policy)
-        eventually("the xwing refused at connect", lambda: "PermissionError" in request(kube_node, ns, "xwing", "POST",
-                                                                                           url + "/v1/request-landing"), 60)
+        assert wait_landing(kube_node, ns).startswith("200")
+        assert landing(kube_node, ns, "xwing") == "200 Ship landed"
+        apply_rule1(kube_node, ns)
         yield ns
     finally:
         kube_node.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-def _url(ns: str, path: str) -> str:
-    return f"http://deathstar.{ns}.svc.cluster.local{path}"
-
-
 def test_star_wars_enforced_by_the_daemonset_agent(kube_node: KubeNode, installed: Install, starwars: str) -> None:
     ns = starwars
-    assert "PermissionError" in request(kube_node, ns, "xwing", "POST", _url(ns, "/v1/request-landing"))  # cgroup/connect4
-    assert request(kube_node, ns, "tiefighter", "PUT", _url(ns, "/v1/exhaust-port")) == "403 Access denied"  # Envoy's RBAC
+    assert "PermissionError" in request(kube_node, ns, "xwing", "POST", url(ns, "/v1/request-landing"))  # cgroup/connect4
+    assert request(kube_node, ns, "tiefighter", "PUT", url(ns, "/v1/exhaust-port")) == "403 Access denied"  # Envoy's RBAC
 
     def denied() -> list[dict[str, Any]]:
         return [f for f in _agent_flows(kube_node) if f.get("verdict") == "denied"]
@@ -302,7 +293,7 @@ def test_an_allowed_request_passes_the_node_envoy(kube_node: KubeNode, installed
     """The node Envoy runs in the agent pod, under kubelet's kubepods where the programs attach: the
     agent marks its own cgroup as the node proxy's (EP_PROXY), so Envoy's upstream connections pass as
     the host's would, and the L7 policy decides (tiefighter may land)."""
-    assert request(kube_node, starwars, "tiefighter", "POST", _url(starwars, "/v1/request-landing")) == "200 Ship landed"
+    assert request(kube_node, starwars, "tiefighter", "POST", url(starwars, "/v1/request-landing")) == "200 Ship landed"
 
 
 def test_helm_upgrade_keeps_the_mesh_ca(kube_node: KubeNode, installed: Install) -> None:

@@ -18,7 +18,7 @@ import pytest
 from mesh.status import AgentStatus
 from tests.cluster.agent import host_agent
 from tests.cluster.node import KubeNode
-from tests.cluster.starwars import APP, ROOT, deploy, pod, request
+from tests.cluster.starwars import APP, ROOT, apply_rule1, deploy, landing, pod, request, url, wait_landing
 from tests.cluster.test_node import container_id, eventually
 
 pytestmark = [pytest.mark.kube, pytest.mark.root]
@@ -49,18 +49,12 @@ def test_star_wars_on_kubelet_pods(kube_node: KubeNode, agent: Path, ns: str) ->
                    for n, p in pods.items())
     eventually("the agent knows the pods' cgroups", known, 30)
 
-    # by name: CoreDNS through its ClusterIP, then the deathstar's ClusterIP, both by Webb's socket LB
-    url = f"http://deathstar.{ns}.svc.cluster.local"
-    assert eventually("landing without a policy", lambda: request(kube_node, ns, "tiefighter", "POST",
-                                                                     url + "/v1/request-landing").startswith("200"), 60)
-    assert request(kube_node, ns, "xwing", "POST", url + "/v1/request-landing") == "200 Ship landed"
+    assert wait_landing(kube_node, ns).startswith("200")
+    assert landing(kube_node, ns, "xwing") == "200 Ship landed"
 
-    policy = (ROOT / "examples" / "starwars" / "policy.yaml").read_text().replace("namespace: default", f"namespace: {ns}")
-    kube_node.kubectl("apply", "-f", "-", stdin=policy)
-    eventually("the xwing refused at connect", lambda: "PermissionError" in request(kube_node, ns, "xwing", "POST",
-                                                                                       url + "/v1/request-landing"), 60)
-    assert request(kube_node, ns, "tiefighter", "POST", url + "/v1/request-landing") == "200 Ship landed"
-    assert request(kube_node, ns, "tiefighter", "PUT", url + "/v1/exhaust-port") == "403 Access denied"
+    apply_rule1(kube_node, ns)
+    assert landing(kube_node, ns, "tiefighter") == "200 Ship landed"
+    assert request(kube_node, ns, "tiefighter", "PUT", url(ns, "/v1/exhaust-port")) == "403 Access denied"
 
     def denied() -> list[dict[str, Any]]:
         flows = [json.loads(line) for line in (agent / "flows.jsonl").read_text().splitlines()]
