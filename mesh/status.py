@@ -7,8 +7,10 @@ so a reader sees the previous status or the new one, never a part.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -122,3 +124,48 @@ def _known(cls: type, doc: Any) -> dict[str, Any]:
     """The keys of ``doc`` that ``cls`` has (a newer agent may write more; an older one fewer)."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in doc.items() if k in names} if isinstance(doc, dict) else {}
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What one node publishes for the others (mesh.runtime.peers: a file in the cluster directory;
+    mesh.kube.peers: a ConfigMap): its addresses, its pods' IPs, its mTLS ports."""
+
+    node: str
+    wire_ip: str
+    pod_cidr: str
+    gateway: str
+    pods: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # "ns/name" -> {"ip", "ip6"}
+    # mTLS: "pod ip:port" -> the port on wire_ip where this node takes Envoy-originated mTLS for it
+    mtls_ports: Mapping[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"node": self.node, "wire_ip": self.wire_ip, "pod_cidr": self.pod_cidr, "gateway": self.gateway,
+                           "pods": {k: dict(v) for k, v in sorted(self.pods.items())},
+                           "mtls_ports": dict(sorted(self.mtls_ports.items()))}, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> NodeRecord:
+        """A node file, checked: its pod IPs must lie in its pod CIDR."""
+        try:
+            d: Any = json.loads(text)
+            if not isinstance(d, dict) or not isinstance(d.get("pods", {}), dict):
+                raise ValueError("not a JSON object with a 'pods' object")
+            rec = cls(str(d["node"]), str(d.get("wire_ip", "")), str(d["pod_cidr"]), str(d.get("gateway", "")),
+                      {str(k): {"ip": str(v.get("ip", "")), "ip6": str(v.get("ip6", ""))} for k, v in d["pods"].items()},
+                      {str(k): int(v) for k, v in dict(d.get("mtls_ports") or {}).items()})
+            if any(not 0 < p < 65536 for p in rec.mtls_ports.values()):
+                raise ValueError("mtls_ports: a port is outside 1-65535")
+            try:
+                net = ipaddress.ip_network(rec.pod_cidr)
+            except ValueError as e:
+                raise ValueError(f"pod_cidr {rec.pod_cidr!r}: not a pod CIDR ({e}); use a network address and prefix, "
+                                 "e.g. 10.244.1.0/24") from None
+            if net.version != 4:
+                raise ValueError(f"pod_cidr {rec.pod_cidr}: the pod CIDR must be IPv4")
+            for key, p in rec.pods.items():
+                if ipaddress.IPv4Address(p["ip"]) not in net:
+                    raise ValueError(f"pod {key}: IP {p['ip']} is outside the node's pod CIDR {net}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"read node file {where}: {e}") from None
+        return rec

@@ -12,6 +12,7 @@ to put into CR status.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,37 @@ from typing import Any
 from mesh.agent.loop import Agent, AgentConfig
 from mesh.kube.client import api_client
 from mesh.kube.indexer import Indexer
+from mesh.kube.peers import KubePeers
 from mesh.kube.translate import Resource
-from mesh.kube.watch import KubeSource, NodeReporter, api_path, request
+from mesh.kube.watch import ApiError, KubeSource, NodeReporter, api_path, request
 from mesh.runtime.base import PodRuntime
 from mesh.runtime.kubelet import KubeletRuntime
 
 log = logging.getLogger("webb.kube")
 NODES = Resource("", "v1", "nodes")
+PODS = Resource("", "v1", "pods")
+DAEMONSETS = Resource("apps", "v1", "daemonsets")
+
+
+def owner_stays(api: Any, namespace: str, pod: str) -> bool:
+    """Whether the agent's pod is replaced rather than removed: its DaemonSet is still there and
+    not being deleted (``kubectl rollout restart``, an upgrade, a deleted pod) → the next agent of
+    this node adopts the datapath. False when the DaemonSet is gone or going (``helm uninstall``),
+    or the agent runs outside a DaemonSet's pod."""
+    if not (namespace and pod):
+        return False
+    try:
+        meta = (request(api, "GET", api_path(PODS, namespace, pod), timeout_s=5.0).get("metadata") or {})
+        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "DaemonSet"), None)
+        if owner is None:
+            return False
+        ds = (request(api, "GET", api_path(DAEMONSETS, namespace, str(owner["name"])), timeout_s=5.0).get("metadata") or {})
+    except ApiError as e:
+        # gone, or Webb's own account and rights gone with it (helm uninstall deletes them in the same breath)
+        if e.status in (401, 403, 404):
+            return False
+        raise  # the API is away: the agent keeps the datapath (it does not know)
+    return not ds.get("deletionTimestamp") and ds.get("uid") == owner.get("uid")
 
 
 def node_internal_ip(doc: dict[str, Any]) -> str:
@@ -52,24 +77,35 @@ def run_agent(cfg: AgentConfig, kube: str, pod_workdir: Path | None = None, kube
 
     api = api_client(None if kube == "in-cluster" else kube)
     runtime: PodRuntime | None = None
+    peers: KubePeers | None = None
     if pod_workdir is None:  # kubelet's pods
         doc = request(api, "GET", api_path(NODES, "", cfg.node.name))
         if pod_cidr_from_node:
             cfg = replace(cfg, node=replace(cfg.node, pod_cidr=node_pod_cidr(doc, cfg.node.name)))
         cfg = replace(cfg, proxy_ip=cfg.proxy_ip or node_internal_ip(doc) or cfg.node.gateway)
+        # the node's address for the other nodes' tunnels: its InternalIP, as for the node proxy
+        cfg = replace(cfg, wire_ip=cfg.wire_ip or cfg.proxy_ip)
         runtime = KubeletRuntime(cfg.node.name, kubelet_cgroup_root or cgroup2_mount(), cgroup_driver, [cfg.node.service_cidr])
+        peers = KubePeers(api, cfg.node.name, cfg.wire_ip, cfg.node.pod_cidr, cfg.node.gateway)
     source = KubeSource(api, Indexer(base_dir=pod_workdir))
     reporter = NodeReporter(api, cfg.node.name, cfg.state_dir, source, patch_pod_ips=pod_workdir is not None)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     source.start()
     try:
+        if peers is not None:
+            peers.start()
         reporter.start()
-        Agent(cfg, source, runtime).run()
+        # in the DaemonSet's pod (POD_NAMESPACE/POD_NAME from the downward API): a restart keeps the datapath
+        pod_ns, pod_name = os.environ.get("POD_NAMESPACE", ""), os.environ.get("POD_NAME", "")
+        keep = (lambda: owner_stays(api, pod_ns, pod_name)) if runtime is not None else None
+        Agent(cfg, source, runtime, peers, keep).run()
         try:
             reporter.report_once()  # the final state (running: false)
         except Exception as e:  # noqa: BLE001 - the API may be away at shutdown; the node stopped cleanly anyway
             log.warning("final node report: %s", e)
     finally:
         reporter.stop()
+        if peers is not None:
+            peers.stop()
         source.stop()
         api.close()

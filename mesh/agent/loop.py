@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from mesh.plan.tunnels import proxy_id
 from mesh.runtime.base import PodRuntime
 from mesh.runtime.embedded import EmbeddedRuntime
 from mesh.runtime.local import LocalNode, NodeConfig
-from mesh.runtime.peers import ClusterSource, Peers, split_pods
+from mesh.runtime.peers import ClusterSource, PeerDirectory, Peers, split_pods
 from mesh.source import Source, StandaloneSource, directory_version
 from mesh.status import AgentStatus, Applied, EnvoyTypeStatus, ServiceStatus
 from xds.cache import Snapshot, SnapshotCache
@@ -91,15 +92,21 @@ def source_version(directory: Path) -> str:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, source: Source | None = None, runtime: PodRuntime | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, source: Source | None = None, runtime: PodRuntime | None = None,
+                 peers: PeerDirectory | None = None, keep_on_stop: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
+        # asked once, at stop: True leaves the node to the next agent (an upgrade: programs, maps and
+        # routes stay and keep enforcing; the next agent adopts them); default: Webb leaves the node
+        self.keep_on_stop = keep_on_stop or (lambda: False)
         # whatever runs this node's pods: the embedded runtime (pods as network namespaces) by default
         self.runtime: PodRuntime = runtime or EmbeddedRuntime(LocalNode(cfg.node))
         # the manifest directory, or the API server (mesh.kube.watch.KubeSource)
         self.source: Source = source or StandaloneSource(cfg.manifests, cfg.node.service_cidr, cfg.node.service_cidr6)
-        self.peers: Peers | None = None
-        if cfg.cluster_dir is not None:  # several nodes: the others' pod IPs laid over the source
+        # several nodes: the other nodes' records (tunnel address, mTLS ports; pod IPs in the embedded mode)
+        self.peers: PeerDirectory | None = peers
+        if peers is None and cfg.cluster_dir is not None:
             self.peers = Peers(cfg.cluster_dir, cfg.node.name, cfg.wire_ip, cfg.node.pod_cidr, cfg.node.gateway)
+        if self.peers is not None:
             self.source = ClusterSource(self.source, self.peers)
         self.cache = SnapshotCache()
         self.flows = FlowLog(cfg.state_dir / "flows.jsonl")
@@ -174,6 +181,7 @@ class Agent:
                         log.warning("sockmap acceleration %s", st.reason)
                 self._collect(tail)
                 if time.monotonic() - written >= STATUS_INTERVAL_S:
+                    self._publish()  # again, in case the last one failed (the API was away)
                     self._write_status()
                     written = time.monotonic()
         finally:
@@ -194,18 +202,25 @@ class Agent:
         self._next_canary = time.monotonic() + self.cfg.canary_interval_s
 
     def _shutdown(self, xds: XdsServer) -> None:
+        try:
+            keep = self.keep_on_stop()
+        except Exception as e:  # noqa: BLE001 - unsure: keep enforcing (the next agent adopts; an uninstall says so again)
+            log.warning("whether to leave the node to a next agent: %s; keeping the datapath", e)
+            keep = True
+        if keep:
+            log.info("stopping for a next agent: programs, maps and routes stay (pinned) and keep enforcing")
         if self.tunnels is not None:
             self.tunnels.stop()
         if self.accel is not None:
             self.accel.stop()
         if self.datapath is not None:
-            self.datapath.close(unpin=True)
+            self.datapath.close(unpin=not keep)
         if self.envoy is not None:
             self.envoy.stop()
         xds.stop()
-        if self.peers is not None:
+        if self.peers is not None and not keep:
             self.peers.withdraw()
-        self.runtime.teardown()
+        self.runtime.teardown(keep=keep)
         self._write_status(running=False)
 
     # ---- one reconcile pass ----

@@ -76,10 +76,17 @@ def request(api: Any, method: str, path: str, body: Any = None, query: dict[str,
 def watch_kind(api: Any, kind: str, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event,
                synced: threading.Event | None = None) -> None:
     """List, then watch, until ``stop``; ``on_event(type, object)`` with type ADDED/MODIFIED/DELETED/SYNC."""
-    res = RESOURCES[kind]
+    watch_resource(api, RESOURCES[kind], on_event, stop, synced)
+
+
+def watch_resource(api: Any, res: Resource, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event,
+                   synced: threading.Event | None = None, namespace: str = "", label_selector: str = "") -> None:
+    """``watch_kind`` for any resource, in one namespace ("" = all) and with a label selector."""
+    kind = f"{res.plural} in {namespace}" if namespace else res.plural
+    selector = {"labelSelector": label_selector} if label_selector else {}
     while not stop.is_set():
         try:
-            listed = request(api, "GET", api_path(res))
+            listed = request(api, "GET", api_path(res, namespace), query=selector or None)
             seen = set()
             for item in listed.get("items") or []:
                 on_event("ADDED", item)
@@ -90,7 +97,7 @@ def watch_kind(api: Any, kind: str, on_event: Callable[[str, dict[str, Any]], No
                 synced.set()
             rv = str(listed["metadata"].get("resourceVersion", ""))
             while not stop.is_set():
-                rv = _watch_round(api, res, rv, on_event)
+                rv = _watch_round(api, res, rv, on_event, namespace, selector)
         except _GoneError:
             continue
         except Exception as e:  # noqa: BLE001 - a watch must outlive an API server hiccup; it says why
@@ -102,9 +109,11 @@ class _GoneError(Exception):
     pass
 
 
-def _watch_round(api: Any, res: Resource, rv: str, on_event: Callable[[str, dict[str, Any]], None]) -> str:
-    resp = _send(api, "GET", api_path(res), {"watch": "true", "resourceVersion": rv, "timeoutSeconds": WATCH_ROUND_S,
-                                          "allowWatchBookmarks": "true"}, None, "application/json", WATCH_ROUND_S + 10)
+def _watch_round(api: Any, res: Resource, rv: str, on_event: Callable[[str, dict[str, Any]], None], namespace: str = "",
+                 selector: dict[str, str] | None = None) -> str:
+    resp = _send(api, "GET", api_path(res, namespace), {"watch": "true", "resourceVersion": rv, "timeoutSeconds": WATCH_ROUND_S,
+                                                        "allowWatchBookmarks": "true", **(selector or {})},
+                 None, "application/json", WATCH_ROUND_S + 10)
     buf = b""
     try:
         for chunk in resp.stream(decode_content=True):
@@ -287,6 +296,7 @@ def node_report(st: AgentStatus, generations: dict[str, dict[str, int]], audit: 
         "node": st.node, "running": st.running,
         "planVersion": a.plan_version, "datapathVersion": a.datapath_version, "envoyVersion": a.envoy_version,
         # the generations of the source version the datapath and Envoy last applied
-        "generations": generations.get(a.applied_source_version or a.source_version, {}) if a.plan_version else {},
+        # (several nodes: the agent's version is "<source>+<peers>"; the generations are the source's)
+        "generations": generations.get((a.applied_source_version or a.source_version).split("+")[0], {}) if a.plan_version else {},
         "envoyRejected": st.rejected(), "errors": list(st.errors), "auditWouldDeny": dict(audit),
     }

@@ -23,8 +23,9 @@ class PodRuntime(Protocol):
     def setup(self) -> None:
         """Make the node ready (bridge, routes, cgroups), adopting what a killed agent left."""
 
-    def teardown(self) -> None:
-        """Remove what ``setup`` and the pods made."""
+    def teardown(self, keep: bool = False) -> None:
+        """Remove what ``setup`` and the pods made; ``keep``: the node stays as it is for the next
+        agent (an upgrade: its pods run on and the pinned programs keep enforcing)."""
 
     def run(self, pods: Sequence[Pod]) -> tuple[Pod, ...]:
         """Make exactly these pods (this node's) exist; return them with their addresses and node."""

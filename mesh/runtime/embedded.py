@@ -26,8 +26,8 @@ class EmbeddedRuntime:
     def setup(self) -> None:
         self.node.setup()
 
-    def teardown(self) -> None:
-        self.node.teardown()
+    def teardown(self, keep: bool = False) -> None:
+        self.node.teardown()  # the embedded runtime's pods are its own: they go with it
 
     def run(self, pods: Sequence[Pod]) -> tuple[Pod, ...]:
         wanted = {p.key for p in pods}

@@ -23,14 +23,17 @@ from mesh.model import Pod
 from mesh.runtime import cgroups
 from mesh.status import PodStatus
 
+# the protocol number of the blackhole routes Webb adds on a node: a route says itself whose it is,
+# so an agent that adopted a node from its predecessor (an upgrade) removes at the end what Webb
+# added, and never a route the node's admin put there
+RTPROT_WEBB = 87
 
-def _is_blackhole(ipr: object, cidr: str) -> bool:
-    """Whether the main table already has exactly this blackhole route."""
+
+def _blackholes(ipr: object, cidr: str) -> list[int]:
+    """The protocol numbers of the main table's blackhole routes for exactly ``cidr``."""
     net, _, plen = cidr.partition("/")
-    for r in ipr.get_routes(type="blackhole"):  # type: ignore[attr-defined]
-        if r.get_attr("RTA_DST") == net and str(r["dst_len"]) == plen:
-            return True
-    return False
+    return [int(r["proto"]) for r in ipr.get_routes(type="blackhole")  # type: ignore[attr-defined]
+            if r.get_attr("RTA_DST") == net and str(r["dst_len"]) == plen]
 
 
 QOS_DIRS = {"Guaranteed": "", "Burstable": "burstable", "BestEffort": "besteffort"}
@@ -48,7 +51,6 @@ class KubeletRuntime:
         self.driver = driver
         self._pods: dict[str, Pod] = {}
         self.service_cidrs = tuple(service_cidrs)
-        self._added: list[str] = []  # blackhole routes this runtime added (and removes at teardown)
 
     @property
     def pods_cgroup(self) -> Path:
@@ -65,24 +67,24 @@ class KubeletRuntime:
 
             with IPRoute() as ipr:
                 for cidr in self.service_cidrs:
-                    if not _is_blackhole(ipr, cidr):
-                        blackhole(ipr, cidr)
-                        self._added.append(cidr)
+                    if not _blackholes(ipr, cidr):
+                        blackhole(ipr, cidr, RTPROT_WEBB)
 
-    def teardown(self) -> None:
-        """The pods are kubelet's: they keep running (the pinned programs keep enforcing). Only the
-        blackhole routes this runtime added go (a route that was there before stays)."""
-        if not self._added:
+    def teardown(self, keep: bool = False) -> None:
+        """The pods are kubelet's: they keep running. Without ``keep`` (Webb leaves the node), the
+        blackhole routes Webb added go (``RTPROT_WEBB``; one the admin made stays); with it (an
+        upgrade) they stay, for the next agent."""
+        if keep or not self.service_cidrs:
             return
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            for cidr in self._added:
-                try:
-                    ipr.route("del", dst=cidr, type="blackhole")
-                except Exception:  # noqa: BLE001, S110 - already gone
-                    pass
-        self._added = []
+            for cidr in self.service_cidrs:
+                if RTPROT_WEBB in _blackholes(ipr, cidr):
+                    try:
+                        ipr.route("del", dst=cidr, type="blackhole", proto=RTPROT_WEBB)
+                    except Exception:  # noqa: BLE001, S110 - already gone
+                        pass
 
     def run(self, pods: Sequence[Pod]) -> tuple[Pod, ...]:
         self._pods = {p.key: p for p in pods}

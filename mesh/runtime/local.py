@@ -345,11 +345,12 @@ class LocalNode:
             _del_netns(sb.netns)
 
 
-def blackhole(ipr: IPRoute, cidr: str) -> None:
+def blackhole(ipr: IPRoute, cidr: str, proto: int | None = None) -> None:
     """Route ``cidr`` to a blackhole in ``ipr``'s netns (idempotent): a VIP the datapath did not
-    rewrite fails at once there instead of leaving (DESIGN safety rule)."""
+    rewrite fails at once there instead of leaving (DESIGN safety rule). ``proto``: the route's
+    protocol number (who owns it)."""
     try:
-        ipr.route("add", dst=cidr, type="blackhole")
+        ipr.route("add", dst=cidr, type="blackhole", **({"proto": proto} if proto is not None else {}))
     except Exception as e:  # pyroute2 raises NetlinkError
         if getattr(e, "code", None) != errno.EEXIST:
             raise

@@ -19,17 +19,17 @@ without one runs nowhere and is reported; without (one node), it runs here, as a
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from mesh.model import ClusterState, Pod
-from mesh.runtime import cidrs
 from mesh.source import Source
+from mesh.status import NodeRecord
+
+__all__ = ["ClusterSource", "NodeRecord", "PeerDirectory", "Peers", "node_file", "split_pods"]
 
 NODES_DIR = "nodes"
 
@@ -46,44 +46,6 @@ def split_pods(pods: Iterable[Pod], node: str) -> tuple[list[Pod], list[Pod]]:
     for p in pods:
         (mine if p.node in ("", node) else others).append(p)
     return mine, others
-
-
-@dataclass(frozen=True)
-class NodeRecord:
-    """What one node published: its addresses and its pods' IPs."""
-
-    node: str
-    wire_ip: str
-    pod_cidr: str
-    gateway: str
-    pods: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # "ns/name" -> {"ip", "ip6"}
-    # mTLS: "pod ip:port" -> the port on wire_ip where this node takes Envoy-originated mTLS for it
-    mtls_ports: Mapping[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps({"node": self.node, "wire_ip": self.wire_ip, "pod_cidr": self.pod_cidr, "gateway": self.gateway,
-                           "pods": {k: dict(v) for k, v in sorted(self.pods.items())},
-                           "mtls_ports": dict(sorted(self.mtls_ports.items()))}, indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def parse(cls, text: str, where: str) -> NodeRecord:
-        """A node file, checked: its pod IPs must lie in its pod CIDR."""
-        try:
-            d: Any = json.loads(text)
-            if not isinstance(d, dict) or not isinstance(d.get("pods", {}), dict):
-                raise ValueError("not a JSON object with a 'pods' object")
-            rec = cls(str(d["node"]), str(d.get("wire_ip", "")), str(d["pod_cidr"]), str(d.get("gateway", "")),
-                      {str(k): {"ip": str(v.get("ip", "")), "ip6": str(v.get("ip6", ""))} for k, v in d["pods"].items()},
-                      {str(k): int(v) for k, v in dict(d.get("mtls_ports") or {}).items()})
-            if any(not 0 < p < 65536 for p in rec.mtls_ports.values()):
-                raise ValueError("mtls_ports: a port is outside 1-65535")
-            net = cidrs.parse(rec.pod_cidr, "pod_cidr", "pod CIDR", version=4).net
-            for key, p in rec.pods.items():
-                if ipaddress.IPv4Address(p["ip"]) not in net:
-                    raise ValueError(f"pod {key}: IP {p['ip']} is outside the node's pod CIDR {net}")
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"read node file {where}: {e}") from None
-        return rec
 
 
 class Peers:
@@ -181,10 +143,27 @@ class Peers:
         return replace(state, pods=tuple(pods), errors=tuple(state.errors) + tuple(errors))
 
 
-class ClusterSource:
-    """A source (the manifest directory) with the other nodes' pod IPs laid over it."""
+class PeerDirectory(Protocol):
+    """Where the nodes find each other: ``Peers`` (files in a cluster directory, the embedded mode)
+    or ``mesh.kube.peers.KubePeers`` (ConfigMaps, in a cluster)."""
 
-    def __init__(self, inner: Source, peers: Peers) -> None:
+    errors: list[str]
+
+    def version(self) -> str: ...
+
+    def read(self) -> dict[str, NodeRecord]: ...
+
+    def assign(self, state: ClusterState) -> ClusterState: ...
+
+    def publish(self, pods: Mapping[str, tuple[str, str]], mtls_ports: Mapping[str, int] | None = None) -> bool: ...
+
+    def withdraw(self) -> None: ...
+
+
+class ClusterSource:
+    """A source (the manifest directory, or the API) with the other nodes' records laid over it."""
+
+    def __init__(self, inner: Source, peers: PeerDirectory) -> None:
         self.inner = inner
         self.peers = peers
         self.errors: list[str] = []

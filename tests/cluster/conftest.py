@@ -14,7 +14,11 @@ from tests.cluster.node import KubeNode
 def kube_node() -> Iterator[KubeNode]:
     """webb-kn1, Ready (tests/cluster/node.py). At the end of the session it is stopped, and the teardown
     fails if anything of it is left on the host (process, mount, cgroup, bridge, route, sysctl, directory)."""
-    node = KubeNode()
+    yield from running(KubeNode())
+
+
+def running(node: KubeNode) -> Iterator[KubeNode]:
+    """``node`` started, yielded, stopped; the teardown fails if anything of it is left on the host."""
     try:
         node.start()
         yield node

@@ -91,6 +91,7 @@ class NodeConfig:
     cgroup_root: str = "webbkube"
     number: int = 1  # of numbered(): the CLI's --node
     coredns: bool = True
+    server: str = ""  # a worker: the node whose control plane it joins ("" = it runs its own)
     run_root: Path = Path("/run/webb-kube")
     state_root: Path = Path("/var/lib/webb-kube")
 
@@ -105,6 +106,18 @@ class NodeConfig:
             return cls()
         return cls(name=f"webb-kn{n}", bridge=f"webbkn{n - 1}", pod_cidr=f"10.{119 + n}.0.0/24", cluster_cidr=f"10.{119 + n}.0.0/16",
                    service_cidr=f"10.122.{n - 1}.0/24", cgroup_root=f"webbkube{n}", number=n)
+
+    def worker(self, n: int) -> NodeConfig:
+        """Worker ``n`` (2-4) of this node's cluster: webb-kn<n>, bridge webbkn<n-1>, the (n-1)-th /24 of the
+        cluster CIDR as its pods' range, the same service range, cgroup /webbkube<n>; no control plane of its own."""
+        if not 2 <= n <= 4 or self.server:
+            raise ValueError(f"worker {n} of {self.name}: 2 to 4, of a node that runs a control plane")
+        net = ipaddress.ip_network(self.cluster_cidr)
+        prefix = ipaddress.ip_network(self.pod_cidr).prefixlen
+        pods = str(list(net.subnets(new_prefix=prefix))[n - 1])
+        return NodeConfig(name=f"webb-kn{n}", bridge=f"webbkn{n - 1}", pod_cidr=pods, cluster_cidr=self.cluster_cidr,
+                          service_cidr=self.service_cidr, cgroup_root=f"webbkube{n}", number=n, coredns=False,
+                          server=self.name, run_root=self.run_root, state_root=self.state_root)
 
     @property
     def run_dir(self) -> Path:
@@ -183,10 +196,15 @@ class Proc:
 
 
 class KubeNode:
-    """A one-node cluster: ``start()``, use, ``stop()`` (or a ``with`` block). See the module's doc."""
+    """A one-node cluster: ``start()``, use, ``stop()`` (or a ``with`` block). See the module's doc.
+    ``KubeNode(server.config.worker(2), server=server)`` is a second node of ``server``'s cluster:
+    its own bridge, cgroup root, containerd and kubelet, registered with ``server``'s API server."""
 
-    def __init__(self, config: NodeConfig | None = None) -> None:
+    def __init__(self, config: NodeConfig | None = None, server: KubeNode | None = None) -> None:
         self.config = config or NodeConfig()
+        self.server = server
+        if (server is None) != (not self.config.server) or (server is not None and server.name != self.config.server):
+            raise ValueError(f"node {self.config.name}: config.server {self.config.server!r} and the server node given differ")
         self.procs: dict[str, Proc] = {}
         self.timings: dict[str, float] = {}
         self.api_url = ""
@@ -194,6 +212,7 @@ class KubeNode:
         self._record: Record | None = None
         self._guard: subprocess.Popen[bytes] | None = None
         self._tools: Tools | None = None
+        self.pki: Any = None  # tests.cluster.pki.ClusterPki, once started (a worker's CA is its server's)
         self.health_ports: dict[str, int] = {}
         self.sysctls_restored: list[str] = []  # "name: kubelet's value -> the host's", put back during start
         self._t0 = 0.0
@@ -227,7 +246,7 @@ class KubeNode:
 
     @property
     def kubeconfig(self) -> Path:
-        return self.config.state_dir / "admin.kubeconfig"
+        return self.server.kubeconfig if self.server is not None else self.config.state_dir / "admin.kubeconfig"
 
     @property
     def containerd_socket(self) -> Path:
@@ -345,6 +364,9 @@ class KubeNode:
         assert rec is not None
         self._start_guard()
 
+        if self.server is not None:
+            self._start_worker(tools, self.server)
+            return
         # the service range leads nowhere on this host: nothing may reach a real network through it
         rec.blackhole_added = True
         rec.save()
@@ -361,7 +383,7 @@ class KubeNode:
 
         self.api_port = free_port(cfg.node_ip)
         self.api_url = f"https://{cfg.node_ip}:{self.api_port}"
-        pki = make_cluster_pki(cfg.state_dir / "pki", cfg.name, [cfg.node_ip, cfg.api_service_ip])
+        self.pki = pki = make_cluster_pki(cfg.state_dir / "pki", cfg.name, [cfg.node_ip, cfg.api_service_ip])
         for client, file in (("admin", "admin"), ("node", "kubelet"), ("controller-manager", "controller-manager"),
                              ("scheduler", "scheduler")):
             write_kubeconfig(cfg.state_dir / f"{file}.kubeconfig", self.api_url, pki, client)
@@ -371,9 +393,7 @@ class KubeNode:
 
         # containerd (and the image import) and etcd + kube-apiserver come up side by side; every
         # process is started from this thread, only the waiting happens in the other
-        self._spawn("containerd", ["/usr/bin/containerd", "--config", str(cfg.state_dir / "etc" / "containerd.toml")],
-                    env={"HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "NO_PROXY": "", "http_proxy": DEAD_PROXY,
-                         "https_proxy": DEAD_PROXY, "no_proxy": ""})
+        self._containerd()
         with ThreadPoolExecutor(1) as pool:
             images: Future[None] = pool.submit(self._containerd_images, tools)
             self._etcd_and_apiserver(tools, pki)
@@ -381,8 +401,19 @@ class KubeNode:
         self._mark("containerd up, images imported")
 
         self._start_controllers(tools, pki)
-        k = tools.kube
-        self._spawn("kubelet", [str(k / "kubelet"), "--config", str(cfg.state_dir / "etc" / "kubelet.yaml"),
+        self._kubelet(tools)
+        self._wait_accounts()
+        self._mark("service accounts ready")
+        if cfg.coredns:
+            self.deploy_coredns()
+            self._mark("CoreDNS deployed")
+        rec.ready = True
+        self._mark("up")
+
+    def _kubelet(self, tools: Tools) -> None:
+        cfg, rec = self.config, self._record
+        assert rec is not None
+        self._spawn("kubelet", [str(tools.kube / "kubelet"), "--config", str(cfg.state_dir / "etc" / "kubelet.yaml"),
                                 "--kubeconfig", str(cfg.state_dir / "kubelet.kubeconfig"),
                                 "--root-dir", str(cfg.state_dir / "kubelet"), "--cert-dir", str(cfg.state_dir / "kubelet-pki"),
                                 "--hostname-override", cfg.name, "--node-ip", cfg.node_ip, "--v", "2"])
@@ -390,11 +421,36 @@ class KubeNode:
         self._mark("node Ready")
         self.sysctls_restored += cleanup.restore_sysctls(rec.sysctls)  # kubelet set them once, at its start
         (self.logs / "sysctls.log").write_text("".join(f"kubelet set, put back: {n}\n" for n in self.sysctls_restored))
-        self._wait_accounts()
-        self._mark("service accounts ready")
-        if cfg.coredns:
-            self.deploy_coredns()
-            self._mark("CoreDNS deployed")
+
+    def _start_worker(self, tools: Tools, server: KubeNode) -> None:
+        """A second node: bridge, cgroups, containerd and kubelet, registered with the server's API server. Its Node
+        is made first with its pod range (the controller-manager keeps a podCIDR set before it sees the Node), and
+        both bridges forward (pods of one node reach the other's directly; each setting goes with its bridge)."""
+        from tests.cluster.pki import issue_node_client, write_kubeconfig
+
+        cfg, rec = self.config, self._record
+        assert rec is not None and server.api_url and server.pki is not None
+        rec.bridge_added = True
+        rec.save()
+        self._bridge()
+        for bridge in (cfg.bridge, server.config.bridge):
+            Path(f"/proc/sys/net/ipv4/conf/{bridge}/forwarding").write_text("1\n")
+        rec.cgroups_added = True
+        rec.save()
+        self._cgroups()
+        self._mark("host prepared")
+        self.api_url, self.api_port = server.api_url, server.api_port
+        pki = issue_node_client(server.pki, cfg.state_dir / "pki", cfg.name)
+        write_kubeconfig(cfg.state_dir / "kubelet.kubeconfig", self.api_url, pki, "node")
+        self._write_configs(pki.base.ca_cert)
+        rec.api_url, rec.kubeconfig, rec.kubectl = self.api_url, str(self.kubeconfig), str(self.kubectl_path)
+        self.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": cfg.name},
+                    "spec": {"podCIDR": cfg.pod_cidr, "podCIDRs": [cfg.pod_cidr]}})
+        self._mark("configs, PKI and Node written")
+        self._containerd()
+        self._containerd_images(tools)
+        self._mark("containerd up, images imported")
+        self._kubelet(tools)
         rec.ready = True
         self._mark("up")
 
@@ -410,7 +466,7 @@ class KubeNode:
             print(f"kube node {cfg.name}: cleaned up after a dead run: {notes}", file=sys.stderr)
         if cleanup.link_exists(cfg.bridge):
             raise RuntimeError(f"bridge {cfg.bridge} already exists (not this harness's): refusing to start")
-        if cleanup.blackhole_present(cfg.service_cidr):
+        if not cfg.server and cleanup.blackhole_present(cfg.service_cidr):
             raise RuntimeError(f"a blackhole route for {cfg.service_cidr} already exists: refusing to start")
         if cleanup.cgroup_procs(cfg.cgroup_root):
             raise RuntimeError(f"cgroup {cfg.cgroup_root} has processes: another kubelet uses it")
@@ -582,6 +638,11 @@ maxPods: 50
         tails = "\n".join(f"--- {n} ---\n{self.procs[n].tail()}" for n in watch)
         raise TimeoutError(f"kube node {self.name}: {what} not ready after {timeout_s:.0f} s\n{tails}")
 
+    def _containerd(self) -> None:
+        self._spawn("containerd", ["/usr/bin/containerd", "--config", str(self.config.state_dir / "etc" / "containerd.toml")],
+                    env={"HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "NO_PROXY": "", "http_proxy": DEAD_PROXY,
+                         "https_proxy": DEAD_PROXY, "no_proxy": ""})
+
     def _containerd_images(self, tools: Tools) -> None:
         from tools.cluster import images
 
@@ -676,7 +737,7 @@ maxPods: 50
                 return False
             if node["spec"]["podCIDR"] != cfg.pod_cidr:
                 raise AssertionError(f"node {cfg.name} got podCIDR {node['spec']['podCIDR']}, the CNI range is {cfg.pod_cidr}")
-            return self._healthz("kube-controller-manager") and self._healthz("kube-scheduler")
+            return self.server is not None or (self._healthz("kube-controller-manager") and self._healthz("kube-scheduler"))
 
         try:
             self._wait(f"node {cfg.name} Ready with podCIDR {cfg.pod_cidr}", ready, NODE_READY_S, list(self.procs))
@@ -735,13 +796,18 @@ maxPods: 50
         assert rec is not None
         notes = cleanup.stop_daemons([(n, rec.daemons[n]) for n in ("kube-controller-manager", "kube-scheduler") if n in rec.daemons])
         alive = {n for n, d in rec.daemons.items() if cleanup.is_alive(d)}
-        if not {"kube-apiserver", "kubelet", "containerd"} <= alive:
+        server = self.server._record if self.server is not None else rec
+        api = server.daemons.get("kube-apiserver") if server is not None else None
+        if api is None or not cleanup.is_alive(api) or not {"kubelet", "containerd"} <= alive:
             return notes
-        self.kubectl("delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--wait=false", timeout_s=30)
+        mine = ["--field-selector", f"spec.nodeName={self.name}"] if self.server is not None else []
+        self.kubectl("delete", "pods", "--all", "--all-namespaces", *mine, "--grace-period=1", "--wait=false", timeout_s=30)
         deadline = time.monotonic() + POD_DELETE_S
         while time.monotonic() < deadline:
-            pods = self.kubectl("get", "pods", "-A", "-o", "name", timeout_s=10).stdout.split()
+            pods = self.kubectl("get", "pods", "-A", *mine, "-o", "name", timeout_s=10).stdout.split()
             if not pods and not self.task_pids():
+                if self.server is not None:  # the cluster forgets this node (its pods are gone)
+                    self.kubectl("delete", "node", self.name, "--ignore-not-found", "--wait=false", timeout_s=30)
                 return notes
             time.sleep(0.2)
         notes.append(f"pods still there after {POD_DELETE_S:.0f} s: forced")

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.kube import pki as base
@@ -109,3 +110,19 @@ def write_kubeconfig(path: Path, url: str, pki: ClusterPki, client: str) -> None
     }
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
+
+
+def issue_node_client(pki: ClusterPki, directory: Path, node: str) -> ClusterPki:
+    """Another node's kubelet certificate (CN=system:node:<node>) from the cluster's CA, in ``directory``:
+    a ClusterPki there whose "node" client is that kubelet (the CA and the other files stay the cluster's)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    ca = x509.load_pem_x509_certificate(pki.base.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    cn, org = CLIENTS["node"]
+    cert, key = base._leaf(cn.format(node=node), org, ExtendedKeyUsageOID.CLIENT_AUTH, ca, ca_key)
+    out = ClusterPki(directory, pki.base)
+    base._write_cert(out.cert("node"), cert)
+    base._write_key(out.key("node"), key)
+    return out

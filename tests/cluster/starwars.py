@@ -25,9 +25,10 @@ except urllib.error.URLError as e:
 """
 
 
-def pod(name: str, ns: str, labels: dict[str, str], command: list[str]) -> dict[str, Any]:
+def pod(name: str, ns: str, labels: dict[str, str], command: list[str], node: str = "") -> dict[str, Any]:
+    """A pod of the test image with the app mounted; ``node``: run it there (no scheduling)."""
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "spec": {"terminationGracePeriodSeconds": 1,
+            "spec": {"terminationGracePeriodSeconds": 1, **({"nodeName": node} if node else {}),
                      "containers": [{"name": "main", "image": PYTHON, "imagePullPolicy": "Never", "command": command,
                                      "volumeMounts": [{"name": "app", "mountPath": "/app"}]}],
                      "volumes": [{"name": "app", "configMap": {"name": "starwars"}}]}}

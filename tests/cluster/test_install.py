@@ -29,6 +29,7 @@ import pytest
 from datapath.cgroup2 import cgroup2_mount
 from datapath.loader import cleanup
 from tests.cluster.node import KubeNode
+from tests.cluster.rollout import deploy_echo, rollout_under_load
 from tests.cluster.starwars import ROOT, apply_rule1, deploy, landing, request, url, wait_landing
 from tests.cluster.test_node import container_id, eventually
 from tools.cluster.images import import_archives
@@ -296,6 +297,28 @@ def test_an_allowed_request_passes_the_node_envoy(kube_node: KubeNode, installed
     assert request(kube_node, starwars, "tiefighter", "POST", url(starwars, "/v1/request-landing")) == "200 Ship landed"
 
 
+def test_rollout_restart_of_the_agent_drops_no_connection(kube_node: KubeNode, installed: Install, starwars: str) -> None:
+    """``kubectl rollout restart`` of the agent DaemonSet under load: the old agent leaves the pinned datapath
+    in place (its DaemonSet stays), the new one adopts it. No L4 connection is dropped, held or new; the
+    L7 requests pause while Envoy (the agent pod's) restarts: measured and printed, and they come back."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    kube_node.kubectl("create", "namespace", ns)
+    try:
+        deploy_echo(kube_node, ns)
+        res = rollout_under_load(kube_node, ns, (starwars, "tiefighter", url(starwars, "/v1/request-landing")))
+    finally:
+        kube_node.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    print(f"\nrollout restart under load: {json.dumps(res)}", file=sys.stderr)
+    installed.timings["rollout restart"] = res["rollout_s"]
+    assert res["agent_replaced"], res
+    assert res["held"]["ok"] > 0 and res["held"]["failed"] == 0, res["held"]
+    assert res["new"]["ok"] > 0 and res["new"]["failed"] == 0, res["new"]
+    assert res["l7"]["ok"] > 0, res["l7"]
+    logs = kube_node.kubectl("-n", NS, "logs", "ds/webb-agent", "-c", "agent").stdout
+    assert "datapath adopted from pins" in logs, logs[-2000:]
+    assert "PermissionError" in landing(kube_node, starwars, "xwing")  # rule1 in force all along, and after
+
+
 def test_helm_upgrade_keeps_the_mesh_ca(kube_node: KubeNode, installed: Install) -> None:
     """The CA is made at install time and looked up at upgrade: workload identities stay valid."""
     before = kube_node.get("-n", NS, "secret", "webb-ca")["data"]
@@ -320,11 +343,8 @@ def test_helm_uninstall_leaves_nothing_of_webb_on_the_host(kube_node: KubeNode, 
     installed.timings["helm uninstall to nothing left"] = round(time.monotonic() - t0, 1)
     after = host_state(installed.pods_cgroup)
     left = {k: sorted(set(v) - set(installed.before[k])) for k, v in after.items() if set(v) - set(installed.before[k])}
-    # known: the agent blackholes its service ranges in the node and never removes them (mesh/runtime/kubelet.py:
-    # teardown does nothing); the fixture removes them, docs/install.md says so
-    ranges = [r for r in left.pop("blackhole routes", []) if r.split()[1] in (kube_node.service_cidr, SERVICE_CIDR6)]
-    if ranges:
-        print(f"\nthe agent left its service-range blackhole routes: {ranges}", file=sys.stderr)
+    # the DaemonSet went first: the agent saw it was leaving the node (not restarting) and removed its
+    # programs, pins and the blackhole routes it added (RTPROT_WEBB), the ones adopted from a predecessor too
     assert not left, f"left on the host after helm uninstall: {left}"
     for kind in ("daemonset", "deployment", "clusterrole", "clusterrolebinding", "ingressclass"):
         names = kube_node.kubectl("get", kind, "-A", "-o", "name").stdout.split()

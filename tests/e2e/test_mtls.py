@@ -24,8 +24,9 @@ import pytest
 
 from mesh.runtime.cluster import Wire
 from mesh.runtime.local import call_in_netns as in_ns
+from tests.capture import Capture
 from tests.conftest import SLOW
-from tests.e2e.test_multinode import CLUSTER_CIDR, NODES, Capture, MultiNode, _curl, _vip
+from tests.e2e.test_multinode import CLUSTER_CIDR, NODES, MultiNode, _curl, _vip
 from tunnel.ktls import kernel_has_ktls
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns
 
 from datapath.loader import cleanup, pin_dir_for
 from mesh.runtime.cluster import Wire, WireNode
 from mesh.runtime.local import NETNS_DIR, LocalNode, NodeConfig
 from mesh.runtime.peers import node_file
 from mesh.source import directory_version
+from tests.capture import Capture
 from tests.conftest import ROOT, SLOW, leftovers
 from tests.e2e.l7_support import status
 
@@ -36,7 +35,6 @@ NODES = (("mn1", "10.244.231.0/24"), ("mn2", "10.244.232.0/24"))
 CLUSTER_CIDR = "10.244.0.0/16"
 BRIDGE = "webbmn0"
 MARKER = f"webb-multinode-{uuid.uuid4().hex}"
-ETH_P_ALL = 0x0003
 
 
 @dataclass
@@ -153,50 +151,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
     finally:
         errors = mn.cleanup()
         assert not errors, errors
-
-
-class Capture:
-    """Frames on one interface of a netns (AF_PACKET, from a thread that entered the netns);
-    bounded in time, frames and bytes."""
-
-    def __init__(self, ns: str, ifname: str, timeout_s: float = 60, max_frames: int = 20000) -> None:
-        self.ns, self.ifname, self.timeout_s, self.max_frames = ns, ifname, timeout_s, max_frames
-        self.frames: list[bytes] = []
-        self.failure: list[BaseException] = []
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"capture-{ifname}", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            netns.setns(self.ns, flags=0, fork=False)  # this thread only
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as s:
-                s.bind((self.ifname, 0))
-                s.settimeout(0.05)
-                self._ready.set()
-                deadline = time.monotonic() + self.timeout_s
-                while not self._stop.is_set() and time.monotonic() < deadline and len(self.frames) < self.max_frames:
-                    try:
-                        self.frames.append(s.recv(1 << 18))
-                    except TimeoutError:
-                        continue
-        except BaseException as e:  # noqa: BLE001 - reported by stop()
-            self.failure.append(e)
-        finally:
-            self._ready.set()
-
-    def __enter__(self) -> Capture:
-        self._thread.start()
-        assert self._ready.wait(10), "capture did not start"
-        if self.failure:
-            raise self.failure[0]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self.failure:
-            raise self.failure[0]
 
 
 def _ipv4(frame: bytes) -> tuple[str, str] | None:

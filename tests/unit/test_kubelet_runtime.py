@@ -51,10 +51,10 @@ def test_missing_kubelet_cgroup_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-def test_the_service_cidr_is_blackholed_and_only_what_was_added_is_removed(tmp_path: Path) -> None:
+def test_the_service_cidr_is_blackholed_kept_for_an_upgrade_and_only_webbs_is_removed(tmp_path: Path) -> None:
     from pyroute2 import IPRoute
 
-    from mesh.runtime.kubelet import _is_blackhole
+    from mesh.runtime.kubelet import _blackholes
 
     (tmp_path / "kubepods").mkdir()
     mine, theirs = "10.199.77.0/24", "10.199.78.0/24"
@@ -63,11 +63,16 @@ def test_the_service_cidr_is_blackholed_and_only_what_was_added_is_removed(tmp_p
         try:
             rt = KubeletRuntime("kn1", tmp_path, service_cidrs=[mine, theirs])
             rt.setup()
-            assert _is_blackhole(ipr, mine) and _is_blackhole(ipr, theirs)
-            rt.teardown()
-            assert not _is_blackhole(ipr, mine) and _is_blackhole(ipr, theirs)
+            assert _blackholes(ipr, mine) and _blackholes(ipr, theirs)
+            rt.teardown(keep=True)  # an upgrade: the next agent finds the node as it was
+            assert _blackholes(ipr, mine) and _blackholes(ipr, theirs)
+            nxt = KubeletRuntime("kn1", tmp_path, service_cidrs=[mine, theirs])
+            nxt.setup()  # adopts: adds nothing
+            assert len(_blackholes(ipr, mine)) == 1
+            nxt.teardown()  # Webb leaves the node: its route goes, even though this agent did not add it
+            assert not _blackholes(ipr, mine) and _blackholes(ipr, theirs)
         finally:
             for cidr in (mine, theirs):
-                if _is_blackhole(ipr, cidr):
-                    ipr.route("del", dst=cidr, type="blackhole")
+                for proto in _blackholes(ipr, cidr):
+                    ipr.route("del", dst=cidr, type="blackhole", proto=proto)
     assert rt.proxy_cgroups() == ()  # this test runs outside kubelet's pods
