@@ -1,5 +1,6 @@
 """Kubelet's pods under Webb (the one-node cluster of tests/cluster): how long a node takes to come
-up, and the window between a pod's start and its identity being enforced.
+up, the window between a pod's start and its identity being enforced, and what an upgrade of the
+agent costs (``kubectl rollout restart`` of the DaemonSet under load: tests/cluster/rollout.py).
 
 The window, measured from inside: each of 50 probe pods (labels ``role: probe``) starts, takes
 the time, and connects in a loop (1 ms apart, bounded) to a target pod that a MeshPolicy opens
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PODS = 45  # the test node's kubelet has maxPods 50; CoreDNS and the target take two
+PODS = 50  # the test node's kubelet has maxPods 64; CoreDNS and the target take two more
 PYTHON = "webb.local/python:1"
 PROBE = """
 import json, os, socket, sys, time
@@ -69,9 +70,49 @@ def run() -> tuple[dict[str, float], list[list[str]]]:
     try:
         with host_agent(node, state):
             results, missing = _probe(node, state)
+        node.kubectl("delete", "namespace", "bench", "--wait=false")
+        rollout = _rollout(node, state)
     finally:
         node.stop()
-    return _figures(node_up, results, missing)
+    figures, rows = _figures(node_up, results, missing)
+    return {**figures, **_rollout_figures(rollout)}, rows + _rollout_rows(rollout)
+
+
+def _rollout(node: Any, home: Path) -> dict[str, Any]:
+    """Webb from its chart (tests/cluster/test_install.py), Star Wars with rule1 and the echo Service, then
+    the agent DaemonSet restarted under the loads of tests/cluster/rollout.py."""
+    from tests.cluster.rollout import deploy_echo, rollout_under_load
+    from tests.cluster.starwars import apply_rule1, deploy, url, wait_landing
+    from tests.cluster.test_install import helm_installed
+
+    (home / "helm").mkdir(exist_ok=True)
+    with helm_installed(node, home / "helm"):
+        for ns in ("rollout-l4", "rollout-l7"):
+            node.kubectl("create", "namespace", ns)
+        deploy_echo(node, "rollout-l4")
+        deploy(node, "rollout-l7")
+        wait_landing(node, "rollout-l7")
+        apply_rule1(node, "rollout-l7")
+        return rollout_under_load(node, "rollout-l4", ("rollout-l7", "tiefighter", url("rollout-l7", "/v1/request-landing")))
+
+
+def _rollout_figures(r: dict[str, Any]) -> dict[str, float]:
+    return {"kube.rollout_failed_requests": r["held"]["failed"] + r["new"]["failed"],
+            "kube.rollout_l4_requests": r["held"]["ok"] + r["new"]["ok"] + r["held"]["failed"] + r["new"]["failed"],
+            "kube.rollout_l7_pause_s": r["l7"]["longest_failure_s"], "kube.rollout_l7_failed": r["l7"]["failed"],
+            "kube.rollout_s": r["rollout_s"]}
+
+
+def _rollout_rows(r: dict[str, Any]) -> list[list[str]]:
+    f = _rollout_figures(r)
+    return [
+        ["rollout restart of the agent DaemonSet: L4 requests failed (held + new connections)",
+         f"{f['kube.rollout_failed_requests']:.0f} of {f['kube.rollout_l4_requests']:.0f}", "",
+         f"goal 0; restart took {r['rollout_s']:.1f} s; the pinned datapath stays while the DaemonSet does"],
+        ["rollout restart: L7 pause (longest run of failed requests through the node Envoy)",
+         f"{f['kube.rollout_l7_pause_s']:.1f} s", "", f"{r['l7']['failed']} of {r['l7']['ok'] + r['l7']['failed']} L7 requests failed: "
+         "Envoy is the agent pod's and restarts with it (fails closed meanwhile)"],
+    ]
 
 
 def _probe(node: Any, state: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -135,7 +176,7 @@ def _figures(node_up: float, results: dict[str, dict[str, Any]], missing: dict[s
         [f"container start → identity enforced ({PODS} pods at once)", f"{_pct(window, 0.5):.0f} ms", f"{_pct(window, 0.99):.0f} ms",
          "goal p99 < 100 ms; 0 = the first connect was already allowed"],
         ["pod cgroup made → first connection allowed", f"{_pct(from_cg, 0.5):.0f} ms", f"{_pct(from_cg, 0.99):.0f} ms",
-         "kubelet's pod start-up (sandbox, CNI, container) under 45 pods at once, for scale"],
+         f"kubelet's pod start-up (sandbox, CNI, container) under {PODS} pods at once, for scale"],
         ["probe's first instruction → identity enforced", f"{_pct(from_proc, 0.5):.0f} ms", f"{_pct(from_proc, 0.99):.0f} ms",
          f"{figures['kube.pods_denied_before_known']} of {PODS} probes were refused (EPERM) before: fail closed, "
          f"median {statistics.median(denied):.0f} refusals"],

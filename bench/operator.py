@@ -1,10 +1,10 @@
 """Operator bench: a MeshPolicy written to a real kube-apiserver → the node agent (``webb agent
 --kube``, real BPF datapath and Envoy) has converged on it.
 
-Setup (not timed): etcd + kube-apiserver on 127.0.0.1 (the kube tests' fixture code,
-``tests.kube.apiserver``; binaries from ``make kube-tools``), the CRDs, the agent on its own
-node ``kb`` (bridge ``webbkb0``, pods 10.244.220.0/24, netns ``webb-kb-*``), the Star Wars app,
-and one MeshPolicy ``bench-rule`` on the deathstar (L7, like the demo's rule1).
+Setup (not timed): the one-node cluster of the cluster tests (``tests.cluster.node.KubeNode``:
+kubelet runs the pods), the CRDs, ``webb agent --kube`` on it as a host process (as the DaemonSet
+runs it), the Star Wars pods and Service in namespace ``bench``, and one MeshPolicy ``bench-rule``
+on the deathstar (L7, like the demo's rule1).
 
 Converged means: the agent's ``status.json`` shows an ``applied.plan_version`` it had not
 shown before. The agent writes ``applied`` only after Envoy ACKed the plan's snapshot AND the
@@ -20,16 +20,17 @@ Figures, all from the same run:
   after ``datapath.apply`` returned): when the node really had converged.
 - ``watch_seen``: API write returning → a watch of MeshPolicies in this process (the same client
   code as the agent's) delivers the change: the API server's share.
-- ``burst_300``: 100 small services deployed at once (16 client threads): per service a Pod
-  (``sleep``: the agent's local runtime starts it in a netns), a Service and an L7 MeshPolicy
+- ``burst``: 240 objects at once (16 client threads): 40 Pods (``sleep``, run by kubelet; the
+  node takes 64), 100 Services and 100 L7 MeshPolicies, service and policy ``i`` on pod ``i % 40``
   → ``status.json`` has every one of them in its applied plan (the pod with its IP, the VIP
-  with a backend, the policy's rule), and Envoy has the last policy's path.
+  with a backend, the policy's rule), and Envoy has the last policy's path. Kubelet starting
+  40 pods is part of it.
 - ``cr_status_applied`` (the operator path, kopf): only after the above, with the operator
   running: API write returning → the CR's status says ``Applied`` for that generation. The
   operator is not needed for convergence and is off while the agent path is measured (its
   status writes change resourceVersions, which the agent would re-sync on).
 
-Network: 127.0.0.1 (API server, etcd, Envoy admin/ingress) and the netns the agent creates.
+Network: 127.0.0.1 (etcd, Envoy admin/ingress), the node's bridge and its pods.
 Every wait is bounded; every process started here is stopped by its PID, even on failure.
 """
 
@@ -47,28 +48,36 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mesh.kube.translate import RESOURCES
 from mesh.kube.watch import api_path, request, watch_kind
-from tests.kube.apiserver import KubeAPI, Process, free_port, running_kube_api
+from tests.kube.apiserver import Process
 
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "examples/starwars/01-app.yaml"
-NODE, BRIDGE, POD_CIDR = "kb", "webbkb0", "10.244.220.0/24"  # no test suite uses these
-NS = "default"
+NS = "bench"
 POLICY = "bench-rule"
 CHANGES = 100
 OPERATOR_CHANGES = 20
-BURST_EACH = 100  # Services, MeshPolicies, NetworkPolicies
+BURST_EACH = 100  # Services, MeshPolicies
+BURST_PODS = 40  # the node's kubelet takes 64 pods
 POLL_S = 0.002
 CHANGE_TIMEOUT_S = 15.0
 BURST_TIMEOUT_S = 180.0
 SETUP_TIMEOUT_S = 120.0
 AGENT_LIFETIME_S = 1500.0
-AGENT_STOP_S = 120.0
-APP_PODS = ("default/deathstar-1", "default/deathstar-2", "default/tiefighter", "default/xwing")
+APP_PODS = (f"{NS}/deathstar", f"{NS}/tiefighter", f"{NS}/xwing")
+BUSYBOX = "webb.local/busybox:1"
+
+
+@dataclass
+class Kube:
+    """The cluster as this bench uses it: an API client, kubectl and the kubeconfig (of the node)."""
+
+    api: Any
+    kubectl: Callable[..., Any]
+    kubeconfig: Path
 
 
 def _policy(i: int) -> dict[str, Any]:
@@ -88,20 +97,22 @@ def _path_of(i: int) -> str:
 
 
 def _burst_objects() -> list[tuple[str, dict[str, Any]]]:
-    """100 small services deployed at once: per service a Pod, a Service and an L7 MeshPolicy."""
+    """Deployed at once: BURST_PODS Pods, and BURST_EACH Services and L7 MeshPolicies on pod ``i % BURST_PODS``."""
     objs: list[tuple[str, dict[str, Any]]] = []
-    for i in range(BURST_EACH):
-        app = {"app": f"burst-{i}", "org": "empire"}
+    for k in range(BURST_PODS):
+        app = {"app": f"burst-{k}", "org": "empire"}
         objs.append(("Pod", {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"burst-{i}", "namespace": NS, "labels": app},
-            "spec": {"containers": [{"name": "app", "image": "busybox:1.36", "command": ["sleep", "3600"],
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"burst-{k}", "namespace": NS, "labels": app},
+            "spec": {"terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "app", "image": BUSYBOX, "imagePullPolicy": "Never", "command": ["sleep", "3600"],
                                      "ports": [{"containerPort": 80, "name": "http"}]}]}}))
+    for i in range(BURST_EACH):
         objs.append(("Service", {
             "apiVersion": "v1", "kind": "Service", "metadata": {"name": f"burst-{i}", "namespace": NS},
-            "spec": {"selector": {"app": f"burst-{i}"}, "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]}}))
+            "spec": {"selector": {"app": f"burst-{i % BURST_PODS}"}, "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]}}))
         objs.append(("MeshPolicy", {
             "apiVersion": "webb.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": f"burst-{i}", "namespace": NS},
-            "spec": {"endpointSelector": {"matchLabels": {"app": f"burst-{i}"}},
+            "spec": {"endpointSelector": {"matchLabels": {"app": f"burst-{i % BURST_PODS}"}},
                      "ingress": [{"fromEndpoints": [{"matchLabels": {"org": "empire"}}],
                                   "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
                                                "rules": {"http": [{"method": "GET", "path": f"/burst/{i}"}]}}]}]}}))
@@ -114,10 +125,24 @@ def _pct(values: list[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
 
 
+class Agent:
+    """The agent process of ``tests.cluster.agent.host_agent``: alive or not, its log."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], log: Path) -> None:
+        self.popen, self.log = popen, log
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"the agent exited with {self.popen.returncode}:\n{self.log_tail(40)}")
+
+    def log_tail(self, lines: int) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
 class Node:
     """The agent under test: its status.json, its log, its Envoy admin port."""
 
-    def __init__(self, agent: Process, state: Path, admin_port: int) -> None:
+    def __init__(self, agent: Agent, state: Path, admin_port: int) -> None:
         self.agent, self.state, self.admin_port = agent, state, admin_port
         self.seen_plans: set[str] = set()
 
@@ -177,7 +202,7 @@ class Node:
 class Watcher:
     """A watch of MeshPolicies (the agent's own client code): when each resourceVersion arrived."""
 
-    def __init__(self, kube: KubeAPI) -> None:
+    def __init__(self, kube: Kube) -> None:
         self.seen: dict[str, float] = {}
         self.cond = threading.Condition()
         self.stop = threading.Event()
@@ -198,23 +223,11 @@ class Watcher:
             return self.seen.get(rv)
 
 
-def _start(kube: KubeAPI, tmp: Path) -> Node:
-    kube.kubectl("apply", "-f", str(ROOT / "crds"))
-    for crd in ("meshpolicies.webb.io", "meshroutes.webb.io"):
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s", timeout_s=90)
-    kube.kubectl("create", "namespace", "webb-system")
-    state, admin = tmp / "state", free_port()
-    agent = Process("agent", [sys.executable, "-m", "mesh.cli", "agent", "--kube", str(kube.kubeconfig),
-                              "--pod-workdir", str(APP.parent), "--node", NODE, "--bridge", BRIDGE,
-                              "--pod-cidr", POD_CIDR, "--state-dir", str(state),
-                              "--envoy-admin-port", str(admin), "--ingress-http-port", str(free_port()),
-                              "--ingress-https-port", str(free_port()), "--lifetime", str(AGENT_LIFETIME_S)],
-                    tmp / "agent.log")
-    return Node(agent, state, admin)
+def _setup_app(kube: Kube, node: Node, cluster: Any) -> None:
+    from tests.cluster.starwars import deploy
 
-
-def _setup_app(kube: KubeAPI, node: Node) -> None:
-    kube.kubectl("apply", "-f", str(APP))
+    kube.kubectl("create", "namespace", NS)
+    deploy(cluster, NS)
     request(kube.api, "POST", api_path(RESOURCES["MeshPolicy"], NS), _policy(0))
 
     def ready(st: dict[str, Any]) -> bool:
@@ -228,7 +241,7 @@ def _setup_app(kube: KubeAPI, node: Node) -> None:
         raise RuntimeError("bench-rule applied but not in Envoy's config dump")
 
 
-def _changes(kube: KubeAPI, node: Node, watcher: Watcher) -> dict[str, list[float]]:
+def _changes(kube: Kube, node: Node, watcher: Watcher) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"converge": [], "applied": [], "watch": [], "datapath_changes": []}
     res = RESOURCES["MeshPolicy"]
     for i in range(1, CHANGES + 1):
@@ -251,7 +264,7 @@ def _changes(kube: KubeAPI, node: Node, watcher: Watcher) -> dict[str, list[floa
     return out
 
 
-def _burst(kube: KubeAPI, node: Node) -> dict[str, float]:
+def _burst(kube: Kube, node: Node) -> dict[str, float]:
     objs = _burst_objects()
     node.settle()
     lines0 = node.applied_lines()
@@ -284,7 +297,7 @@ def _burst(kube: KubeAPI, node: Node) -> dict[str, float]:
             "rules": float(len(st.get("rules") or {}))}
 
 
-def _operator_path(kube: KubeAPI, node: Node, tmp: Path) -> list[float]:
+def _operator_path(kube: Kube, node: Node, tmp: Path) -> list[float]:
     """With the operator (kopf) running: write → CR status Applied for that generation."""
     res = RESOURCES["MeshPolicy"]
     op = Process("operator", [sys.executable, "-m", "mesh.operator", "--kubeconfig", str(kube.kubeconfig),
@@ -319,40 +332,36 @@ def _operator_path(kube: KubeAPI, node: Node, tmp: Path) -> list[float]:
     return out
 
 
-def _stop(proc: Process, grace_s: float) -> None:
-    """SIGTERM, then up to ``grace_s`` for the agent to remove its pods, netns, bridge and pins."""
-    if proc.popen.poll() is None:
-        proc.popen.terminate()
-        try:
-            proc.popen.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            print(f"warning: {proc.name} still running {grace_s:.0f} s after SIGTERM: SIGKILL", file=sys.stderr)
-    proc.stop()
-
-
 def measure() -> dict[str, Any]:
+    from mesh.kube.client import api_client
+    from tests.cluster.agent import host_agent
+    from tests.cluster.node import KubeNode, free_port
+
     if os.geteuid() != 0:
-        raise PermissionError("the operator bench runs the agent (netns, BPF): run it as root")
-    with running_kube_api() as kube, tempfile.TemporaryDirectory(prefix="webb-bench-operator-") as tmpdir:
+        raise PermissionError("the operator bench runs a kube node and the agent (BPF): run it as root")
+    cluster = KubeNode()
+    with tempfile.TemporaryDirectory(prefix="webb-bench-operator-") as tmpdir:
         tmp = Path(tmpdir)
-        node = _start(kube, tmp)
-        watcher = Watcher(kube)
         try:
-            watcher.thread.start()
-            if not watcher.synced.wait(30):
-                raise TimeoutError("the bench's MeshPolicy watch did not list in 30 s")
-            _setup_app(kube, node)
-            changes = _changes(kube, node, watcher)
-            burst = _burst(kube, node)
-            operator = _operator_path(kube, node, tmp)
+            cluster.start()
+            kube = Kube(api_client(str(cluster.kubeconfig)), cluster.kubectl, cluster.kubeconfig)
+            admin = free_port("127.0.0.1")
+            with host_agent(cluster, tmp, lifetime_s=AGENT_LIFETIME_S, envoy_admin_port=admin) as proc:
+                node = Node(Agent(proc, tmp / "agent.log"), tmp, admin)
+                watcher = Watcher(kube)
+                try:
+                    watcher.thread.start()
+                    if not watcher.synced.wait(30):
+                        raise TimeoutError("the bench's MeshPolicy watch did not list in 30 s")
+                    _setup_app(kube, node, cluster)
+                    changes = _changes(kube, node, watcher)
+                    burst = _burst(kube, node)
+                    operator = _operator_path(kube, node, tmp)
+                finally:
+                    watcher.stop.set()
+                    kube.api.close()
         finally:
-            watcher.stop.set()
-            _stop(node.agent, AGENT_STOP_S)
-            if node.agent.popen.returncode not in (0, -15):
-                print(node.agent.log_tail(40), file=sys.stderr)
-        left = [p.name for p in Path("/run/netns").glob(f"webb-{NODE}-*")] if Path("/run/netns").exists() else []
-        if left:
-            print(f"warning: the agent left netns behind: {left}", file=sys.stderr)
+            cluster.stop()
     return {"changes": changes, "burst": burst, "operator": operator}
 
 
@@ -370,11 +379,11 @@ def run() -> tuple[dict[str, float], list[tuple[str, ...]]]:
         "operator.watch_seen_p50_ms": round(statistics.median(watch), 2),
         "operator.watch_seen_p99_ms": round(_pct(watch, 99), 2),
         "operator.datapath_changes_per_change": round(statistics.mean(c["datapath_changes"]), 1),
-        "operator.burst_objects": float(3 * BURST_EACH),
-        "operator.burst_300_s": round(b["burst_s"], 2),
-        "operator.burst_300_create_s": round(b["create_s"], 2),
-        "operator.burst_300_applied_s": round(b["applied_s"], 2),
-        "operator.burst_300_plans": b["plans"],
+        "operator.burst_objects": float(BURST_PODS + 2 * BURST_EACH),
+        "operator.burst_s": round(b["burst_s"], 2),
+        "operator.burst_create_s": round(b["create_s"], 2),
+        "operator.burst_applied_s": round(b["applied_s"], 2),
+        "operator.burst_plans": b["plans"],
         "operator.cr_status_applied_p50_ms": round(statistics.median(op), 1),
         "operator.cr_status_applied_p99_ms": round(_pct(op, 99), 1),
     }
@@ -385,8 +394,8 @@ def run() -> tuple[dict[str, float], list[tuple[str, ...]]]:
          f"{_pct(app, 99):.1f} ms", f"{statistics.mean(c['datapath_changes']):.0f} map entries/change"),
         ("  … → a watch in the bench sees it (API server's share)", f"{statistics.median(watch):.2f} ms",
          f"{_pct(watch, 99):.2f} ms", ""),
-        (f"burst: {3 * BURST_EACH} objects (100 × Pod + Service + L7 MeshPolicy)", f"{b['burst_s']:.2f} s", "",
-         f"created in {b['create_s']:.2f} s, {b['plans']:.0f} plans applied, kopf 2019: ~90 s"),
+        (f"burst: {BURST_PODS + 2 * BURST_EACH} objects ({BURST_PODS} kubelet Pods, {BURST_EACH} × Service + L7 MeshPolicy)",
+         f"{b['burst_s']:.2f} s", "", f"created in {b['create_s']:.2f} s, {b['plans']:.0f} plans applied; kubelet starts the pods"),
         (f"MeshPolicy write → CR status Applied (operator, {len(op)} changes)", f"{statistics.median(op):.1f} ms",
          f"{_pct(op, 99):.1f} ms", "needs the operator; the node does not"),
     ]

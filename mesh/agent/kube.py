@@ -5,8 +5,8 @@ the indexer the operator shares) and its pods are kubelet's (``KubeletRuntime``:
 never starts a pod in a cluster). A ``NodeReporter`` publishes what it applied for the operator
 to put into CR status.
 
-``pod_workdir`` keeps the older test harness: the embedded runtime runs the API's pods itself
-(an API server without kubelet, tests/operator and bench/operator); it never runs beside kubelet.
+Several nodes find each other through the API too (``mesh.kube.peers``), and a restart of the
+agent's pod while its DaemonSet stays leaves the pinned datapath to the next agent (an upgrade).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from mesh.kube.indexer import Indexer
 from mesh.kube.peers import KubePeers
 from mesh.kube.translate import Resource
 from mesh.kube.watch import ApiError, KubeSource, NodeReporter, api_path, request
-from mesh.runtime.base import PodRuntime
 from mesh.runtime.kubelet import KubeletRuntime
 
 log = logging.getLogger("webb.kube")
@@ -70,42 +69,36 @@ def node_pod_cidr(doc: dict[str, Any], node: str) -> str:
     return v4[0]
 
 
-def run_agent(cfg: AgentConfig, kube: str, pod_workdir: Path | None = None, kubelet_cgroup_root: Path | None = None,
-              cgroup_driver: str = "cgroupfs", pod_cidr_from_node: bool = True) -> None:
+def run_agent(cfg: AgentConfig, kube: str, kubelet_cgroup_root: Path | None = None, cgroup_driver: str = "cgroupfs",
+              pod_cidr_from_node: bool = True) -> None:
     """``kube``: a kubeconfig path, or "in-cluster" (the pod's service account)."""
     from datapath.cgroup2 import cgroup2_mount
 
     api = api_client(None if kube == "in-cluster" else kube)
-    runtime: PodRuntime | None = None
-    peers: KubePeers | None = None
-    if pod_workdir is None:  # kubelet's pods
-        doc = request(api, "GET", api_path(NODES, "", cfg.node.name))
-        if pod_cidr_from_node:
-            cfg = replace(cfg, node=replace(cfg.node, pod_cidr=node_pod_cidr(doc, cfg.node.name)))
-        cfg = replace(cfg, proxy_ip=cfg.proxy_ip or node_internal_ip(doc) or cfg.node.gateway)
-        # the node's address for the other nodes' tunnels: its InternalIP, as for the node proxy
-        cfg = replace(cfg, wire_ip=cfg.wire_ip or cfg.proxy_ip)
-        runtime = KubeletRuntime(cfg.node.name, kubelet_cgroup_root or cgroup2_mount(), cgroup_driver, [cfg.node.service_cidr])
-        peers = KubePeers(api, cfg.node.name, cfg.wire_ip, cfg.node.pod_cidr, cfg.node.gateway)
-    source = KubeSource(api, Indexer(base_dir=pod_workdir))
-    reporter = NodeReporter(api, cfg.node.name, cfg.state_dir, source, patch_pod_ips=pod_workdir is not None)
+    doc = request(api, "GET", api_path(NODES, "", cfg.node.name))
+    if pod_cidr_from_node:
+        cfg = replace(cfg, node=replace(cfg.node, pod_cidr=node_pod_cidr(doc, cfg.node.name)))
+    cfg = replace(cfg, proxy_ip=cfg.proxy_ip or node_internal_ip(doc) or cfg.node.gateway)
+    # the node's address for the other nodes' tunnels: its InternalIP, as for the node proxy
+    cfg = replace(cfg, wire_ip=cfg.wire_ip or cfg.proxy_ip)
+    runtime = KubeletRuntime(cfg.node.name, kubelet_cgroup_root or cgroup2_mount(), cgroup_driver, [cfg.node.service_cidr])
+    peers = KubePeers(api, cfg.node.name, cfg.wire_ip, cfg.node.pod_cidr, cfg.node.gateway)
+    source = KubeSource(api, Indexer())
+    reporter = NodeReporter(api, cfg.node.name, cfg.state_dir, source)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     source.start()
     try:
-        if peers is not None:
-            peers.start()
+        peers.start()
         reporter.start()
         # in the DaemonSet's pod (POD_NAMESPACE/POD_NAME from the downward API): a restart keeps the datapath
         pod_ns, pod_name = os.environ.get("POD_NAMESPACE", ""), os.environ.get("POD_NAME", "")
-        keep = (lambda: owner_stays(api, pod_ns, pod_name)) if runtime is not None else None
-        Agent(cfg, source, runtime, peers, keep).run()
+        Agent(cfg, source, runtime, peers, lambda: owner_stays(api, pod_ns, pod_name)).run()
         try:
             reporter.report_once()  # the final state (running: false)
         except Exception as e:  # noqa: BLE001 - the API may be away at shutdown; the node stopped cleanly anyway
             log.warning("final node report: %s", e)
     finally:
         reporter.stop()
-        if peers is not None:
-            peers.stop()
+        peers.stop()
         source.stop()
         api.close()

@@ -49,9 +49,6 @@ def agent(
     ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
     ingress_https_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTPS listener on 127.0.0.1")] = 443,
     kube: Annotated[str | None, typer.Option(help="read objects from the API server: a kubeconfig, or in-cluster")] = None,
-    pod_workdir: Annotated[Path | None, typer.Option(help="with --kube, test harness only (an API server without kubelet): "
-                                                          "this agent runs the API's pods itself; their relative commands "
-                                                          "resolve here")] = None,
     kubelet_cgroup_root: Annotated[Path | None, typer.Option(help="with --kube: kubelet's cgroupRoot in the cgroup2 "
                                                                   "hierarchy (default: the cgroup2 mount, kubelet's '/')")] = None,
     cgroup_driver: Annotated[str, typer.Option(help="with --kube: kubelet's cgroupDriver (cgroupfs or systemd)")] = "cgroupfs",
@@ -86,12 +83,12 @@ def agent(
         if cluster_dir is not None:
             raise typer.BadParameter("with --kube, pod IPs of other nodes come from the API server; "
                                      "--cluster-dir is for the manifest directory", param_hint="--cluster-dir")
-        if pod_workdir is None and (sockmap or node_netns):
+        if sockmap or node_netns:
             raise typer.BadParameter("kubelet runs the pods of a cluster node: --sockmap's self-test pods and "
                                      "--node-netns are the embedded mode's", param_hint="--kube")
         from mesh.agent.kube import run_agent  # the kubernetes client: only paid for in a cluster
 
-        run_agent(cfg, kube, pod_workdir, kubelet_cgroup_root, cgroup_driver, pod_cidr_from_node=not pod_cidr)
+        run_agent(cfg, kube, kubelet_cgroup_root, cgroup_driver, pod_cidr_from_node=not pod_cidr)
         return
     Agent(cfg).run()
 

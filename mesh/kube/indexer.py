@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mesh.kube.translate import NetworkPolicyDoc, from_api, namespace_labels, network_policy, network_policy_doc
@@ -29,7 +28,6 @@ class Entry:
 
 @dataclass
 class Indexer:
-    base_dir: Path | None = None  # relative pod commands ("./app.py") resolve here (local runtime only)
     _store: LastGood[Entry] = field(default_factory=LastGood)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -39,7 +37,7 @@ class Indexer:
         meta = doc.get("metadata") or {}
         try:
             obj: Obj | NetworkPolicyDoc | None = (network_policy_doc(doc) if kind == "NetworkPolicy"
-                                                  else from_api(kind, doc, self.base_dir))
+                                                  else from_api(kind, doc))
         except ManifestError as e:
             with self._lock:
                 return self._store.refuse(key, str(e))

@@ -16,7 +16,6 @@ which only ever allows less — and reported as a warning naming the field.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from mesh.manifests import Ctx, ManifestError, Obj, parse_object, parse_selector
@@ -60,14 +59,14 @@ def where(kind: str, doc: dict[str, Any]) -> str:
     return f"{kind} {meta.get('name')}" if kind == "Namespace" else f"{kind} {meta.get('namespace')}/{meta.get('name')}"
 
 
-def from_api(kind: str, doc: dict[str, Any], base_dir: Path | None = None) -> Obj | None:
+def from_api(kind: str, doc: dict[str, Any]) -> Obj | None:
     """One API object → a model object; None for what the mesh does not keep (a Service
     without a selector, a Secret not of type TLS). Raises ManifestError naming the field."""
     # items of a list carry neither kind nor apiVersion: they are the resource's
     doc = {**doc, "kind": kind, "apiVersion": doc.get("apiVersion") or RESOURCES[kind].api_version}
     if kind == "Pod":
-        return _pod(doc, base_dir)
-    return parse_object(doc, base_dir)
+        return _pod(doc)
+    return parse_object(doc)
 
 
 def _ips(status: dict[str, Any]) -> tuple[str, str]:
@@ -79,16 +78,16 @@ def _ips(status: dict[str, Any]) -> tuple[str, str]:
     return v4, v6
 
 
-def _pod(doc: dict[str, Any], base_dir: Path | None) -> Pod:
+def _pod(doc: dict[str, Any]) -> Pod:
     spec = doc.get("spec") or {}
     try:
-        parsed = parse_object(doc, base_dir)
+        parsed = parse_object(doc)
         assert isinstance(parsed, Pod)
         pod = parsed
     except ManifestError as e:
         if not e.field.startswith("spec.containers"):
             raise
-        # a pod the local runtime could not run (several containers, the image's entrypoint):
+        # a pod the embedded runtime could not run (several containers, the image's entrypoint):
         # kubelet runs it; the mesh needs its labels, ports and IPs only
         meta = doc.get("metadata") or {}
         ctx = Ctx(e.where)

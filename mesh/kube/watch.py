@@ -7,8 +7,7 @@ list's resourceVersion in bounded rounds (``WATCH_ROUND_S``), re-listing when th
 the version is gone (410); every thread stops within a round of ``stop()``.
 
 ``NodeReporter`` publishes the node's applied state (read from the agent's ``status.json``)
-as ConfigMap ``webb-system/webb-node-<node>`` for the operator to put into CR status, and,
-for the local runtime only (it plays kubelet there), patches each pod's ``status.podIPs``.
+as ConfigMap ``webb-system/webb-node-<node>`` for the operator to put into CR status.
 """
 
 from __future__ import annotations
@@ -198,18 +197,16 @@ class KubeSource:
 @dataclass
 class NodeReporter:
     """Every ``interval_s``: the agent's ``status.json`` → the node's report ConfigMap (when it
-    changed), and the local runtime's pod IPs → the pods' status. Runs until ``stop()``."""
+    changed). Runs until ``stop()``."""
 
     api: Any
     node: str
     state_dir: Path
     source: KubeSource
-    patch_pod_ips: bool = True  # the local runtime plays kubelet; in a cluster kubelet does this
     interval_s: float = 0.1
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _last: str = ""
-    _pod_ips: dict[str, tuple[str, str]] = field(default_factory=dict)
     _audit: dict[str, int] = field(default_factory=dict)
     _flows_offset: int = 0
 
@@ -233,29 +230,12 @@ class NodeReporter:
         st = AgentStatus.read(self.state_dir)
         if st is None:
             return
-        if self.patch_pod_ips:
-            self._patch_pods({k: (p.ip, p.ip6) for k, p in st.pods.items()})
         self._count_audit()
         report = node_report(st, self.source.applied_generations, self._audit)
         text = json.dumps(report, sort_keys=True)
         if text != self._last:
             self._publish(text)
             self._last = text
-
-    def _patch_pods(self, pods: dict[str, tuple[str, str]]) -> None:
-        res = RESOURCES["Pod"]
-        for key, ips in pods.items():
-            ns, _, name = key.partition("/")
-            if self._pod_ips.get(key) == ips or ns == SYSTEM_NAMESPACE or not ips[0]:
-                continue
-            body = {"status": {"phase": "Running", "podIP": ips[0],
-                               "podIPs": [{"ip": ip} for ip in ips if ip], "hostIP": "127.0.0.1"}}
-            try:
-                request(self.api, "PATCH", api_path(res, ns, name, "status"), body, content_type="application/merge-patch+json")
-            except Exception as e:  # noqa: BLE001 - e.g. the pod was deleted meanwhile
-                log.info("patch status of pod %s: %s", key, e)
-                continue
-            self._pod_ips[key] = ips
 
     def _count_audit(self) -> None:
         """Would-deny flows per policy, from the flow log (read on from where the last round stopped)."""

@@ -26,7 +26,7 @@ def prepare(node: KubeNode) -> None:
 
 @contextmanager
 def host_agent(node: KubeNode, state: Path, lifetime_s: float = 900.0, start_timeout_s: float = 60.0,
-               extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
+               extra: tuple[str, ...] = (), envoy_admin_port: int = 0) -> Iterator[subprocess.Popen[bytes]]:
     """The agent, running and with a first plan applied; its log is ``state/agent.log``. On exit it
     is stopped (SIGTERM, then SIGKILL after 30 s) and must have exited 0 and left no pins."""
     prepare(node)
@@ -34,7 +34,7 @@ def host_agent(node: KubeNode, state: Path, lifetime_s: float = 900.0, start_tim
         proc = subprocess.Popen(
             ["setpriv", "--pdeathsig", "SIGTERM", "--", sys.executable, "-m", "mesh.cli", "agent", "--kube", str(node.kubeconfig),
              "--node", node.name, "--kubelet-cgroup-root", str(node.cgroup_root), "--service-cidr", node.service_cidr,
-             "--state-dir", str(state), "--envoy-admin-port", "0", "--lifetime", str(lifetime_s), *extra],
+             "--state-dir", str(state), "--envoy-admin-port", str(envoy_admin_port), "--lifetime", str(lifetime_s), *extra],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + start_timeout_s

@@ -612,7 +612,7 @@ makeIPTablesUtilChains: false
 podLogsDir: {state / 'pod-logs'}
 volumePluginDir: {state / 'volume-plugins'}
 serializeImagePulls: false
-maxPods: 50
+maxPods: 64
 """)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:

@@ -100,3 +100,39 @@ def test_a_pod_the_agent_does_not_know_is_denied_where_policy_applies(kube_node:
             except OSError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+
+def test_the_operator_reports_what_the_node_applied(kube_node: KubeNode, agent: Path, ns: str, tmp_path: Path) -> None:
+    """The operator (kopf, a host process here; a Deployment in tests/cluster/test_install.py) with the node's agent:
+    rule1's status says Applied with the versions the node reports; a malformed MeshPolicy is refused by the API
+    server naming the field, and the stored policy stays in force; deleting it restores access."""
+    from tests.kube.apiserver import Process
+    from tests.kube.meshpolicy import malformed
+
+    deploy(kube_node, ns)
+    wait_landing(kube_node, ns)
+    operator = Process("operator", [sys.executable, "-m", "mesh.operator", "--kubeconfig", str(kube_node.kubeconfig),
+                                    "--lifetime", "300"], tmp_path / "operator.log")
+    try:
+        apply_rule1(kube_node, ns)
+
+        def node_entry() -> dict[str, Any] | None:
+            st = kube_node.get("-n", ns, "meshpolicy", "rule1").get("status") or {}
+            applied: dict[str, Any] = next((c for c in st.get("conditions") or [] if c["type"] == "Applied"), {})
+            entry = next((n for n in st.get("nodes") or [] if n.get("node") == kube_node.name), None)
+            return entry if applied.get("status") == "True" and entry and entry.get("observedGeneration") == 1 else None
+        entry = eventually("rule1 Applied on the node (the operator)", node_entry, 60)
+        a = _status(agent).applied
+        assert entry["envoy"] == "ACK"
+        assert (entry["datapathVersion"], entry["envoyVersion"]) == (a.datapath_version, a.envoy_version)
+
+        bad = json.dumps(malformed("port-not-a-number", ns))
+        res = kube_node.kubectl("apply", "-f", "-", stdin=bad, check=False)
+        assert res.returncode != 0 and "spec.ingress[0].toPorts[0].ports[0].port" in res.stderr, res.stderr
+        assert "PermissionError" in landing(kube_node, ns, "xwing")  # the stored rule1 is still in force
+
+        kube_node.kubectl("delete", "meshpolicy", "rule1", "-n", ns)
+        eventually("the xwing lands again", lambda: landing(kube_node, ns, "xwing") == "200 Ship landed", 60)
+        operator.check_alive()
+    finally:
+        operator.stop()
