@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import ipaddress
 import re
 from pathlib import Path
 from typing import Any
 
+import re2
 import yaml
 
 from mesh.model import (
     MTLS_LABEL,
     MTLS_MODES,
+    NAMESPACE_LABEL,
     BackendRef,
     ContainerPort,
     EndpointSlice,
@@ -55,6 +58,8 @@ _METHOD = re.compile(r"^[A-Z]+$")
 _DURATION = re.compile(r"^(?:[0-9]{1,5}(?:h|m|s|ms)){1,4}$")
 _DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
 _MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is raised, with the field; RE2 need not print it too
 _HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 Obj = Namespace | Pod | Service | MeshPolicy | MeshRoute | MeshTLS | Ingress | Secret | EndpointSlice
 
@@ -104,11 +109,20 @@ class Ctx:
             raise self.fail(field, f"{p} is out of range; use 1-65535")
         return p
 
-    def only(self, m: dict[str, Any], field: str, allowed: tuple[str, ...], what: str) -> None:
-        unknown = set(m) - set(allowed)
-        if unknown:
-            raise self.fail(f"{field}.{sorted(unknown)[0]}" if field else sorted(unknown)[0],
-                            f"unknown field; {what} has {', '.join(allowed)}")
+    def only(self, m: dict[str, Any], field: str, allowed: tuple[str, ...], what: str,
+             unsupported: dict[str, str] | None = None) -> None:
+        """Refuse any key not in ``allowed`` (fail closed: a typo must never drop a rule), naming the
+        field, what is allowed and the nearest allowed key; ``unsupported``: known keys Webb does not
+        implement -> why/what to do."""
+        for key in sorted(m, key=str):
+            if key in allowed:
+                continue
+            f = f"{field}.{key}" if field else str(key)
+            if unsupported and key in unsupported:
+                raise self.fail(f, f"is not supported: {unsupported[key]}")
+            near = difflib.get_close_matches(str(key).lower(), [a.lower() for a in allowed], n=1, cutoff=0.6)
+            hint = f"; did you mean {next(a for a in allowed if a.lower() == near[0])!r}?" if near else ""
+            raise self.fail(f, f"unknown field; {what} has {', '.join(allowed)}{hint}")
 
     def name(self, v: Any, field: str, example: str, what: str = "a Service name") -> str:
         if not isinstance(v, str) or not _DNS1123.match(v):
@@ -121,10 +135,14 @@ class Ctx:
         return v
 
     def regex(self, v: Any, field: str) -> str:
+        """A regex as Envoy reads it (RE2, Google's engine: no lookaround, no backreferences), so a pattern
+        Python would take is never sent to Envoy to be refused there (a NACK)."""
         try:
-            re.compile(str(v))
-        except re.error as e:
-            raise self.fail(field, f"{v!r} is not a valid regular expression ({e})") from None
+            re2.compile(str(v), _RE2_OPTIONS)
+        except re2.error as e:
+            why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            raise self.fail(field, f"{v!r} is not a valid RE2 regular expression, as Envoy needs ({why}); "
+                            "RE2 has no lookaround ((?!...), (?=...)) or backreferences") from None
         return str(v)
 
     def duration_ms(self, v: Any, field: str) -> int:
@@ -147,15 +165,14 @@ class Ctx:
 
 def parse_selector(ctx: Ctx, v: Any, field: str) -> Selector:
     m = ctx.mapping(v, field)
-    unknown = set(m) - {"matchLabels", "matchExpressions"}
-    if unknown:
-        raise ctx.fail(f"{field}.{sorted(unknown)[0]}", "unknown field; a selector has matchLabels and matchExpressions")
+    ctx.only(m, field, ("matchLabels", "matchExpressions"), "a selector")
     labels = ctx.labels(m.get("matchLabels"), f"{field}.matchLabels")
     labels = tuple(sorted((k.removeprefix("k8s:"), val) for k, val in labels))
     exprs = []
     for i, e in enumerate(ctx.seq(m.get("matchExpressions"), f"{field}.matchExpressions")):
         f = f"{field}.matchExpressions[{i}]"
         e = ctx.mapping(e, f)
+        ctx.only(e, f, ("key", "operator", "values"), "a match expression")
         op = e.get("operator")
         if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
             raise ctx.fail(f"{f}.operator", f"{op!r} is not one of In, NotIn, Exists, DoesNotExist")
@@ -170,31 +187,42 @@ def parse_selector(ctx: Ctx, v: Any, field: str) -> Selector:
 
 def _http(ctx: Ctx, v: Any, field: str) -> HttpMatch:
     m = ctx.mapping(v, field)
-    unknown = set(m) - {"method", "path", "headers", "host"}
-    if unknown:
-        raise ctx.fail(f"{field}.{sorted(unknown)[0]}", "unknown field; an HTTP rule has method, path, headers")
-    if "host" in m:
-        raise ctx.fail(f"{field}.host", "host matching is not supported yet; remove it")
+    ctx.only(m, field, ("method", "path", "headers"), "an HTTP rule",
+             {"host": "host matching is not implemented; remove it (the rule would match every host)",
+              "headerMatches": "use headers: [\"Name: value\"]"})
     method = m.get("method")
     if method is not None and not _METHOD.match(str(method)):
         raise ctx.fail(f"{field}.method", f"{method!r} is not an HTTP method; use e.g. GET or POST")
     path = m.get("path")
     if path is not None:
-        try:
-            re.compile(str(path))
-        except re.error as e:
-            raise ctx.fail(f"{field}.path", f"{path!r} is not a valid regular expression ({e})") from None
+        ctx.regex(path, f"{field}.path")
     headers = tuple(str(h) for h in ctx.seq(m.get("headers"), f"{field}.headers"))
     return HttpMatch(str(method) if method else None, str(path) if path is not None else None, headers)
 
 
+def _own_namespace(ctx: Ctx, sel: dict[str, Any], ns: str) -> None:
+    """An endpointSelector selects pods of the policy's namespace only: one naming another is refused."""
+    for key in (NAMESPACE_LABEL, f"k8s:{NAMESPACE_LABEL}"):
+        other = ctx.mapping(sel.get("matchLabels"), "spec.endpointSelector.matchLabels").get(key)
+        if other is not None and other != ns:
+            raise ctx.fail(f"spec.endpointSelector.matchLabels.{key}", f"{other!r}: a MeshPolicy in namespace {ns!r} selects "
+                           f"pods of {ns!r} only; create it in namespace {other!r}")
+    for i, e in enumerate(ctx.seq(sel.get("matchExpressions"), "spec.endpointSelector.matchExpressions")):
+        if isinstance(e, dict) and str(e.get("key", "")).removeprefix("k8s:") == NAMESPACE_LABEL:
+            raise ctx.fail(f"spec.endpointSelector.matchExpressions[{i}].key", "the namespace of the selected pods is the "
+                           "policy's own; remove this expression")
+
+
 def _policy(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
+    ctx.only(spec, "spec", ("endpointSelector", "ingress", "description", "mode"), "MeshPolicy spec",
+             {"egress": "Webb enforces ingress only; write the rule on the destination's policy",
+              "ingressDeny": "deny rules are not implemented; a policy denies what no ingress rule allows",
+              "egressDeny": "deny rules are not implemented; a policy denies what no ingress rule allows",
+              "specs": "one spec per MeshPolicy; split the specs into several MeshPolicy objects",
+              "nodeSelector": "host policies are not implemented"})
     if "endpointSelector" not in spec:
         raise ctx.fail("spec.endpointSelector", "is required; e.g. {matchLabels: {app: web}}")
-    unknown = set(spec) - {"endpointSelector", "ingress", "description", "mode"}
-    if unknown:
-        raise ctx.fail(f"spec.{sorted(unknown)[0]}", "unknown field; MeshPolicy spec has endpointSelector, "
-                       "ingress, description, mode")
+    _own_namespace(ctx, ctx.mapping(spec["endpointSelector"], "spec.endpointSelector"), ns)
     mode = spec.get("mode", "enforce")
     if mode not in ("enforce", "audit"):
         raise ctx.fail("spec.mode", f"{mode!r}: use enforce (deny what no rule allows) or audit (report, allow)")
@@ -202,9 +230,10 @@ def _policy(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
     for i, r in enumerate(ctx.seq(spec.get("ingress"), "spec.ingress")):
         f = f"spec.ingress[{i}]"
         r = ctx.mapping(r, f)
-        unknown = set(r) - {"fromEndpoints", "toPorts"}
-        if unknown:
-            raise ctx.fail(f"{f}.{sorted(unknown)[0]}", "unknown or unsupported field; use fromEndpoints, toPorts")
+        ctx.only(r, f, ("fromEndpoints", "toPorts"), "an ingress rule",
+                 {k: "only fromEndpoints selects sources; remove it (dropping it would widen the rule)"
+                  for k in ("fromCIDR", "fromCIDRSet", "fromEntities", "fromRequires", "fromGroups", "fromNodes", "icmps",
+                            "authentication")})
         froms = None
         if "fromEndpoints" in r:
             froms = tuple(parse_selector(ctx, s, f"{f}.fromEndpoints[{j}]")
@@ -213,13 +242,23 @@ def _policy(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshPolicy:
         for j, tp in enumerate(ctx.seq(r.get("toPorts"), f"{f}.toPorts")):
             tf = f"{f}.toPorts[{j}]"
             tp = ctx.mapping(tp, tf)
+            ctx.only(tp, tf, ("ports", "rules"), "a toPorts entry",
+                     {k: "TLS inspection is not implemented; remove it" for k in
+                      ("terminatingTLS", "originatingTLS", "serverNames", "listener")})
             ports = []
             for k, p in enumerate(ctx.seq(tp.get("ports"), f"{tf}.ports")):
                 pf = f"{tf}.ports[{k}]"
                 p = ctx.mapping(p, pf)
+                ctx.only(p, pf, ("port", "protocol"), "a port", {"endPort": "port ranges are not implemented; list the ports"})
                 ports.append((ctx.port(p.get("port"), f"{pf}.port"), ctx.protocol(p.get("protocol"), f"{pf}.protocol")))
             http = None
             rules_m = ctx.mapping(tp.get("rules"), f"{tf}.rules")
+            ctx.only(rules_m, f"{tf}.rules", ("http",), "rules",
+                     {k: "Webb enforces HTTP rules only; remove it or write http rules (dropping it would allow all)"
+                      for k in ("kafka", "dns", "l7proto", "l7")})
+            if "rules" in tp and not rules_m.get("http"):
+                raise ctx.fail(f"{tf}.rules.http", "is required when rules is given, with at least one rule: an empty "
+                               "rules would allow every request; remove rules for an L4-only allow")
             if "http" in rules_m:
                 http = tuple(_http(ctx, h, f"{tf}.rules.http[{k}]")
                              for k, h in enumerate(ctx.seq(rules_m["http"], f"{tf}.rules.http")))
@@ -565,15 +604,62 @@ def _affinity(ctx: Ctx, spec: dict[str, Any]) -> int:
     return ctx.count(cfg.get("timeoutSeconds", 10800), "spec.sessionAffinityConfig.clientIP.timeoutSeconds", 1, 86400)
 
 
+MAX_FILE_BYTES = 4 << 20  # a manifest file; Kubernetes stores objects up to 1.5 MiB
+MAX_DEPTH = 64  # nesting of mappings and lists in one document
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when there (fast), else PyYAML's
+
+
+def load_yaml(text: str, where: str) -> list[Any]:
+    """The documents of a YAML text, failing closed: no aliases (``*name``: an alias bomb expands a few
+    hundred bytes into gigabytes), no duplicate keys (YAML keeps the last one silently), at most
+    ``MAX_DEPTH`` levels, at most ``MAX_FILE_BYTES``. Errors name ``where`` and the line."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ManifestError(where, "(file)", f"is {len(text)} bytes; the limit is {MAX_FILE_BYTES} (split it into several files)")
+    loader = _Loader(text)
+    docs: list[Any] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            _check_node(node, where)
+            docs.append(loader.construct_document(node))
+    except yaml.YAMLError as e:
+        raise ManifestError(where, "(file)", f"is not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    return docs
+
+
+def _check_node(root: yaml.Node, where: str) -> None:
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        line = node.start_mark.line + 1
+        if id(node) in seen:
+            raise ManifestError(where, f"(line {line})", "YAML aliases (*name) are not accepted: write the value out")
+        seen.add(id(node))
+        if depth > MAX_DEPTH:
+            raise ManifestError(where, f"(line {line})", f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in keys:
+                        raise ManifestError(where, f"(line {k.start_mark.line + 1})",
+                                            f"duplicate key {k.value!r} in one mapping: YAML would keep only the last; remove one")
+                    keys.add(k.value)
+                stack.append((k, depth + 1))
+                stack.append((v, depth + 1))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, depth + 1) for v in node.value)
+
+
 def read_documents(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every YAML document of a file or of a directory's *.yaml / *.yml files, in name order."""
     files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
     out: list[tuple[Path, dict[str, Any]]] = []
     for f in files:
-        try:
-            docs = list(yaml.safe_load_all(f.read_text()))
-        except yaml.YAMLError as e:
-            raise ManifestError(str(f), "(file)", f"is not valid YAML: {e}") from None
+        docs = load_yaml(f.read_text(), str(f))
         for d in docs:
             if d is None:
                 continue

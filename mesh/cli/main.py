@@ -93,12 +93,29 @@ def agent(
     Agent(cfg).run()
 
 
-def _validate(path: Path) -> None:
+def _validate(path: Path) -> list[str]:
+    """Every object of ``path`` checked; returns their names ("Kind ns/name"). One object twice (in one
+    file or two) is refused: YAML and a directory would keep only the last, silently."""
+    seen: dict[str, str] = {}
     for f, doc in read_documents(path):
         try:
             parse_object(doc, base_dir=f.parent)
         except ManifestError as e:
             raise ManifestError(f"{e.where} ({f.name})", e.field, e.problem) from None
+        where = _name_of(doc)
+        if where in seen:
+            raise ManifestError(f"{where} ({f.name})", "metadata.name", f"this object is also in {seen[where]}: "
+                                "only one would be kept; remove one or rename it")
+        seen[where] = f.name
+    return list(seen)
+
+
+def _name_of(doc: dict[str, Any]) -> str:
+    """ "Kind ns/name" (a Namespace: "Namespace name"), as the agent's errors name objects."""
+    raw = doc.get("metadata")
+    meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    kind, name, ns = doc.get("kind"), meta.get("name", ""), meta.get("namespace") or "default"
+    return f"{kind} {name}" if kind == "Namespace" else f"{kind} {ns}/{name}"
 
 
 def _absolute_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -119,14 +136,18 @@ def apply(
     file: Annotated[Path, typer.Option("-f", "--filename", exists=True, help="YAML file or directory")],
     state_dir: StateOpt = STATE,
     wait: Annotated[float, typer.Option(help="seconds to wait for the agent to apply (0: don't)")] = 30.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate only (no agent needed); non-zero on any error")] = False,
 ) -> None:
     """Validate manifests and hand them to the agent's watched directory."""
     manifests = state_dir / "manifests"
     try:
-        _validate(file)
+        names = _validate(file)
     except ManifestError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
+    if dry_run:
+        console.print(f"{file}: {len(names)} object(s) valid (dry run: nothing applied)")
+        return
     manifests.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in file.iterdir() if p.suffix in (".yaml", ".yml")) if file.is_dir() else [file]
     for f in files:
@@ -137,7 +158,7 @@ def apply(
         tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         tmp.replace(_dest(manifests, f))
         console.print(f"{f.name} applied")
-    _after_change(state_dir, manifests, wait)
+    _after_change(state_dir, manifests, wait, names)
 
 
 @app.command()
@@ -159,7 +180,9 @@ def delete(
     _after_change(state_dir, manifests, wait)
 
 
-def _after_change(state_dir: Path, manifests: Path, wait: float) -> None:
+def _after_change(state_dir: Path, manifests: Path, wait: float, names: list[str] | None = None) -> None:
+    """Wait for the agent; an error about what was just applied (or Envoy refusing the plan) fails the
+    command, the node's other problems are warnings."""
     if wait <= 0:
         return
     try:
@@ -167,8 +190,13 @@ def _after_change(state_dir: Path, manifests: Path, wait: float) -> None:
     except TimeoutError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
+    failed = False
     for problem in st.errors:
-        err.print(f"[yellow]warning:[/] {problem}")
+        mine = "Envoy rejected" in problem or "not applied" in problem or any(n in problem for n in names or ())
+        failed |= mine
+        err.print(f"[red]error:[/] {problem}" if mine else f"[yellow]warning:[/] {problem}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

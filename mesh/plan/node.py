@@ -130,9 +130,16 @@ def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
 
 
 def _selects(sel: Selector, default_ns: str, labels: dict[str, str]) -> bool:
+    """A source selector: the policy's namespace unless it names another (Cilium's rule for fromEndpoints)."""
     if sel.namespace() is None and labels.get(NAMESPACE_LABEL) != default_ns:
         return False
     return sel.matches(labels)
+
+
+def _selects_own(sel: Selector, ns: str, labels: dict[str, str]) -> bool:
+    """An endpointSelector: pods of the policy's own namespace only, whatever it says (a policy in one
+    namespace must never lock out or open up another namespace's pods)."""
+    return labels.get(NAMESPACE_LABEL) == ns and sel.matches(labels)
 
 
 def _target_port(pod: Pod, target: int | str) -> int | None:
@@ -175,12 +182,17 @@ def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
     l7: dict[tuple[int, int], list[RbacPolicy]] = defaultdict(list)
     l4: dict[tuple[int, int], list[RbacPolicy]] = defaultdict(list)
     rule_id = 0
+    dsts_of = {pol.key: sorted(i for i, lbl in identities.items() if _selects_own(pol.endpoint_selector, pol.namespace, lbl))
+               for pol in policies}
     for pol in policies:
-        dsts = sorted(i for i, lbl in identities.items() if _selects(pol.endpoint_selector, pol.namespace, lbl))
-        for d in dsts:
+        for d in dsts_of[pol.key]:
             selected_by[d].append(pol.key)
             if pol.mode == "enforce":
                 enforcing.add(d)
+    for pol in policies:
+        # an audit policy reports on what it would deny; it never allows: where an enforcing
+        # policy also selects a pod, the audit policy's rules add nothing there
+        dsts = [d for d in dsts_of[pol.key] if pol.mode == "enforce" or d not in enforcing]
         for idx, rule in enumerate(pol.ingress):
             rule_id += 1
             name = f"{pol.key}#ingress[{idx}]"

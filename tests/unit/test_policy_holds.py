@@ -1,0 +1,71 @@
+"""What a policy denies does not get through a second, careless or hostile policy (issue 13):
+an audit policy beside an enforcing one never allows, and a policy in one namespace never selects
+another namespace's pods (at parse time it is refused; in the plan, selection is pinned anyway)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from mesh.manifests import ManifestError, parse_object
+from mesh.model import ClusterState, MeshPolicy, Pod, Selector
+from mesh.plan.node import NodeSpec, plan_node
+from tests.unit.test_policy_fail_closed import RULE1
+
+NODE = NodeSpec("node1", "10.244.0.1")
+
+
+def _pod(ns: str, name: str, ip: str, **labels: str) -> Pod:
+    return Pod(ns, name, tuple(sorted(labels.items())), ("sleep",), (), ip=ip)
+
+
+def _allows(plan: object, dst: str, src: str) -> bool:
+    ident = {e.pod: e.identity for e in plan.endpoints}  # type: ignore[attr-defined]
+    return any(p.dst_identity == ident[dst] and p.src_identity in (ident[src], 0)
+               for p in plan.policy)  # type: ignore[attr-defined]
+
+
+def test_an_audit_policy_never_allows_where_an_enforcing_one_denies() -> None:
+    pods = (_pod("default", "db", "10.244.0.2", app="db"), _pod("default", "web", "10.244.0.3", app="web"),
+            _pod("default", "evil", "10.244.0.4", app="evil"))
+    enforce = parse_object({**copy.deepcopy(RULE1), "metadata": {"name": "db-only-web", "namespace": "default"},
+                            "spec": {"endpointSelector": {"matchLabels": {"app": "db"}},
+                                     "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}]}]}})
+    audit = parse_object({**copy.deepcopy(RULE1), "metadata": {"name": "audit-all", "namespace": "default"},
+                          "spec": {"mode": "audit", "endpointSelector": {"matchLabels": {"app": "db"}},
+                                   "ingress": [{"fromEndpoints": [{}]}]}})  # would allow everyone
+    assert isinstance(enforce, MeshPolicy) and isinstance(audit, MeshPolicy)
+    for policies in ((enforce, audit), (audit, enforce)):  # in either order
+        plan = plan_node(ClusterState(pods=pods, policies=policies), NODE)
+        assert _allows(plan, "default/db", "default/web")
+        assert not _allows(plan, "default/db", "default/evil"), "the audit policy granted access"
+        db = next(e for e in plan.endpoints if e.pod == "default/db")
+        assert db.enforced and not db.audit
+
+
+def test_a_policy_selects_only_its_own_namespace() -> None:
+    victim = (_pod("victim", "db", "10.244.0.2", app="db"), _pod("victim", "client", "10.244.0.3", app="client"))
+    # built past the parser (an API object that skipped validation): the plan pins it anyway
+    lockout = MeshPolicy("attacker", "lockout", Selector((("app", "db"), ("io.kubernetes.pod.namespace", "victim"))), ())
+    plan = plan_node(ClusterState(pods=victim, policies=(lockout,)), NODE)
+    assert not any(e.enforced for e in plan.endpoints), "a policy in 'attacker' locked victim's pods"
+
+    doc = copy.deepcopy(RULE1)
+    doc["metadata"]["namespace"] = "attacker"
+    doc["spec"]["endpointSelector"]["matchLabels"]["io.kubernetes.pod.namespace"] = "victim"
+    with pytest.raises(ManifestError, match="selects pods of 'attacker' only; create it in namespace 'victim'"):
+        parse_object(doc)
+
+
+def test_a_source_in_another_namespace_is_still_named_explicitly() -> None:
+    """fromEndpoints may name another namespace (as in Cilium): the destination's own policy decides."""
+    pods = (_pod("shop", "db", "10.244.0.2", app="db"), _pod("front", "web", "10.244.0.3", app="web"))
+    doc = {"apiVersion": "webb.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "from-front", "namespace": "shop"},
+           "spec": {"endpointSelector": {"matchLabels": {"app": "db"}},
+                    "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web", "io.kubernetes.pod.namespace": "front"}}]}]}}
+    pol = parse_object(doc)
+    assert isinstance(pol, MeshPolicy)
+    plan = plan_node(ClusterState(pods=pods, policies=(pol,)), NODE)
+    assert _allows(plan, "shop/db", "front/web")
+    assert next(e for e in plan.endpoints if e.pod == "shop/db").enforced
