@@ -54,6 +54,7 @@ API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # a label key's name part, a label value
 _METHOD = re.compile(r"^[A-Z]+$")
 _DURATION = re.compile(r"^(?:[0-9]{1,5}(?:h|m|s|ms)){1,4}$")
 _DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
@@ -93,12 +94,33 @@ class Ctx:
             raise self.fail(field, f"must be a list, got {type(v).__name__}")
         return v
 
-    def labels(self, v: Any, field: str) -> tuple[tuple[str, str], ...]:
+    def labels(self, v: Any, field: str, selector: bool = False) -> tuple[tuple[str, str], ...]:
+        """Labels as Kubernetes allows them: keys ``[prefix/]name`` (prefix a DNS-1123 subdomain, name at
+        most 63 of [A-Za-z0-9-_.]), values at most 63 of the same (or empty). A selector may write
+        Cilium's ``k8s:`` source prefix."""
         m = self.mapping(v, field)
         for k, val in m.items():
+            self.label_key(k, f"{field}.{k}", selector)
             if not isinstance(val, str):
                 raise self.fail(f"{field}.{k}", f"label values are strings; quote it: \"{val}\"")
+            self.label_value(val, f"{field}.{k}")
         return tuple(sorted((str(k), str(val)) for k, val in m.items()))
+
+    def label_key(self, k: Any, field: str, selector: bool = False) -> str:
+        key = str(k).removeprefix("k8s:") if selector else str(k)
+        prefix, _, name = key.rpartition("/")
+        if not isinstance(k, str) or not name or len(name) > 63 or not _LABEL_NAME.match(name) or (
+                prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix))):
+            raise self.fail(field, f"{k!r} is not a label key; use [prefix/]name: name at most 63 letters, digits, "
+                            "'-', '_', '.' (starting and ending alphanumeric), prefix a DNS subdomain, e.g. 'app' or "
+                            "'example.com/tier'")
+        return key
+
+    def label_value(self, v: str, field: str) -> str:
+        if v and (len(v) > 63 or not _LABEL_NAME.match(v)):
+            raise self.fail(field, f"{v!r} is not a label value; use at most 63 letters, digits, '-', '_', '.' "
+                            "(starting and ending alphanumeric), or empty")
+        return v
 
     def port(self, v: Any, field: str) -> int:
         try:
@@ -141,7 +163,7 @@ class Ctx:
             re2.compile(str(v), _RE2_OPTIONS)
         except re2.error as e:
             why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-            raise self.fail(field, f"{v!r} is not a valid RE2 regular expression, as Envoy needs ({why}); "
+            raise self.fail(field, f"{v!r} is not a valid regular expression (Envoy uses RE2: {why}); "
                             "RE2 has no lookaround ((?!...), (?=...)) or backreferences") from None
         return str(v)
 
@@ -166,7 +188,7 @@ class Ctx:
 def parse_selector(ctx: Ctx, v: Any, field: str) -> Selector:
     m = ctx.mapping(v, field)
     ctx.only(m, field, ("matchLabels", "matchExpressions"), "a selector")
-    labels = ctx.labels(m.get("matchLabels"), f"{field}.matchLabels")
+    labels = ctx.labels(m.get("matchLabels"), f"{field}.matchLabels", selector=True)
     labels = tuple(sorted((k.removeprefix("k8s:"), val) for k, val in labels))
     exprs = []
     for i, e in enumerate(ctx.seq(m.get("matchExpressions"), f"{field}.matchExpressions")):
@@ -178,7 +200,8 @@ def parse_selector(ctx: Ctx, v: Any, field: str) -> Selector:
             raise ctx.fail(f"{f}.operator", f"{op!r} is not one of In, NotIn, Exists, DoesNotExist")
         if not e.get("key"):
             raise ctx.fail(f"{f}.key", "is required")
-        values = tuple(str(x) for x in ctx.seq(e.get("values"), f"{f}.values"))
+        ctx.label_key(e["key"], f"{f}.key", selector=True)
+        values = tuple(ctx.label_value(str(x), f"{f}.values[{j}]") for j, x in enumerate(ctx.seq(e.get("values"), f"{f}.values")))
         if op in ("In", "NotIn") and not values:
             raise ctx.fail(f"{f}.values", f"operator {op} needs at least one value")
         exprs.append(Requirement(str(e["key"]).removeprefix("k8s:"), op, values))
@@ -474,8 +497,12 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     if kind not in KINDS:
         raise ctx.fail("kind", f"{kind!r} is not handled by the standalone source; use one of {', '.join(KINDS)}")
     ctx.mapping(doc.get("metadata"), "metadata")
-    if not name or not _DNS1123.match(name):
-        raise ctx.fail("metadata.name", f"{name!r} must be a DNS-1123 label (lowercase letters, digits, '-')")
+    if not name or len(name) > 63 or not _DNS1123.match(name):
+        raise ctx.fail("metadata.name", f"{name!r} must be a DNS-1123 label: at most 63 lowercase letters, digits "
+                       "and '-', starting and ending alphanumeric, e.g. 'web-1'")
+    if kind != "Namespace" and (len(ns) > 63 or not _DNS1123.match(ns)):
+        raise ctx.fail("metadata.namespace", f"{ns!r} must be a DNS-1123 label: at most 63 lowercase letters, digits "
+                       "and '-', starting and ending alphanumeric, e.g. 'team-a'")
     want = API_VERSIONS.get(str(kind))
     if want and doc.get("apiVersion") != want:
         raise ctx.fail("apiVersion", f"{doc.get('apiVersion')!r}: use {want}")
@@ -521,7 +548,9 @@ def _pod(ctx: Ctx, ns: str, name: str, labels: tuple[tuple[str, str], ...], spec
     node = spec.get("nodeName") or ""
     if node:
         ctx.subdomain(node, "spec.nodeName", "node1", "a node name")
-    return Pod(ns, name, labels, tuple(argv), tuple(ports), str(spec.get("serviceAccountName") or "default"), node=node)
+    sa = spec.get("serviceAccountName") or "default"
+    ctx.subdomain(sa, "spec.serviceAccountName", "web", "a ServiceAccount name")
+    return Pod(ns, name, labels, tuple(argv), tuple(ports), str(sa), node=node)
 
 
 def _service(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> Service:
@@ -659,14 +688,21 @@ def read_documents(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
     out: list[tuple[Path, dict[str, Any]]] = []
     for f in files:
-        docs = load_yaml(f.read_text(), str(f))
+        with f.open("rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)  # never more than the limit in memory
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as e:
+            raise ManifestError(str(f), "(file)", f"is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        docs = load_yaml(text, str(f))
         for d in docs:
             if d is None:
                 continue
-            if not isinstance(d, dict):
-                raise ManifestError(str(f), "(document)", "each YAML document must be a mapping with kind")
-            if d.get("kind") == "List":
-                out.extend((f, item) for item in d.get("items") or [])
-            else:
-                out.append((f, d))
+            items = d.get("items") if isinstance(d, dict) and d.get("kind") == "List" else [d]
+            for i, item in enumerate(items if isinstance(items, list) else [items]):
+                if not isinstance(item, dict):
+                    where = f"items[{i}]" if isinstance(d, dict) else "(document)"
+                    raise ManifestError(str(f), where, "each YAML document (and each item of a List) must be a "
+                                        "mapping with kind")
+                out.append((f, item))
     return out

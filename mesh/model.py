@@ -316,6 +316,7 @@ class ClusterState:
     mtls: tuple[MeshTLS, ...] = ()
     endpoint_slices: tuple[EndpointSlice, ...] = ()
     errors: tuple[str, ...] = field(default=())  # objects rejected by the source, with why
+    refused: tuple[str, ...] = field(default=())  # "Kind ns/name" of each object whose newest version was refused
 
 
 def _in_force(state: ClusterState) -> dict[str, MeshTLS]:

@@ -118,11 +118,12 @@ class StandaloneSource:
                     continue
                 objs[object_key(o)] = o
                 self._file_of[object_key(o)] = path
+        refused = list(self._last_good.errors)
         self._last_good = LastGood()
         for k, o in objs.items():
             self._last_good.accept(k, o)
         self.errors = errors
-        return replace(assemble(objs.values(), errors),
+        return replace(assemble(objs.values(), errors, refused),
                        services=tuple(allocate_vips([o for o in objs.values() if isinstance(o, Service)],
                                                     self.service_cidr, self.service_cidr6)))
 

@@ -23,6 +23,12 @@ def key_of(kind: str, doc: dict[str, Any]) -> Key:
     return (kind, "" if kind == "Namespace" else str(meta.get("namespace") or "default"), str(meta.get("name")))
 
 
+def key_name(key: Key) -> str:
+    """ "Kind ns/name" (a Namespace: "Namespace name"), as errors and ``webb apply`` name objects."""
+    kind, ns, name = key
+    return f"{kind} {name}" if kind == "Namespace" else f"{kind} {ns}/{name}"
+
+
 def object_key(o: Namespace | Pod | Service | MeshPolicy | MeshRoute | Ingress | Secret | MeshTLS | EndpointSlice) -> Key:
     if isinstance(o, Namespace):
         return ("Namespace", "", o.name)
@@ -50,8 +56,9 @@ class LastGood(Generic[T]):
         self.errors.pop(key, None)
 
 
-def assemble(objs: Iterable[object], errors: Iterable[str]) -> ClusterState:
-    """The ClusterState of the objects in force (any other object is left out)."""
+def assemble(objs: Iterable[object], errors: Iterable[str], refused: Iterable[Key] = ()) -> ClusterState:
+    """The ClusterState of the objects in force (any other object is left out); ``refused``: the
+    objects whose newest version was refused."""
     objs = list(objs)
 
     def of(cls: type[T]) -> tuple[T, ...]:
@@ -59,4 +66,5 @@ def assemble(objs: Iterable[object], errors: Iterable[str]) -> ClusterState:
 
     return ClusterState(namespaces=of(Namespace), pods=of(Pod), services=of(Service), policies=of(MeshPolicy),
                         routes=of(MeshRoute), ingresses=of(Ingress), secrets=of(Secret), mtls=of(MeshTLS),
-                        endpoint_slices=of(EndpointSlice), errors=tuple(errors))
+                        endpoint_slices=of(EndpointSlice), errors=tuple(errors),
+                        refused=tuple(sorted(key_name(k) for k in refused)))

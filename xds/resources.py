@@ -306,7 +306,10 @@ def route(svc: HttpService) -> route_pb2.RouteConfiguration:
 
 def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] | None) -> hcm.HttpConnectionManager:
     """Downstream codec AUTO (HTTP/1.1, h2c with prior knowledge, h2 over ALPN), WebSocket
-    upgrades passed through, RBAC when there is an L7 policy."""
+    upgrades passed through, RBAC when there is an L7 policy. The path is normalised before RBAC
+    and routing, and the app gets it normalised: ``..`` and ``.`` resolved (RFC 3986), ``//``
+    merged, and an escaped slash (``%2F``, ``%5C``) answered with a redirect to the unescaped path,
+    so a rule on ``/v1/.*`` never lets ``/v1/../v2/secret`` or ``/v1%2F..%2Fv2`` through."""
     filters = []
     if policies is not None:
         filters.append(hcm.HttpFilter(name="envoy.filters.http.rbac", typed_config=_any(rbac(policies))))
@@ -315,6 +318,9 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
         stat_prefix=name.replace("/", "_").replace(":", "_"),
         codec_type=hcm.HttpConnectionManager.AUTO,
         strip_any_host_port=True,  # "shop.example.com:8443" matches the virtual host shop.example.com
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
         http_filters=filters,
         upgrade_configs=[hcm.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
         access_log=[_access_log(access_log_path, name, policies or ())],

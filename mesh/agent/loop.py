@@ -58,7 +58,7 @@ class AgentConfig:
     envoy_log_level: str = "warning"
     xds_delta: bool = True  # incremental xDS to Envoy; False: state of the world
     envoy_all_stats: bool = False  # every Envoy stat (costly at scale); default: config plane and server only
-    lifetime_s: float = 3600.0  # the agent stops by itself after this (local demo, tests)
+    lifetime_s: float = 0.0  # > 0: the agent stops by itself after this (tests, demos); 0: until stopped
     ack_timeout_s: float = 10.0
     sockmap: bool = False  # same-node acceleration: opt-in, and only after its self-test passed
     canary_interval_s: float = 30.0  # how often the accelerated path is re-checked
@@ -115,6 +115,7 @@ class Agent:
         self.plan: NodePlan | None = None
         self.applied = Applied()
         self.errors: list[str] = []
+        self.refused: list[str] = []
         self.good: Snapshot | None = None  # the last snapshot Envoy ACKed: served again after a NACK
         self._stop = False
         self._seen_version = ""
@@ -167,7 +168,7 @@ class Agent:
                 runtime_version = self.runtime.version()
                 if version != self._seen_version or runtime_version != self._seen_runtime:
                     self._seen_runtime = runtime_version
-                    self.sync(version)
+                    self._sync_guarded(version)
                     self._publish()
                     self._write_status()  # at once: `webb apply` and the operator wait on it
                     written = time.monotonic()
@@ -213,20 +214,34 @@ class Agent:
             self.tunnels.stop()
         if self.accel is not None:
             self.accel.stop()
+        if self.peers is not None and not keep:
+            self.peers.withdraw()
+        # the pods go before their policy: never a pod running without the programs
+        self.runtime.teardown(keep=keep)
         if self.datapath is not None:
             self.datapath.close(unpin=not keep)
         if self.envoy is not None:
             self.envoy.stop()
         xds.stop()
-        if self.peers is not None and not keep:
-            self.peers.withdraw()
-        self.runtime.teardown(keep=keep)
         self._write_status(running=False)
 
     # ---- one reconcile pass ----
+    def _sync_guarded(self, version: str) -> None:
+        """A sync that raises (a bug, input no check foresaw) never takes the node down: the last
+        applied plan stays in force (datapath and Envoy), the error is reported in the status, and
+        the next change of the source or the pods tries again."""
+        try:
+            self.sync(version)
+        except Exception as e:  # noqa: BLE001 - the node keeps enforcing; the error is in the status
+            log.exception("sync of source version %s", version)
+            self._seen_version = version
+            self.errors = [f"sync of source version {version} failed ({type(e).__name__}: {e}); the last applied plan "
+                           f"{self.applied.plan_version or '(none)'} stays in force"]
+
     def sync(self, version: str) -> None:
         self._seen_version = version
         state = self.source.load()
+        self.refused = list(state.refused)
         mine, others = split_pods(state.pods, self.cfg.node.name)  # the other nodes' pods keep their node's IPs
         state = replace(state, pods=self.runtime.run(mine) + tuple(others))
         peers = {n: Peer(r.wire_ip, tuple(sorted(r.mtls_ports.items()))) for n, r in (self.peers.read() if self.peers else {}).items()}
@@ -306,7 +321,7 @@ class Agent:
 
     def _write_status(self, running: bool = True) -> None:
         st = AgentStatus(
-            self.cfg.node.name, running, os.getpid(), time.time(), self.applied, list(self.errors),
+            self.cfg.node.name, running, os.getpid(), time.time(), self.applied, list(self.errors), list(self.refused),
             envoy={t.rsplit(".", 1)[-1]: EnvoyTypeStatus(s.sent, s.acked, s.nacked, s.error, s.updated)
                    for t, s in self.cache.status(self.cfg.node.name).items()},
             pods=self.runtime.status(),

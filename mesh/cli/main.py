@@ -21,6 +21,7 @@ from mesh.cli.common import console, err, print_flows, wait_converged
 from mesh.cli.wire import app as wire_app
 from mesh.manifests import ManifestError, parse_object, read_documents
 from mesh.runtime.local import LocalNode, NodeConfig, enter_netns, pod_sandbox
+from mesh.state import key_name, key_of
 from mesh.status import AgentStatus
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
@@ -44,7 +45,7 @@ def agent(
     envoy_log_level: str = "warning",
     xds: Annotated[str, typer.Option(help="xDS protocol to Envoy: delta (incremental) or sotw")] = "delta",
     envoy_all_stats: Annotated[bool, typer.Option(help="keep every Envoy stat (default: config plane and server)")] = False,
-    lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds")] = 3600.0,
+    lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds (0: run until stopped)")] = 0.0,
     sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
     ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
     ingress_https_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTPS listener on 127.0.0.1")] = 443,
@@ -111,11 +112,7 @@ def _validate(path: Path) -> list[str]:
 
 
 def _name_of(doc: dict[str, Any]) -> str:
-    """ "Kind ns/name" (a Namespace: "Namespace name"), as the agent's errors name objects."""
-    raw = doc.get("metadata")
-    meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    kind, name, ns = doc.get("kind"), meta.get("name", ""), meta.get("namespace") or "default"
-    return f"{kind} {name}" if kind == "Namespace" else f"{kind} {ns}/{name}"
+    return key_name(key_of(str(doc.get("kind")), doc))
 
 
 def _absolute_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -181,8 +178,8 @@ def delete(
 
 
 def _after_change(state_dir: Path, manifests: Path, wait: float, names: list[str] | None = None) -> None:
-    """Wait for the agent; an error about what was just applied (or Envoy refusing the plan) fails the
-    command, the node's other problems are warnings."""
+    """Wait for the agent. The agent refusing what was just applied, or Envoy refusing the plan, fails
+    the command; the node's other problems (a backend missing, an Ingress of another class) are warnings."""
     if wait <= 0:
         return
     try:
@@ -192,7 +189,8 @@ def _after_change(state_dir: Path, manifests: Path, wait: float, names: list[str
         raise typer.Exit(1) from None
     failed = False
     for problem in st.errors:
-        mine = "Envoy rejected" in problem or "not applied" in problem or any(n in problem for n in names or ())
+        mine = ("Envoy rejected" in problem or "not applied" in problem
+                or any(n in st.refused and problem.startswith(f"{n}:") for n in names or ()))
         failed |= mine
         err.print(f"[red]error:[/] {problem}" if mine else f"[yellow]warning:[/] {problem}")
     if failed:

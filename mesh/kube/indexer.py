@@ -75,10 +75,11 @@ class Indexer:
         with self._lock:
             objs = [e.obj for _, e in sorted(self._store.good.items()) if e.obj is not None]
             errors = [err for _, err in sorted(self._store.errors.items())]
+            refused = list(self._store.errors)
             generations = {f"{k[0]} {k[1]}/{k[2]}": e.generation for k, e in self._store.good.items() if k[0] in kinds}
-        return self._state(objs, errors), generations
+        return self._state(objs, errors, refused), generations
 
-    def _state(self, objs: list[Obj | NetworkPolicyDoc], errors: list[str]) -> ClusterState:
+    def _state(self, objs: list[Obj | NetworkPolicyDoc], errors: list[str], refused: list[Key]) -> ClusterState:
         namespaces = [o for o in objs if isinstance(o, Namespace)]
         pods = [o for o in objs if isinstance(o, Pod)]
         policies = [o for o in objs if isinstance(o, MeshPolicy)]
@@ -92,7 +93,7 @@ class Indexer:
             errors += warnings
             if pol is not None:
                 policies.append(pol)
-        return assemble([*(o for o in objs if not isinstance(o, (MeshPolicy, NetworkPolicyDoc))), *policies], errors)
+        return assemble([*(o for o in objs if not isinstance(o, (MeshPolicy, NetworkPolicyDoc))), *policies], errors, refused)
 
     def keys(self, kind: str) -> list[Key]:
         with self._lock:

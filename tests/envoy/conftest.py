@@ -26,6 +26,7 @@ class _Backend(http.server.BaseHTTPRequestHandler):
     def _ok(self) -> None:
         body = f"{self.command} ok\n".encode()
         self.send_response(200)
+        self.send_header("X-Seen-Path", self.path)  # the path as the app got it
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

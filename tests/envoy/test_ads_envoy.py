@@ -40,6 +40,35 @@ def test_rbac_allows_and_denies_and_access_log(plane: Plane, backend: int, tmp_p
     assert '"details":"rbac_access_denied_matched_policy[none]"' in log.read_text()
 
 
+def test_paths_are_normalised_before_rbac_and_the_app(plane: Plane, backend: int, tmp_path: Path) -> None:
+    """``/v1/.*`` allows /v1/ paths only however they are written: dot segments resolved, slashes
+    merged, escaped slashes redirected to their unescaped form (issue 13)."""
+    import http.client
+
+    listen = _free_port()
+    snap = Snapshot.of(r.build([_service(backend, listen, "/v1/.*")], str(tmp_path / "a.log")))
+    plane.cache.set_snapshot(NODE, snap)
+    assert plane.cache.wait_acked(NODE, snap, 10)
+
+    def raw(path: str) -> tuple[int, str, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", listen, timeout=5)
+        try:
+            conn.request("POST", path)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status, resp.getheader("X-Seen-Path") or "", resp.getheader("Location") or ""
+        finally:
+            conn.close()
+
+    assert raw("/v1/ok") == (200, "/v1/ok", "")
+    assert raw("/v1/../v2/secret")[0] == 403  # before: allowed, and the app got /v1/../v2/secret
+    assert raw("/v1/./a/../b") == (200, "/v1/b", "")
+    assert raw("/v1//x") == (200, "/v1/x", "")
+    status, _, location = raw("/v1%2F..%2Fv2/secret")
+    assert (status, location) == (307, "/v2/secret")  # unescaped, then normalised: asked again, denied
+    assert raw("/v2/secret")[0] == 403
+
+
 def test_nack_keeps_last_good_config_and_is_not_resent(plane: Plane, backend: int,
                                                        tmp_path: Path) -> None:
     cache, envoy = plane.cache, plane.envoy

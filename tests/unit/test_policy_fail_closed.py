@@ -53,7 +53,7 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("http Method", lambda d: _rename(_tp(d)["rules"]["http"][0], "method", "Method"),
      "spec.ingress[0].toPorts[0].rules.http[0].Method", "did you mean 'method'"),
     ("a regex Python takes, RE2 (Envoy) refuses", lambda d: _tp(d)["rules"]["http"][0].update(path="/v1/(?!admin).*"),
-     "spec.ingress[0].toPorts[0].rules.http[0].path", "not a valid RE2 regular expression"),
+     "spec.ingress[0].toPorts[0].rules.http[0].path", "not a valid regular expression (Envoy uses RE2"),
     ("matchExpressions extra key", lambda d: d["spec"]["endpointSelector"].update(
         matchExpressions=[{"key": "a", "operator": "Exists", "value": ["x"]}]),
      "spec.endpointSelector.matchExpressions[0].value", "did you mean 'values'"),
@@ -101,3 +101,43 @@ def test_a_file_over_the_size_limit_is_refused_by_its_size() -> None:
 
     with pytest.raises(ManifestError, match="the limit is"):
         load_yaml("a: " + "x" * MAX_FILE_BYTES, "big.yaml")
+
+
+POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+       "spec": {"containers": [{"name": "c", "command": ["sleep", "1"]}]}}
+
+
+def _meta(**kv: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d["metadata"].update(kv)
+
+
+NAMES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("namespace Bad_NS (crashed the agent)", _meta(namespace="Bad_NS"), "metadata.namespace"),
+    ("namespace with a newline (a hosts entry in every pod)", _meta(namespace="a\n10.0.0.1 evil"), "metadata.namespace"),
+    ("name of 64 characters", _meta(name="a" * 64), "metadata.name"),
+    ("serviceAccountName My_SA (crashed the agent)", lambda d: d["spec"].update(serviceAccountName="My_SA"),
+     "spec.serviceAccountName"),
+    ("label key with a space", _meta(labels={"my app": "x"}), "metadata.labels.my app"),
+    ("label key with a bad prefix", _meta(labels={"Example_/tier": "x"}), "metadata.labels.Example_/tier"),
+    ("label value of 64", _meta(labels={"app": "x" * 64}), "metadata.labels.app"),
+    ("label value with a newline", _meta(labels={"app": "a\nb"}), "metadata.labels.app"),
+    ("metadata a list", lambda d: d.update(metadata=["a"]), "metadata"),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "field"), NAMES, ids=[c[0] for c in NAMES])
+def test_names_and_labels_follow_kubernetes_rules(case: str, mutate: Callable[[dict[str, Any]], None], field: str) -> None:
+    doc = copy.deepcopy(POD)
+    mutate(doc)
+    with pytest.raises(ManifestError) as e:
+        parse_object(doc)
+    assert e.value.field == field, str(e.value)
+
+
+def test_selector_label_rules_allow_cilium_source_prefix() -> None:
+    doc = copy.deepcopy(RULE1)
+    doc["spec"]["endpointSelector"]["matchLabels"] = {"k8s:app.kubernetes.io/name": "deathstar"}
+    assert isinstance(parse_object(doc), MeshPolicy)
+    doc["spec"]["endpointSelector"]["matchLabels"] = {"app": "death star"}
+    with pytest.raises(ManifestError, match="not a label value"):
+        parse_object(doc)

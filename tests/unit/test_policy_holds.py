@@ -5,6 +5,7 @@ another namespace's pods (at parse time it is refused; in the plan, selection is
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,19 @@ def test_a_source_in_another_namespace_is_still_named_explicitly() -> None:
     plan = plan_node(ClusterState(pods=pods, policies=(pol,)), NODE)
     assert _allows(plan, "shop/db", "front/web")
     assert next(e for e in plan.endpoints if e.pod == "shop/db").enforced
+
+
+def test_the_source_names_what_it_refused(tmp_path: Path) -> None:
+    """``webb apply`` fails on what the agent refused, by name; a problem of a kept object is a warning."""
+    from mesh.source import StandaloneSource
+
+    (tmp_path / "svc.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: far, namespace: default}\n"
+        "spec: {clusterIP: 192.0.2.10, selector: {app: x}, ports: [{port: 80}]}\n")
+    (tmp_path / "ok.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: near, namespace: default}\n"
+        "spec: {selector: {app: x}, ports: [{port: 80}]}\n")
+    state = StandaloneSource(tmp_path, "10.96.0.0/16").load()
+    assert state.refused == ("Service default/far",)
+    assert [s.name for s in state.services] == ["near"]
+    assert any(e.startswith("Service default/far: spec.clusterIP") for e in state.errors)
