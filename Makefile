@@ -7,7 +7,7 @@ BPF_OBJ := datapath/bpf/sock.bpf.o
 STAMP := build/.deps-stamp
 ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help deps bpf run test test-vm lint bench clean kube-tools
+.PHONY: help deps bpf run test test-vm lint bench clean kube-tools lock
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@mkdir -p build && touch $@
 
-bpf: $(BPF_OBJ)  ## compile the eBPF programs
+bpf: $(BPF_OBJ) $(BPF_OBJ).sha256  ## compile the eBPF programs
 $(BPF_OBJ): datapath/bpf/sock.bpf.c datapath/bpf/webb.h $(STAMP)
 	$(CLANG) -O2 -g -Wall -Werror -target bpf -I$(ARCH_INC) -c $< -o $@
+$(BPF_OBJ).sha256: $(BPF_OBJ)  # verified by datapath.loader before every load
+	sha256sum $< | cut -d' ' -f1 > $@
 
 run: deps bpf  ## the Star Wars demo on this machine (root)
 	$(PYTHON) -m mesh.cli demo examples/starwars
@@ -53,7 +55,7 @@ lint: deps  ## ruff, mypy (strict on the core), the import layers (import-linter
 	$(PYTHON) -c 'import sys; from importlinter.cli import lint_imports_command; sys.argv = ["lint-imports", "--no-cache"]; lint_imports_command()'
 
 clean:  ## remove build products
-	rm -rf build $(BPF_OBJ) .pytest_cache
+	rm -rf build $(BPF_OBJ) $(BPF_OBJ).sha256 .pytest_cache
 
 # the one-node cluster of tests/cluster (docs/testing.md): kubelet, kube-controller-manager, kube-scheduler and
 # CoreDNS built once (tools/cluster/build.sh, cached in /var/cache/webb next to kube-apiserver), Debian's containerd,
@@ -76,6 +78,10 @@ kube-node-down:  ## stop the kube-node-up cluster and remove all it added (exact
 # Webb pip-installed into it (tools/image/build.py; layers cached in /var/cache/webb/images by content hash, no
 # registry), and helm built from its Go module (tools/helm/go.mod) to test charts/webb (tests/cluster/test_install.py)
 .PHONY: image helm
+lock:  ## requirements.lock: the runtime dependencies pinned with their sha256s, for the image (pip-tools)
+	$(PYTHON) -m pip install -q --disable-pip-version-check 'pip-tools>=7.4'
+	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras --no-header --output-file requirements.lock pyproject.toml
+
 image: bpf  ## Webb's image webb.local/webb:<version>: agent + operator (cached; IMPORT=<containerd socket> imports it)
 	@if ! dpkg -s mmdebstrap >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap; fi

@@ -61,6 +61,23 @@ def _link_cgroup_id(link_fd: int) -> int:
     return int(struct.unpack_from("=Q", info, 16)[0]) if len(info) >= 24 else 0
 
 
+def verify_object(object_path: Path, data: bytes) -> None:
+    """The object is the one built: its sha256 matches ``<object>.sha256``, written by ``make bpf``
+    (and shipped beside it in the package). A changed or unrecorded object is refused, never loaded."""
+    record = object_path.with_name(object_path.name + ".sha256")
+    try:
+        want = record.read_text().split()[0] if record.exists() else ""
+    except (OSError, IndexError):
+        want = ""
+    if not want:
+        raise RuntimeError(f"load datapath: {record} is missing or empty: the object's sha256 is recorded at build; "
+                           "rebuild with 'make bpf' (or reinstall the package)")
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise RuntimeError(f"load datapath: {object_path} has sha256 {got}, not {want} recorded at build: the object "
+                           "was changed after it was built; refusing to load it. Rebuild with 'make bpf' (or reinstall)")
+
+
 class Datapath:
     """The socket programs attached to ``cgroup_path``; ``adopted`` tells whether this instance
     took over pinned state instead of loading."""
@@ -68,12 +85,14 @@ class Datapath:
     def __init__(self, cgroup_path: str, pin_dir: Path, object_path: Path = OBJECT_PATH) -> None:
         if not object_path.exists():
             raise FileNotFoundError(f"load datapath: {object_path} is missing; build it with 'make bpf'")
+        data = object_path.read_bytes()
+        verify_object(object_path, data)
         ensure_bpffs()
         check_btf(libbpf.btf_structs(str(object_path)))  # every shared struct, member by member
         check_enums(libbpf.btf_enums(str(object_path)))  # every shared constant: flags, verdicts, reasons
         self.cgroup_path = cgroup_path
         self.pin_dir = pin_dir
-        self.digest = hashlib.sha256(object_path.read_bytes()).digest()
+        self.digest = hashlib.sha256(data).digest()
         self._obj: libbpf.BpfObject | None = None
         self._links: list[libbpf.Link] = []
         self._ring: libbpf.RingBuffer | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -114,6 +115,7 @@ def test_new_object_reuses_pinned_maps_and_swaps_programs(node: LocalNode, tmp_p
         # same code, different bytes: as after an upgrade
         changed = tmp_path / "sock.bpf.o"
         changed.write_bytes(OBJECT_PATH.read_bytes() + b"\0")
+        changed.with_name("sock.bpf.o.sha256").write_text(hashlib.sha256(changed.read_bytes()).hexdigest() + "\n")
         second = Datapath(cg, pin_dir_for(name), object_path=changed)
         assert not second.adopted
         assert second.apply(DatapathState(services=[ServiceEntry(VIP, 80, 5, (Backend("10.244.200.9", 8080),))])) == 0

@@ -68,3 +68,20 @@ def test_the_loader_refuses_a_mismatch_before_loading_or_adopting(monkeypatch: p
                                            "WEBB_ACCEL_PASSED is 2 in C, 1 in datapath/maps.py"):
         loader.Datapath(str(tmp_path / "no-cgroup"), tmp_path / "pins")
     assert not (tmp_path / "pins").exists()
+
+
+def test_a_changed_or_unrecorded_object_is_refused(tmp_path: Path) -> None:
+    """The loader verifies the object's sha256 against the one ``make bpf`` recorded (issue 13)."""
+    import hashlib
+
+    from datapath.loader import verify_object
+
+    data = OBJECT_PATH.read_bytes()
+    verify_object(OBJECT_PATH, data)  # the object built by make bpf
+    obj = tmp_path / "sock.bpf.o"
+    obj.write_bytes(data + b"\0")
+    with pytest.raises(RuntimeError, match="missing or empty"):
+        verify_object(obj, obj.read_bytes())
+    obj.with_name("sock.bpf.o.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    with pytest.raises(RuntimeError, match="was changed after it was built; refusing to load it"):
+        verify_object(obj, obj.read_bytes())

@@ -8,10 +8,11 @@ it is made from:
   base   ``mmdebstrap`` (Debian's tool; unshare mode: its mounts live and die in a namespace of
          its own) of bookworm, variant minbase, with python3 (Debian's 3.11), python3-venv,
          libbpf1, iproute2; then, inside that root (chroot), a venv at /opt/webb and ``pip
-         install`` of Webb's runtime dependencies (pyproject.toml's [project.dependencies]) by the
-         root's own python, so every compiled wheel is cp311 for Debian's 3.11. Docs, man pages and
-         locales are left out (copyright files kept), apt's lists are cleaned. Key: the suite,
-         mirrors, packages, dpkg options and the dependency list.
+         install --require-hashes`` of Webb's runtime dependencies as locked in requirements.lock
+         (every package pinned with its sha256s: ``make lock`` writes it from pyproject.toml's
+         [project.dependencies]) by the root's own python, so every compiled wheel is cp311 for
+         Debian's 3.11. Docs, man pages and locales are left out (copyright files kept), apt's
+         lists are cleaned. Key: the suite, mirrors, packages, dpkg options and the lock.
   webb   Webb itself, non-editable: a wheel built from a clean copy of the source tree (only what
          pyproject.toml packages), installed with ``pip --root --prefix /opt/webb`` (the console
          script's interpreter set to /opt/webb/bin/python3), plus the BPF object where
@@ -62,11 +63,12 @@ DPKG_OPTS = ("path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*", 
              "path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright")
 VENV = "/opt/webb"
 USER_ID = 65532  # "webb", the non-root user of the operator (charts/webb: runAsUser)
-BASE_RECIPE = 4  # bump when the base's recipe below changes in a way its inputs do not show
+BASE_RECIPE = 5  # bump when the base's recipe below changes in a way its inputs do not show
 # what `pip install` of the repository reads (pyproject.toml's packages), nothing else
 SOURCES = ("pyproject.toml", "mesh", "datapath", "xds", "certs", "tunnel")
 SKIP = re.compile(r"(^|/)(__pycache__|[^/]*\.egg-info|build)(/|$)|\.(pyc|o)$")
 BPF_OBJECT = Path("datapath/bpf/sock.bpf.o")
+LOCK = Path("requirements.lock")  # the runtime dependencies, pinned with hashes (make lock)
 BPF_SOURCES = (Path("datapath/bpf/sock.bpf.c"), Path("datapath/bpf/webb.h"))
 MMDEBSTRAP_TIMEOUT_S = 1800.0
 PIP_TIMEOUT_S = 600.0
@@ -177,18 +179,20 @@ def host_ca_bundle() -> Path | None:
     return default if default.is_file() else None
 
 
-def mmdebstrap_argv(out: Path, deps: list[str], ca: Path | None = None) -> list[str]:
+def mmdebstrap_argv(out: Path, lock: Path, ca: Path | None = None) -> list[str]:
     """Debian's root, then the venv and the dependencies by the root's own pip (in a clean environment:
     none of this host's PIP_* settings but the CA bundle it trusts)."""
     env = "env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PIP_DEFAULT_TIMEOUT=180"
     if ca is not None:
         env += " PIP_CERT=/tmp/pip-ca.crt"
     pip = f'{env} chroot "$1" {VENV}/bin/python3 -m pip'
-    quoted = " ".join(shlex.quote(d) for d in deps)
     hooks = [
         *([f'cat {shlex.quote(str(ca))} > "$1"/tmp/pip-ca.crt'] if ca is not None else []),
+        f'cat {shlex.quote(str(lock))} > "$1"/tmp/requirements.lock',
         f'{env} chroot "$1" python3 -m venv {VENV}',
-        f"{pip} install --no-cache-dir --disable-pip-version-check --progress-bar off -q {quoted}",
+        # every file checked against the lock's sha256s; nothing resolved at build time
+        f"{pip} install --require-hashes --no-deps --no-cache-dir --disable-pip-version-check "
+        "--progress-bar off -q -r /tmp/requirements.lock",
         f'{pip} freeze --all > "$1{VENV}/requirements.lock"',
         f"{pip} uninstall -q -y pip setuptools",  # nothing installs at run time
         # the operator's user (kopf asks the passwd database who it is)
@@ -197,7 +201,7 @@ def mmdebstrap_argv(out: Path, deps: list[str], ca: Path | None = None) -> list[
         f'chroot "$1" dpkg-query -W -f \'${{Package}} ${{Version}}\\n\' > "$1{VENV}/debian-packages.txt"',
         # only what these hooks made: mmdebstrap keeps its apt configuration in the root's /tmp (TMPDIR) until its
         # own cleanup (apt's lists and caches), which without it would run apt against this host's state
-        'rm -rf "$1"/root/.cache "$1"/tmp/pip-ca.crt',
+        'rm -rf "$1"/root/.cache "$1"/tmp/pip-ca.crt "$1"/tmp/requirements.lock',
         ': > "$1"/etc/resolv.conf && : > "$1"/etc/hostname',  # the runtime's
     ]
     return ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=tar", "--quiet",
@@ -205,9 +209,9 @@ def mmdebstrap_argv(out: Path, deps: list[str], ca: Path | None = None) -> list[
             *(f"--customize-hook={h}" for h in hooks), SUITE, str(out), *MIRRORS]
 
 
-def base_layer(deps: list[str], cache: Path = CACHE, refresh: bool = False) -> Layer:
-    """Debian bookworm + /opt/webb with Webb's dependencies (cached by its inputs)."""
-    key = _hash(BASE_RECIPE, SUITE, MIRRORS, PACKAGES, DPKG_OPTS, VENV, USER_ID, sorted(deps))
+def base_layer(lock: Path, cache: Path = CACHE, refresh: bool = False) -> Layer:
+    """Debian bookworm + /opt/webb with Webb's dependencies as locked (cached by its inputs)."""
+    key = _hash(BASE_RECIPE, SUITE, MIRRORS, PACKAGES, DPKG_OPTS, VENV, USER_ID, hashlib.sha256(lock.read_bytes()).hexdigest())
     layer = Layer("base", key, cache / f"webb-base-{key}.layer")
     if not refresh and (hit := _cached(layer)) is not None:
         return hit
@@ -217,7 +221,7 @@ def base_layer(deps: list[str], cache: Path = CACHE, refresh: bool = False) -> L
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".webb-base-", dir=cache) as tmp:
         raw = Path(tmp) / "rootfs.tar"
-        res = subprocess.run(mmdebstrap_argv(raw, deps, host_ca_bundle()), capture_output=True, text=True, timeout=MMDEBSTRAP_TIMEOUT_S)
+        res = subprocess.run(mmdebstrap_argv(raw, lock, host_ca_bundle()), capture_output=True, text=True, timeout=MMDEBSTRAP_TIMEOUT_S)
         if res.returncode != 0:
             raise RuntimeError(f"mmdebstrap: exit {res.returncode}:\n{res.stderr[-4000:]}")
         info: dict[str, Any] = {"mmdebstrap": "unshare, minbase, " + SUITE, "packages": list(PACKAGES)}
@@ -286,7 +290,7 @@ def webb_layer(base: Layer, cache: Path = CACHE, repo: Path = REPO) -> Layer:
     obj = check_bpf_object(repo)
     files = source_files(repo)
     h = hashlib.sha256(base.key.encode() + Path(__file__).read_bytes())  # this recipe too: the layer is cheap to redo
-    for f in [*files, BPF_OBJECT]:
+    for f in [*files, BPF_OBJECT, BPF_OBJECT.with_name(BPF_OBJECT.name + ".sha256")]:
         h.update(f"\0{f}\0".encode() + hashlib.sha256((repo / f).read_bytes()).digest())
     key = h.hexdigest()[:16]
     layer = Layer("webb", key, cache / f"webb-app-{key}.layer")
@@ -311,6 +315,7 @@ def webb_layer(base: Layer, cache: Path = CACHE, repo: Path = REPO) -> Layer:
         _relocate_scripts(root, site)
         (root / site.lstrip("/") / "datapath" / "bpf").mkdir(parents=True, exist_ok=True)
         shutil.copy2(obj, root / site.lstrip("/") / "datapath" / "bpf" / "sock.bpf.o")
+        shutil.copy2(obj.with_name(obj.name + ".sha256"), root / site.lstrip("/") / "datapath" / "bpf" / (obj.name + ".sha256"))
         layer.info = {"wheel": wheel.name, "site_packages": site, "sources": len(files)}
 
         def write(tar: tarfile.TarFile) -> None:
@@ -397,8 +402,8 @@ def write_archive(out: Path, tags: list[str], config: dict[str, Any], layers: li
 def build(cache: Path = CACHE, refresh_base: bool = False, repo: Path = REPO) -> Result:
     """The image's archive in the cache (built or reused); ``Result.ref`` names exactly this build."""
     t0 = time.monotonic()
-    version, deps = project(repo)
-    base = base_layer(deps, cache, refresh_base)
+    version, _ = project(repo)
+    base = base_layer(repo / LOCK, cache, refresh_base)
     app = webb_layer(base, cache, repo)
     layers = [base, app]
     config = image_config(version, layers)
