@@ -69,6 +69,7 @@ class AgentStatus:
     applied: Applied = field(default_factory=Applied)
     errors: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # "Kind ns/name" whose newest version the source refused
+    quarantined: dict[str, str] = field(default_factory=dict)  # "Kind ns/name" Envoy refused -> Envoy's message
     envoy: dict[str, EnvoyTypeStatus] = field(default_factory=dict)  # short type name -> status
     pods: dict[str, PodStatus] = field(default_factory=dict)  # namespace/name -> pod
     envoy_pid: int | None = None

@@ -27,7 +27,9 @@ from mesh.agent.accel import Accelerator
 from mesh.agent.apply_datapath import datapath_state
 from mesh.agent.apply_envoy import envoy_snapshot
 from mesh.agent.flows import FlowLog, Names, Tail, from_access_log, from_event
+from mesh.agent.quarantine import Quarantine, envoy_objects, with_objects
 from mesh.agent.tunnels import NodeTunnels
+from mesh.model import ClusterState
 from mesh.plan.node import NodePlan, NodeSpec, Peer, plan_node
 from mesh.plan.tunnels import proxy_id
 from mesh.runtime.base import PodRuntime
@@ -35,6 +37,7 @@ from mesh.runtime.embedded import EmbeddedRuntime
 from mesh.runtime.local import LocalNode, NodeConfig
 from mesh.runtime.peers import ClusterSource, PeerDirectory, Peers, split_pods
 from mesh.source import Source, StandaloneSource, directory_version
+from mesh.state import Key
 from mesh.status import AgentStatus, Applied, EnvoyTypeStatus, ServiceStatus
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
@@ -46,6 +49,7 @@ log = logging.getLogger("webb.agent")
 # buffer wakes it at once when events come); status is rewritten at least this often.
 LOOP_WAIT_MS = 10
 STATUS_INTERVAL_S = 0.5
+MAX_TRIES = 32  # offers to Envoy to isolate the objects of one NACK (bisection: ~2 per refused object and level)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class Agent:
         self.errors: list[str] = []
         self.refused: list[str] = []
         self.good: Snapshot | None = None  # the last snapshot Envoy ACKed: served again after a NACK
+        self.quarantine = Quarantine()  # objects Envoy refused, held at their last accepted version
         self._stop = False
         self._seen_version = ""
         self._seen_runtime = ""
@@ -245,22 +250,24 @@ class Agent:
         mine, others = split_pods(state.pods, self.cfg.node.name)  # the other nodes' pods keep their node's IPs
         state = replace(state, pods=self.runtime.run(mine) + tuple(others))
         peers = {n: Peer(r.wire_ip, tuple(sorted(r.mtls_ports.items()))) for n, r in (self.peers.read() if self.peers else {}).items()}
-        plan = plan_node(state, self.spec, peers)
-        self.runtime.set_hosts(dict(plan.hosts))
+        state = self.quarantine.hold_back(state)  # quarantined objects stay at their last accepted version
         try:
-            snap = envoy_snapshot(plan, self.access_log, self._proxy_mtls if self.tunnels else None, self.good)
-            self.cache.set_snapshot(self.cfg.node.name, snap)
+            plan, snap, ok = self._offer(state, peers)
+            if not ok and self._rejections(snap) and self.quarantine.suspects(state):
+                state, plan, snap, ok = self._isolate(state, peers, self._rejections(snap))
+            if not ok:  # Envoy refuses even without the changed objects (not an object's fault), or is silent
+                self._not_accepted(plan, snap, version)
+                return
         except (ValueError, KeyError) as e:  # a translation bug must not stop the node: keep the last plan
-            log.exception("build Envoy config for plan %s", plan.version)
-            self.errors = list(plan.warnings) + [f"build Envoy config for plan {plan.version}: {e}; "
-                                                 "Envoy and datapath kept on the last accepted plan"]
+            log.exception("build Envoy config for source version %s", version)
+            self.errors = [f"build Envoy config for source version {version}: {e}; Envoy and datapath kept on the last "
+                           "accepted plan"]
             self.applied.source_version = version
             return
-        if not self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s):
-            self._not_accepted(plan, snap, version)
-            return
         self.good = snap
+        self.quarantine.accept(state)
         self._retry_at, self._retry_backoff_s = 0.0, 0.0
+        self.runtime.set_hosts(dict(plan.hosts))
         assert self.datapath is not None and self.tunnels is not None
         tunnel_errors = self.tunnels.update(state, plan, plan.tunnels)  # listeners open before connect4 redirects to them
         cgroups = self.runtime.cgroups()
@@ -268,9 +275,65 @@ class Agent:
                                                      self.runtime.proxy_cgroups()))
         self.plan = plan
         self.names = Names.of(plan, cgroups)
-        self.errors = list(plan.warnings) + tunnel_errors
+        self.errors = list(plan.warnings) + tunnel_errors + self.quarantine.errors()
+        self.refused += self.quarantine.names()
         self.applied = Applied(version, version, plan.version, plan.version, snap.version, changed, time.time())
         log.info("applied plan %s (%d map entries changed)", plan.version, changed)
+
+    def _offer(self, state: ClusterState, peers: dict[str, Peer]) -> tuple[NodePlan, Snapshot, bool]:
+        """Plan ``state`` and offer it to Envoy: (plan, snapshot, ACKed)."""
+        plan = plan_node(state, self.spec, peers)
+        snap = envoy_snapshot(plan, self.access_log, self._proxy_mtls if self.tunnels else None, self.good)
+        self.cache.set_snapshot(self.cfg.node.name, snap)
+        return plan, snap, self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s)
+
+    def _rejections(self, snap: Snapshot) -> list[str]:
+        """Envoy's messages for the types of ``snap`` it refused (NACK)."""
+        mine = set(snap.versions.values())
+        return [f"Envoy rejected {t.rsplit('.', 1)[-1]} {s.nacked}: {s.error}"
+                for t, s in self.cache.status(self.cfg.node.name).items() if s.nacked and s.nacked in mine]
+
+    def _isolate(self, state: ClusterState, peers: dict[str, Peer],
+                 first: list[str]) -> tuple[ClusterState, NodePlan, Snapshot, bool]:
+        """After a NACK: find the changed objects Envoy refuses (bisection over the suspects, at most
+        ``MAX_TRIES`` offers) and quarantine them. Returns the largest state Envoy accepted with its
+        plan and snapshot, or the state without any changed object and False when Envoy refuses
+        even that."""
+        suspects = self.quarantine.suspects(state)
+        base = self.quarantine.revert(state, suspects)
+        plan, snap, ok = self._offer(base, peers)
+        if not ok:
+            return base, plan, snap, False
+        tries = 0
+
+        def narrow(keys: list[Key], why: list[str]) -> None:
+            nonlocal base, plan, snap, tries
+            if len(keys) == 1 and why:
+                self.quarantine.hold(state, keys, "; ".join(why))
+                return
+            if tries >= MAX_TRIES:
+                self.quarantine.hold(state, keys, "not tried alone: too many objects were refused at once")
+                return
+            tries += 1
+            trial = with_objects(base, {**envoy_objects(base), **{k: o for k, o in envoy_objects(state).items() if k in keys}})
+            t_plan, t_snap, t_ok = self._offer(trial, peers)
+            if t_ok:
+                base, plan, snap = trial, t_plan, t_snap
+            elif len(keys) == 1:
+                self.quarantine.hold(state, keys, "; ".join(self._rejections(t_snap)) or "Envoy did not ACK it")
+            else:
+                half = len(keys) // 2
+                narrow(keys[:half], [])
+                narrow(keys[half:], [])
+
+        if len(suspects) == 1:
+            narrow(suspects, first)
+        else:
+            half = len(suspects) // 2
+            narrow(suspects[:half], [])
+            narrow(suspects[half:], [])
+        log.warning("quarantined after a NACK: %s", ", ".join(self.quarantine.names()))
+        return base, plan, snap, True
 
     @property
     def spec(self) -> NodeSpec:
@@ -286,9 +349,7 @@ class Agent:
         """Envoy refused (NACK) or did not answer in time. The datapath stays on the last plan
         Envoy accepted: it never redirects to a listener Envoy does not have. A refused snapshot
         is replaced by the last good one, so a restarted Envoy gets a config it accepts."""
-        mine = set(snap.versions.values())
-        rejected = [f"Envoy rejected {t.rsplit('.', 1)[-1]} {s.nacked}: {s.error}"
-                    for t, s in self.cache.status(self.cfg.node.name).items() if s.nacked and s.nacked in mine]
+        rejected = self._rejections(snap)
         if rejected and self.good is not None:
             self.cache.set_snapshot(self.cfg.node.name, self.good)
         why = "rejected it" if rejected else f"did not ACK it within {self.cfg.ack_timeout_s:.0f} s"
@@ -327,6 +388,7 @@ class Agent:
             pods=self.runtime.status(),
             envoy_pid=self.envoy.proc.pid if self.envoy is not None and self.envoy.proc else None,
             datapath_adopted=self.datapath.adopted if self.datapath is not None else None,
+            quarantined=self.quarantine.reasons(),
         )
         if self.plan is not None:
             st.identities = {str(i): text for i, text in self.plan.identities}

@@ -53,13 +53,14 @@ def cluster_status(kube: str, output: str) -> int:
             if r is None:
                 table.add_row(escape(n), "[red]no report[/]", "-", "-", "-", "-")
                 continue
-            rejected = "; ".join(f"{t}: {e}" for t, e in (r.get("envoyRejected") or {}).items())
+            rejected = "; ".join([*(f"{t}: {e}" for t, e in (r.get("envoyRejected") or {}).items()),
+                                  *(f"{o} (quarantined): {e}" for o, e in (r.get("quarantined") or {}).items())])
             table.add_row(escape(n), "running" if r.get("running") else "[red]stopped[/]", escape(str(r.get("datapathVersion") or "-")),
                           escape(str(r.get("envoyVersion") or "-")), f"[red]{escape(rejected)}[/]" if rejected else "-",
                           escape("; ".join(r.get("errors") or [])) or "-")
         console.print(table)
     bad = [n for n in nodes if not (got.get(n) or {}).get("running") or (got.get(n) or {}).get("envoyRejected")
-           or (got.get(n) or {}).get("errors")]
+           or (got.get(n) or {}).get("quarantined") or (got.get(n) or {}).get("errors")]
     return 1 if bad else 0
 
 

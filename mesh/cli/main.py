@@ -187,13 +187,12 @@ def _after_change(state_dir: Path, manifests: Path, wait: float, names: list[str
     except TimeoutError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
-    failed = False
+    refused = [n for n in names or () if n in st.refused]  # by the source, or quarantined after Envoy's NACK
+    plan_refused = any("not applied" in p for p in st.errors)  # Envoy refused the node's whole plan
     for problem in st.errors:
-        mine = ("Envoy rejected" in problem or "not applied" in problem
-                or any(n in st.refused and problem.startswith(f"{n}:") for n in names or ()))
-        failed |= mine
+        mine = (plan_refused and problem.startswith("Envoy ")) or any(problem.startswith(f"{n}:") for n in refused)
         err.print(f"[red]error:[/] {problem}" if mine else f"[yellow]warning:[/] {problem}")
-    if failed:
+    if refused or plan_refused:
         raise typer.Exit(1)
 
 

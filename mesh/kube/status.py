@@ -3,8 +3,9 @@
 ``Valid``: the spec parsed (False: the parse error, naming the field; the previous good
 version stays in force). ``Applied``: every node that reported has this generation in the
 plan its datapath and Envoy applied (Envoy ACK); False with Envoy's error when a node's Envoy
-refused it (NACK). ``nodes[]``: per node the datapath and Envoy versions, the generation in
-force there, and for an audit-mode policy the would-deny count seen on that node.
+refused it (NACK), or quarantined this object after Envoy refused it. ``nodes[]``: per node
+the datapath and Envoy versions, the generation in force there, and for an audit-mode policy
+the would-deny count seen on that node.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ def node_entry(key: str, report: dict[str, Any], audit: bool) -> dict[str, Any]:
     """One node's line for CR ``key`` ("MeshPolicy ns/name")."""
     e: dict[str, Any] = {"node": str(report.get("node")), "datapathVersion": report.get("datapathVersion", ""),
                          "envoyVersion": report.get("envoyVersion", "")}
+    quarantined = (report.get("quarantined") or {}).get(key)
     gen = (report.get("generations") or {}).get(key)
-    if gen is not None:
+    if gen is not None and not quarantined:  # quarantined: an older generation is in force there
         e["observedGeneration"] = gen
     rejected = report.get("envoyRejected") or {}
-    if rejected:
+    if quarantined:
+        e["envoy"] = "NACK"
+        e["envoyError"] = f"quarantined, the previous generation stays in force: {quarantined}"
+    elif rejected:
         e["envoy"] = "NACK"
         e["envoyError"] = "; ".join(f"{t}: {err}" for t, err in sorted(rejected.items()))
     else:

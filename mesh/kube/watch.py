@@ -270,7 +270,8 @@ class NodeReporter:
 
 def node_report(st: AgentStatus, generations: dict[str, dict[str, int]], audit: dict[str, int]) -> dict[str, Any]:
     """What a node applied, from its agent's status: plan, datapath and Envoy versions, the
-    generations of the CRs in that plan, Envoy's rejections, would-deny counts of audit policies."""
+    generations of the CRs in that plan, Envoy's rejections (of the plan, and of objects it
+    quarantined: their previous versions are in force), would-deny counts of audit policies."""
     a = st.applied
     return {
         "node": st.node, "running": st.running,
@@ -278,5 +279,6 @@ def node_report(st: AgentStatus, generations: dict[str, dict[str, int]], audit: 
         # the generations of the source version the datapath and Envoy last applied
         # (several nodes: the agent's version is "<source>+<peers>"; the generations are the source's)
         "generations": generations.get((a.applied_source_version or a.source_version).split("+")[0], {}) if a.plan_version else {},
-        "envoyRejected": st.rejected(), "errors": list(st.errors), "auditWouldDeny": dict(audit),
+        "envoyRejected": st.rejected(), "quarantined": dict(st.quarantined), "errors": list(st.errors),
+        "auditWouldDeny": dict(audit),
     }

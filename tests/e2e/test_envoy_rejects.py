@@ -1,5 +1,7 @@
 """A config the parser accepts but Envoy refuses (a valid RE2 regex above Envoy's program size limit,
-a runtime setting of Envoy's: re2.max_program_size.error_level, 100 by default):
+a runtime setting of Envoy's: re2.max_program_size.error_level, 100 by default) quarantines the
+object, not the node: `webb apply` fails naming it with Envoy's message, its previous version stays
+in force, other objects keep converging, and a fixed version applies again.
 `webb apply` and `webb status` show Envoy's own message, the last good config keeps serving
 (Envoy and the datapath), and a fixed policy applies again."""
 
@@ -21,6 +23,15 @@ from tests.e2e.test_agent_restart import landing, start_agent
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.envoy, pytest.mark.e2e]
 POLICY = (ROOT / "examples/starwars/policy.yaml").read_text()
 BIG_REGEX = "/v1/(a{1,60})"  # RE2 program size 129
+ALLIANCE = """apiVersion: webb.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: alliance-l4, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: alliance}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
 
 
 def _webb(*args: str) -> subprocess.CompletedProcess[str]:
@@ -50,11 +61,22 @@ def test_envoy_rejection_is_shown_and_last_good_config_serves(tmp_path: Path) ->
 
         policy.write_text(POLICY.replace('path: "/v1/request-landing"', f'path: "{BIG_REGEX}"'))
         r = _webb("apply", "-f", str(policy), "--state-dir", str(state))
-        assert "Envoy rejected Listener" in r.stderr and "program size" in r.stderr, r.stderr
-        status = _webb("status", "--state-dir", str(state)).stdout
-        assert "Envoy rejected Listener" in status and "kept on the last accepted plan" in status, status
-        assert landing(node) == "Ship landed"  # the last good listener and datapath still serve
+        said = " ".join(r.stderr.split())
+        assert r.returncode == 1, said
+        assert "MeshPolicy default/rule1: Envoy rejected it" in said and "program size" in said and "quarantined" in said, said
+        status = " ".join(_webb("status", "--state-dir", str(state)).stdout.split())
+        assert "MeshPolicy default/rule1: Envoy rejected it" in status and "previous version stays in force" in status, status
+        assert landing(node) == "Ship landed"  # the previous rule1 still serves
         assert _exhaust(node) == "Access denied"
+
+        # the node is not frozen: another policy (it changes Envoy's listener too) applies beside the quarantined one
+        other = tmp_path / "alliance.yaml"
+        other.write_text(ALLIANCE)
+        r = _webb("apply", "-f", str(other), "--state-dir", str(state))
+        assert r.returncode == 0 and "warning" in r.stderr and "rule1" in r.stderr, r.stderr
+        assert request(node, "xwing", "POST", "/v1/request-landing").body.strip() == "Ship landed"
+        assert _exhaust(node) == "Access denied"  # rule1's previous version, still in force
+        assert _webb("delete", "-f", str(other), "--state-dir", str(state)).returncode == 0
 
         policy.write_text(POLICY)
         r = _webb("apply", "-f", str(policy), "--state-dir", str(state))
