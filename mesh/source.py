@@ -70,6 +70,10 @@ def _allocate(services: list[Service], cidr: str, attr: str, field: str) -> list
     return out
 
 
+# a file's objects: (file, key, the object / None for a kind not kept / why it was refused), or why the file was
+Parsed = list[tuple[Path, Key, Obj | None | ManifestError]] | ManifestError
+
+
 class StandaloneSource:
     def __init__(self, directory: Path, service_cidr: str, service_cidr6: str = "") -> None:
         self.directory = directory
@@ -77,6 +81,7 @@ class StandaloneSource:
         self.service_cidr6 = service_cidr6
         self._last_good: LastGood[Obj] = LastGood()
         self._file_of: dict[Key, Path] = {}
+        self._parsed: dict[Path, tuple[bytes, Parsed]] = {}  # by the file's sha256
         self.errors: list[str] = []
 
     def version(self) -> str:
@@ -93,22 +98,21 @@ class StandaloneSource:
         objs: dict[Key, Obj] = {}
         errors: list[str] = []
         last = self._last_good
-        for path in sorted(self.directory.glob("*.y*ml")):
+        paths = sorted(self.directory.glob("*.y*ml"))
+        self._parsed = {p: v for p, v in self._parsed.items() if p in paths}
+        for path in paths:
             try:
-                docs = read_documents(path)
+                parsed = self._parse(path)
             except FileNotFoundError:  # deleted between listing and reading: its objects are gone
                 continue
-            except ManifestError as e:
-                errors.append(str(e))
+            if isinstance(parsed, ManifestError):
+                errors.append(str(parsed))
                 # keep every object this file had before
                 objs.update({k: v for k, v in last.good.items() if self._file_of.get(k) == path})
                 continue
-            for f, doc in docs:
-                guess = key_of(str(doc.get("kind")), doc)
-                try:
-                    o = parse_object(doc, base_dir=f.parent)
-                except ManifestError as e:
-                    errors.append(self._refuse(objs, guess, f"{e} ({f.name})"))
+            for f, guess, o in parsed:
+                if isinstance(o, ManifestError):
+                    errors.append(self._refuse(objs, guess, f"{o} ({f.name})"))
                     continue
                 if o is None:  # a kind the mesh reads but does not keep (a Secret not of type TLS)
                     continue
@@ -126,6 +130,27 @@ class StandaloneSource:
         return replace(assemble(objs.values(), errors, refused),
                        services=tuple(allocate_vips([o for o in objs.values() if isinstance(o, Service)],
                                                     self.service_cidr, self.service_cidr6)))
+
+    def _parse(self, path: Path) -> Parsed:
+        """The file's objects (or why each was refused), parsed again only when its bytes changed: a
+        large policy is not re-validated on every change of another file."""
+        digest = hashlib.sha256(path.read_bytes()).digest()
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        out: Parsed
+        try:
+            out = []
+            for f, doc in read_documents(path):
+                try:
+                    o: Obj | None | ManifestError = parse_object(doc, base_dir=f.parent)
+                except ManifestError as e:
+                    o = e
+                out.append((f, key_of(str(doc.get("kind")), doc), o))
+        except ManifestError as e:
+            out = e
+        self._parsed[path] = (digest, out)
+        return out
 
     def _refuse(self, objs: dict[Key, Obj], key: Key, error: str) -> str:
         """A bad new version of ``key``: its last good version (if any) stays in force."""

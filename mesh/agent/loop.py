@@ -36,7 +36,7 @@ from mesh.runtime.base import PodRuntime
 from mesh.runtime.embedded import EmbeddedRuntime
 from mesh.runtime.local import LocalNode, NodeConfig
 from mesh.runtime.peers import ClusterSource, PeerDirectory, Peers, split_pods
-from mesh.source import Source, StandaloneSource, directory_version
+from mesh.source import Source, StandaloneSource
 from mesh.state import Key
 from mesh.status import AgentStatus, Applied, EnvoyTypeStatus, ServiceStatus
 from xds.cache import Snapshot, SnapshotCache
@@ -88,11 +88,6 @@ class AgentConfig:
     @property
     def state_dir(self) -> Path:
         return self.node.state_dir
-
-
-def source_version(directory: Path) -> str:
-    """Content hash of the manifest directory; `webb apply` waits for the agent to reach it."""
-    return directory_version(directory)
 
 
 class Agent:
@@ -245,7 +240,9 @@ class Agent:
 
     def sync(self, version: str) -> None:
         self._seen_version = version
+        t0 = time.monotonic()
         state = self.source.load()
+        t_load = time.monotonic()
         self.refused = list(state.refused)
         mine, others = split_pods(state.pods, self.cfg.node.name)  # the other nodes' pods keep their node's IPs
         state = replace(state, pods=self.runtime.run(mine) + tuple(others))
@@ -264,6 +261,7 @@ class Agent:
                            "accepted plan"]
             self.applied.source_version = version
             return
+        t_envoy = time.monotonic()
         self.good = snap
         self.quarantine.accept(state)
         self._retry_at, self._retry_backoff_s = 0.0, 0.0
@@ -278,7 +276,9 @@ class Agent:
         self.errors = list(plan.warnings) + tunnel_errors + self.quarantine.errors()
         self.refused += self.quarantine.names()
         self.applied = Applied(version, version, plan.version, plan.version, snap.version, changed, time.time())
-        log.info("applied plan %s (%d map entries changed)", plan.version, changed)
+        log.info("applied plan %s (%d map entries changed) in %.0f ms: load %.0f, plan + Envoy ACK %.0f, datapath %.0f",
+                 plan.version, changed, 1000 * (time.monotonic() - t0), 1000 * (t_load - t0), 1000 * (t_envoy - t_load),
+                 1000 * (time.monotonic() - t_envoy))
 
     def _offer(self, state: ClusterState, peers: dict[str, Peer]) -> tuple[NodePlan, Snapshot, bool]:
         """Plan ``state`` and offer it to Envoy: (plan, snapshot, ACKed)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from mesh.agent.loop import source_version
+from mesh.source import directory_version
 from mesh.status import AgentStatus
 
 console = Console()
@@ -17,7 +17,7 @@ err = Console(stderr=True)
 
 
 def wait_converged(state_dir: Path, manifests: Path, timeout_s: float) -> AgentStatus:
-    want = source_version(manifests)
+    want = directory_version(manifests)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         st = AgentStatus.read(state_dir)

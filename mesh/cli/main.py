@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,14 +15,11 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from datapath.loader import cleanup, pin_dir_for
 from mesh.agent.flows import read_flows
-from mesh.agent.loop import Agent, AgentConfig
 from mesh.cli.certs import app as certs_app
 from mesh.cli.common import console, err, print_flows, wait_converged
 from mesh.cli.wire import app as wire_app
 from mesh.manifests import ManifestError, parse_object, read_documents
-from mesh.runtime.local import LocalNode, NodeConfig, enter_netns, pod_sandbox
 from mesh.state import key_name, key_of
 from mesh.status import AgentStatus
 
@@ -66,6 +65,8 @@ def agent(
     trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain of workload identities")] = "cluster.local",
 ) -> None:
     """Run the node agent on this machine (the embedded default), or on the API server's objects (--kube)."""
+    from mesh.agent.loop import Agent, AgentConfig  # BPF, Envoy, netlink: loaded by the agent only
+    from mesh.runtime.local import NodeConfig, enter_netns
     if node_netns:  # first: threads started from here on (gRPC, Envoy's supervisor) inherit it
         enter_netns(node_netns)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -94,11 +95,13 @@ def agent(
     Agent(cfg).run()
 
 
-def _validate(path: Path) -> list[str]:
-    """Every object of ``path`` checked; returns their names ("Kind ns/name"). One object twice (in one
-    file or two) is refused: YAML and a directory would keep only the last, silently."""
+def _validate(path: Path) -> tuple[list[str], list[tuple[Path, dict[str, Any]]]]:
+    """Every object of ``path`` checked; returns their names ("Kind ns/name") and the documents (read
+    once). One object twice (in one file or two) is refused: YAML and a directory would keep only
+    the last, silently."""
     seen: dict[str, str] = {}
-    for f, doc in read_documents(path):
+    docs = read_documents(path)
+    for f, doc in docs:
         try:
             parse_object(doc, base_dir=f.parent)
         except ManifestError as e:
@@ -108,7 +111,10 @@ def _validate(path: Path) -> list[str]:
             raise ManifestError(f"{where} ({f.name})", "metadata.name", f"this object is also in {seen[where]}: "
                                 "only one would be kept; remove one or rename it")
         seen[where] = f.name
-    return list(seen)
+    return list(seen), docs
+
+
+_Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter when there
 
 
 def _name_of(doc: dict[str, Any]) -> str:
@@ -138,7 +144,7 @@ def apply(
     """Validate manifests and hand them to the agent's watched directory."""
     manifests = state_dir / "manifests"
     try:
-        names = _validate(file)
+        names, docs = _validate(file)
     except ManifestError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
@@ -149,10 +155,15 @@ def apply(
     files = sorted(p for p in file.iterdir() if p.suffix in (".yaml", ".yml")) if file.is_dir() else [file]
     for f in files:
         # store the objects as applied: paths in Pod commands made absolute (like a build
-        # context), since the watched directory is not where the file came from
-        docs = [_absolute_paths(doc, f.parent) for _, doc in read_documents(f)]
+        # context), since the watched directory is not where the file came from; a file without
+        # such paths is stored as it was given (comments kept)
+        mine = [d for g, d in docs if g == f]
+        fixed = [_absolute_paths(copy.deepcopy(d), f.parent) for d in mine]
         tmp = manifests / f".{f.name}.tmp"
-        tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        if fixed == mine:
+            shutil.copyfile(f, tmp)
+        else:
+            tmp.write_text(yaml.dump_all(fixed, Dumper=_Dumper, sort_keys=False))
         tmp.replace(_dest(manifests, f))
         console.print(f"{f.name} applied")
     _after_change(state_dir, manifests, wait, names)
@@ -204,6 +215,7 @@ def exec(  # noqa: A001 - like kubectl exec
     state_dir: StateOpt = STATE,
 ) -> None:
     """Run a command inside a pod (its netns and cgroup): webb exec tiefighter -- curl ..."""
+    from mesh.runtime.local import LocalNode, NodeConfig, pod_sandbox
     key = pod if "/" in pod else f"default/{pod}"
     cfg = NodeConfig(name=node, state_dir=state_dir)
     try:
@@ -324,6 +336,8 @@ app.add_typer(wire_app, name="wire")  # mesh/cli/wire.py: several nodes on this 
 @datapath_app.command("cleanup")
 def datapath_cleanup(node: str = "node1") -> None:
     """Detach the programs and remove every pin of NODE (the agent must not be running)."""
+    from datapath.loader import cleanup, pin_dir_for
+    from mesh.runtime.local import NodeConfig
     removed = cleanup(pin_dir_for(node), str(NodeConfig(name=node).pods_cgroup))
     console.print(f"removed {len(removed)} pins of node {node}" + (f": {', '.join(removed)}" if removed else ""))
 
@@ -334,6 +348,8 @@ def node_cleanup(node: str = "node1", state_dir: StateOpt = STATE, bridge: str =
                  node_netns: Annotated[str, typer.Option(help="the node's network namespace, as given to the agent")] = "",
                  ) -> None:
     """Remove what a killed agent left: pods (their processes, netns, cgroups), bridge, pins."""
+    from datapath.loader import cleanup, pin_dir_for
+    from mesh.runtime.local import LocalNode, NodeConfig
     n = LocalNode(NodeConfig(name=node, bridge=bridge, service_cidr=service_cidr, state_dir=state_dir, netns=node_netns))
     n.teardown()
     removed = cleanup(pin_dir_for(node))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from mesh.runtime.cluster import Wire
+if TYPE_CHECKING:
+    from mesh.runtime.cluster import Wire
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Several nodes on this machine: one network namespace per node, linked by a wire.")
@@ -31,6 +33,8 @@ def _nodes(spec: str) -> list[tuple[str, str]]:
 
 
 def _wire(nodes: str, prefix: str, cluster_cidr: str) -> Wire:
+    from mesh.runtime.cluster import Wire  # netlink (pyroute2): imported when used, `webb` starts fast
+
     try:
         return Wire(_nodes(nodes), prefix=prefix, cluster_cidr=cluster_cidr)
     except ValueError as e:
