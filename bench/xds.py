@@ -102,7 +102,7 @@ def one(n: int, delta: bool) -> dict[str, float]:
         cache.set_snapshot(NODE, Snapshot.of({}))
         server = XdsServer(cache)
         server.start()
-        envoy = Envoy(EnvoyConfig(NODE, server.port, 0, Path(tmp), delta=delta))
+        envoy = Envoy(EnvoyConfig(NODE, server.path, 0, Path(tmp), delta=delta))
         try:
             envoy.start()
             envoy.wait_ready(timeout_s=30)

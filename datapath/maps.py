@@ -19,7 +19,9 @@ from datapath.types import (
     EP_LOCAL,
     EP_MTLS_STRICT,
     EP_PROXY,
+    IDENTITY_NODE,
     IDENTITY_UNKNOWN,
+    POLICY_L7,
     REASON_MAX,
     PolicyEntry,
     Reason,
@@ -58,7 +60,7 @@ CGROUP_KEY = struct.Struct("=Q")
 ENDPOINT_VALUE = Layout("endpoint_value", ("identity", "I"), ("flags", "I"))
 POLICY_KEY = Layout("policy_key", ("dst_identity", "I"), ("src_identity", "I"), ("port", "H"), ("proto", "B"),
                     ("pad", "x"))
-POLICY_VALUE = Layout("policy_value", ("rule_id", "I"))
+POLICY_VALUE = Layout("policy_value", ("rule_id", "I"), ("flags", "I"))
 COUNTER_KEY = struct.Struct("=I")
 FLOW_EVENT = Layout("flow_event", ("ts_ns", "Q"), ("cgroup_id", "Q"), ("src_identity", "I"), ("dst_identity", "I"),
                     ("orig", ADDR), ("new", ADDR), ("orig_port", "2s"), ("new_port", "2s"), ("verdict", "B"),
@@ -105,13 +107,14 @@ def check_btf(members: dict[str, tuple[int, dict[str, int]]]) -> None:
 def shared_enums() -> dict[str, dict[str, int]]:
     """Python's side of every C enum of ``webb.h``: enum name -> member name -> value."""
     return {
-        "webb_identity": {"WEBB_IDENTITY_UNKNOWN": IDENTITY_UNKNOWN},
+        "webb_identity": {"WEBB_IDENTITY_NODE": IDENTITY_NODE, "WEBB_IDENTITY_UNKNOWN": IDENTITY_UNKNOWN},
         "webb_ep_flag": {"WEBB_EP_INGRESS_ENFORCED": EP_INGRESS_ENFORCED, "WEBB_EP_AUDIT": EP_AUDIT,
                          "WEBB_EP_MTLS_STRICT": EP_MTLS_STRICT, "WEBB_EP_LOCAL": EP_LOCAL,
                          "WEBB_EP_PROXY": EP_PROXY},
         "webb_verdict": {f"WEBB_VERDICT_{v.name}": int(v) for v in Verdict},
         "webb_reason": {**{f"WEBB_REASON_{r.name}": int(r) for r in Reason}, "WEBB_REASON_MAX": REASON_MAX},
         "webb_config_flag": {"WEBB_CONFIG_SOCKMAP": CONFIG_SOCKMAP},
+        "webb_policy_flag": {"WEBB_POLICY_L7": POLICY_L7},
         "webb_accel_counter": {**{f"WEBB_ACCEL_{n.upper()}": i for i, n in enumerate(ACCEL_COUNTERS)},
                                "WEBB_ACCEL_MAX": ACCEL_MAX},
     }
@@ -185,7 +188,7 @@ class DatapathState:
             out["webb_cgroups"][CGROUP_KEY.pack(cg)] = ENDPOINT_VALUE.pack(ident, flags)
         for p in self.policy:
             out["webb_policy"][POLICY_KEY.pack(p.dst_identity, p.src_identity, p.port, p.proto)] = (
-                POLICY_VALUE.pack(p.rule_id)
+                POLICY_VALUE.pack(p.rule_id, POLICY_L7 if p.l7 else 0)
             )
         return out
 

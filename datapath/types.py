@@ -9,12 +9,14 @@ import enum
 from dataclasses import dataclass
 
 # the C enums of the same values: see ``shared_enums``
+IDENTITY_NODE = 1  # a node's own address: its proxy, its tunnel, kubelet's probes
 IDENTITY_UNKNOWN = 2
 EP_INGRESS_ENFORCED = 1
 EP_AUDIT = 2
 EP_MTLS_STRICT = 4  # MeshTLS STRICT: new TCP connections only from this node
 EP_LOCAL = 8  # a pod of this node, or the node address the mTLS tunnel delivers from
 EP_PROXY = 16  # the node proxy's own cgroup (agent + Envoy run as a pod): its sockets pass as the host's would
+POLICY_L7 = 1  # policy_value.flags: the rule has L7 rules, allowed only through the node proxy
 PROTO_TCP = 6
 PROTO_UDP = 17
 
@@ -35,13 +37,14 @@ class Reason(enum.IntEnum):
     BACKEND_MISSING = 6
     POLICY_AUDIT = 7
     MTLS_STRICT = 8
+    L7_BYPASS = 9
 
     @property
     def text(self) -> str:
         return self.name.lower().replace("_", "-")
 
 
-REASON_MAX = 9  # entries of webb_reason_counts
+REASON_MAX = 10  # entries of webb_reason_counts
 
 
 @dataclass(frozen=True, order=True)
@@ -71,3 +74,4 @@ class PolicyEntry:
     port: int  # 0: any port
     rule_id: int
     proto: int = PROTO_TCP
+    l7: bool = False  # every rule that allows it has L7 rules: only through the node proxy

@@ -29,7 +29,7 @@ def envoy_binary() -> str:
 @dataclass(frozen=True)
 class EnvoyConfig:
     node_id: str
-    xds_port: int
+    xds_socket: Path  # the xDS server's unix socket (xds.server.XdsServer.path)
     admin_port: int
     workdir: Path
     concurrency: int = 1
@@ -67,7 +67,7 @@ def bootstrap(cfg: EnvoyConfig) -> dict[str, object]:
                 }
             },
             "load_assignment": {"cluster_name": "webb_xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.xds_port}}}}]}]},
+                "address": {"pipe": {"path": str(cfg.xds_socket)}}}}]}]},
         }]},
     }
 

@@ -16,13 +16,19 @@ resources are sent by name as Envoy subscribes to them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import shutil
+import stat
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +40,7 @@ from xds.resources import TYPE_ORDER, WILDCARD_TYPES
 
 log = logging.getLogger("webb.xds")
 _STOP = object()
+OUT_QUEUE = 64  # responses queued per stream; Envoy reads each at once, so a full queue means a stuck stream
 
 
 class _Stream:
@@ -43,14 +50,40 @@ class _Stream:
         self.cache = cache
         self.counts = counts  # server-wide: responses and resources sent, by protocol
         self.node_id = ""
-        self.out: queue.Queue[Any] = queue.Queue()
+        self.out: queue.Queue[Any] = queue.Queue(maxsize=OUT_QUEUE)
+        self.overflowed = False
         self.nonce = 0
         self.lock = threading.Lock()
 
     def _emit(self, response: Any, kind: str, n_resources: int) -> None:
+        if self.overflowed:  # the stream is closing: Envoy gets the current config when it reconnects
+            return
         self.counts[f"{kind}_responses"] += 1
         self.counts[f"{kind}_resources"] += n_resources
-        self.out.put(response)
+        try:
+            self.out.put_nowait(response)
+        except queue.Full:
+            self._overflow()
+
+    def _overflow(self) -> None:
+        """Envoy does not read what it is sent: end the stream (bounded memory); Envoy reconnects and
+        gets the current config on its new stream."""
+        if not self.overflowed:
+            log.warning("Envoy %s does not read its xDS stream (%d responses queued): closing it", self.node_id, OUT_QUEUE)
+        self.overflowed = True
+        self.close()
+
+    def close(self) -> None:
+        """End the stream: what is queued is dropped, the sender stops."""
+        while True:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.out.get_nowait()
+            try:
+                self.out.put_nowait(_STOP)
+                return
+            except queue.Full:
+                continue
 
     def _next_nonce(self) -> str:
         self.nonce += 1
@@ -269,7 +302,7 @@ def _serve(stream: _Stream, cache: SnapshotCache, request_iterator: Iterator[Any
         except grpc.RpcError:
             pass
         finally:
-            stream.out.put(_STOP)
+            stream.close()
 
     threading.Thread(target=read, name="xds-read", daemon=True).start()
     try:
@@ -295,20 +328,47 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 
 class XdsServer:
-    """A gRPC server on 127.0.0.1 serving ADS (both protocols) from ``cache``."""
+    """A gRPC server serving ADS (both protocols) from ``cache`` on a unix socket that only this
+    process's user can open: the socket (0600) in a directory (0700) of this user's. There is no
+    TCP port: on 127.0.0.1 any local user could take the SDS private keys or fake ACKs.
+    ``directory``: that directory (made if missing; refused unless 0700 and this user's); default:
+    a new one under /run (else the temp directory), removed on stop."""
 
-    def __init__(self, cache: SnapshotCache, port: int = 0, address: str = "127.0.0.1") -> None:
+    def __init__(self, cache: SnapshotCache, directory: Path | None = None) -> None:
+        self._made_dir = directory is None
+        if directory is None:
+            base = Path("/run") if os.access("/run", os.W_OK) else None
+            directory = Path(tempfile.mkdtemp(prefix="webb-xds-", dir=base))  # 0700
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = directory.stat()
+        if stat.S_IMODE(st.st_mode) != 0o700 or st.st_uid != os.geteuid():
+            raise OSError(f"xDS socket directory {directory}: mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}; it must be "
+                          f"0700 and owned by uid {os.geteuid()} (chmod 700 / chown it, or remove it)")
+        self.dir = directory
+        self.path = directory / "xds.sock"
+        self.path.unlink(missing_ok=True)  # a previous run's
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="xds"),
                                    options=[("grpc.max_send_message_length", 512 << 20)])
         self.counts: Counter[str] = Counter()  # {sotw,delta}_{responses,resources} sent
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(cache, self.counts), self._server)
-        self.port = self._server.add_insecure_port(f"{address}:{port}")
-        if self.port == 0:
-            raise OSError(f"bind xDS server to {address}:{port}: address in use")
-        self.address = address
+        old = os.umask(0o177)  # the socket is made 0600
+        try:
+            bound = self._server.add_insecure_port(f"unix:{self.path}")
+        finally:
+            os.umask(old)
+        if bound == 0 or not self.path.exists():
+            self._remove()
+            raise OSError(f"bind xDS server to unix:{self.path}: failed")
+        os.chmod(self.path, 0o600)
 
     def start(self) -> None:
         self._server.start()
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._server.stop(grace_s).wait(grace_s + 1)
+        self._remove()
+
+    def _remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        if self._made_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -247,29 +247,47 @@ static __always_inline void __ctx_set(struct bpf_sock_addr *ctx, int family,
 }
 
 /* Returns 1 if the endpoint accepts src_identity on port/proto. */
-static __always_inline int __policy_allows(__u32 src_identity,
-					   const struct endpoint_value *dst,
-					   __u16 port_host, __u8 proto)
+/* The entry that allows src -> dst:port/proto, or NULL: exact, then any port,
+ * then any source, then any source on that port. */
+static __always_inline struct policy_value *__policy_lookup(__u32 src_identity, __u32 dst_identity,
+							    __u16 port_host, __u8 proto)
 {
 	struct policy_key k = {
-		.dst_identity = dst->identity,
+		.dst_identity = dst_identity,
 		.src_identity = src_identity,
 		.port = port_host,
 		.proto = proto,
 	};
+	struct policy_value *v;
+
+	v = bpf_map_lookup_elem(&webb_policy, &k);
+	if (v)
+		return v;
+	k.port = 0;			/* rule without toPorts: any port */
+	v = bpf_map_lookup_elem(&webb_policy, &k);
+	if (v)
+		return v;
+	k.src_identity = 0;		/* rule from any endpoint */
+	v = bpf_map_lookup_elem(&webb_policy, &k);
+	if (v)
+		return v;
+	k.port = port_host;
+	return bpf_map_lookup_elem(&webb_policy, &k);
+}
+
+/* 1: allowed; 0: no rule allows it; -1: allowed only through the node proxy
+ * (the rule has L7 rules, which only Envoy can apply). */
+static __always_inline int __policy_verdict(__u32 src_identity, const struct endpoint_value *dst,
+					    __u16 port_host, __u8 proto)
+{
+	struct policy_value *v;
 
 	if (!(dst->flags & WEBB_EP_INGRESS_ENFORCED))
 		return 1;
-	if (bpf_map_lookup_elem(&webb_policy, &k))
-		return 1;
-	k.port = 0;			/* rule without toPorts: any port */
-	if (bpf_map_lookup_elem(&webb_policy, &k))
-		return 1;
-	k.src_identity = 0;		/* rule from any endpoint */
-	if (bpf_map_lookup_elem(&webb_policy, &k))
-		return 1;
-	k.port = port_host;
-	return bpf_map_lookup_elem(&webb_policy, &k) != NULL;
+	v = __policy_lookup(src_identity, dst->identity, port_host, proto);
+	if (!v)
+		return 0;
+	return (v->flags & WEBB_POLICY_L7) ? -1 : 1;
 }
 
 /* Picks a backend slot: the affinity entry when it is fresh and its slot
@@ -363,15 +381,21 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 	}
 
 	dst = bpf_map_lookup_elem(&webb_endpoints, &new_addr);
-	if (dst && !__policy_allows(src_identity, dst, bpf_ntohs(new_port), proto)) {
-		if (!(dst->flags & WEBB_EP_AUDIT)) {
-			__emit(cgid, src_identity, &dst_addr, dst_port, &new_addr, new_port,
-			       dst->identity, proto, family, WEBB_VERDICT_DENIED,
-			       WEBB_REASON_POLICY_DENIED);
-			return 0;	/* EPERM */
+	if (dst) {
+		int pv = __policy_verdict(src_identity, dst, bpf_ntohs(new_port), proto);
+
+		if (pv < 0 && svc && svc->proxy_port)
+			pv = 1;		/* to the node proxy, which applies the L7 rules */
+		if (pv != 1) {
+			if (!(dst->flags & WEBB_EP_AUDIT)) {
+				__emit(cgid, src_identity, &dst_addr, dst_port, &new_addr, new_port,
+				       dst->identity, proto, family, WEBB_VERDICT_DENIED,
+				       pv ? WEBB_REASON_L7_BYPASS : WEBB_REASON_POLICY_DENIED);
+				return 0;	/* EPERM */
+			}
+			verdict = WEBB_VERDICT_AUDIT;
+			reason = WEBB_REASON_POLICY_AUDIT;
 		}
-		verdict = WEBB_VERDICT_AUDIT;
-		reason = WEBB_REASON_POLICY_AUDIT;
 	}
 
 	if (svc && svc->proxy_port) {
@@ -557,20 +581,58 @@ int webb_sk_msg(struct sk_msg_md *msg)
 	return SK_PASS;
 }
 
+/* The pod that receives: by the receiving socket's cgroup (whatever address the
+ * packet was sent to: a link-local one too), from the root down like __source;
+ * else by the destination address. */
+static __always_inline struct endpoint_value *__receiver(struct __sk_buff *skb, const struct webb_addr *dst,
+							 __u64 *cgid)
+{
+	struct endpoint_value *ep;
+	__u64 id;
+	int level;
+
+	*cgid = bpf_skb_cgroup_id(skb);
+	ep = bpf_map_lookup_elem(&webb_cgroups, cgid);
+	if (ep)
+		return ep;
+	for (level = 1; level <= WEBB_MAX_CGROUP_LEVEL; level++) {
+		id = bpf_skb_ancestor_cgroup_id(skb, level);
+		if (!id || id == *cgid)
+			break;
+		ep = bpf_map_lookup_elem(&webb_cgroups, &id);
+		if (ep) {
+			*cgid = id;
+			return ep;
+		}
+	}
+	return bpf_map_lookup_elem(&webb_endpoints, dst);
+}
+
 /*
- * MeshTLS STRICT: a pod of this node in a STRICT namespace takes new TCP
- * connections only from this node (its pods, and the node address the mTLS
- * tunnel delivers from: both WEBB_EP_LOCAL). Only the SYN is judged, so a
- * namespace switched from PERMISSIVE to STRICT keeps every established
- * connection. Runs on the listening socket's cgroup (the destination pod).
+ * Every new TCP connection into a pod is judged where it arrives, not only at
+ * the sender's connect(): a raw-socket SYN, a link-local or any other address,
+ * a sender without Webb's programs all meet the same policy. Only the SYN is
+ * judged (established connections, and replies to the pod's own connections,
+ * pass). Runs on the listening socket's cgroup (the receiving pod).
+ *
+ * - MeshTLS STRICT: new connections only from this node (its pods, and the node
+ *   address the mTLS tunnel delivers from: both WEBB_EP_LOCAL); a namespace
+ *   switched from PERMISSIVE to STRICT keeps every established connection.
+ * - A pod selected by an enforcing policy: the source's identity (by address;
+ *   unknown: WEBB_IDENTITY_UNKNOWN) must be allowed to the port by a rule
+ *   without L7 rules. A port with L7 rules takes connections only from a node
+ *   address (the node proxy that applied them, the tunnel, kubelet's probes).
+ *   Loopback inside the pod passes.
  */
 SEC("cgroup_skb/ingress")
 int webb_ingress(struct __sk_buff *skb)
 {
 	struct webb_addr src = {}, dst = {};
 	struct endpoint_value *dep, *sep;
+	struct policy_value *v;
 	struct tcphdr tcp;
 	__u32 l4off;
+	__u64 cgid;
 	__u8 family;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
@@ -597,14 +659,30 @@ int webb_ingress(struct __sk_buff *skb)
 	}
 	if (bpf_skb_load_bytes(skb, l4off, &tcp, sizeof(tcp)) || !tcp.syn || tcp.ack)
 		return 1;
-	dep = bpf_map_lookup_elem(&webb_endpoints, &dst);
-	if (!dep || !(dep->flags & WEBB_EP_MTLS_STRICT))
+	dep = __receiver(skb, &dst, &cgid);
+	if (!dep || (dep->flags & WEBB_EP_PROXY))
 		return 1;
 	sep = bpf_map_lookup_elem(&webb_endpoints, &src);
-	if (sep && (sep->flags & WEBB_EP_LOCAL))
+	if (dep->flags & WEBB_EP_MTLS_STRICT) {
+		if (!sep || !(sep->flags & WEBB_EP_LOCAL)) {
+			__emit_cg(cgid, sep ? sep->identity : WEBB_IDENTITY_UNKNOWN, &src, tcp.source,
+				  &dst, tcp.dest, dep->identity, IPPROTO_TCP, family, WEBB_VERDICT_DROPPED,
+				  WEBB_REASON_MTLS_STRICT);
+			return 0;
+		}
+	}
+	if (!(dep->flags & WEBB_EP_INGRESS_ENFORCED) || (dep->flags & WEBB_EP_AUDIT))
+		return 1;	/* audit: the sender's hook reports what would be denied */
+	if (skb->ingress_ifindex == 1)
+		return 1;	/* loopback: from inside the pod itself */
+	if (sep && sep->identity == WEBB_IDENTITY_NODE)
 		return 1;
-	__emit_cg(bpf_skb_cgroup_id(skb), sep ? sep->identity : WEBB_IDENTITY_UNKNOWN, &src, tcp.source,
-		  &dst, tcp.dest, dep->identity, IPPROTO_TCP, family, WEBB_VERDICT_DROPPED,
-		  WEBB_REASON_MTLS_STRICT);
+	v = __policy_lookup(sep ? sep->identity : WEBB_IDENTITY_UNKNOWN, dep->identity, bpf_ntohs(tcp.dest),
+			    IPPROTO_TCP);
+	if (v && !(v->flags & WEBB_POLICY_L7))
+		return 1;
+	__emit_cg(cgid, sep ? sep->identity : WEBB_IDENTITY_UNKNOWN, &src, tcp.source, &dst, tcp.dest,
+		  dep->identity, IPPROTO_TCP, family, WEBB_VERDICT_DROPPED,
+		  v ? WEBB_REASON_L7_BYPASS : WEBB_REASON_POLICY_DENIED);
 	return 0;
 }

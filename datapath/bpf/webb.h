@@ -13,6 +13,7 @@
  * struct webb_btf_enums puts each one into the object's BTF, where the loader
  * checks every member name and value against Python's before it loads. */
 enum webb_identity {
+	WEBB_IDENTITY_NODE = 1,		/* a node's own address (its proxy, tunnel, kubelet's probes) */
 	WEBB_IDENTITY_UNKNOWN = 2,	/* not a pod of this node (host, world) */
 };
 
@@ -40,7 +41,8 @@ enum webb_reason {			/* flow_event.reason, key of webb_reason_counts */
 	WEBB_REASON_BACKEND_MISSING = 6,/* backend slot absent: agent bug */
 	WEBB_REASON_POLICY_AUDIT = 7,	/* no rule allows it; audit mode let it pass */
 	WEBB_REASON_MTLS_STRICT = 8,	/* plaintext SYN from outside the mesh to a STRICT pod */
-	WEBB_REASON_MAX = 9,
+	WEBB_REASON_L7_BYPASS = 9,	/* a port with L7 rules, reached other than through the node proxy */
+	WEBB_REASON_MAX = 10,
 };
 
 /* One address type for both families: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d),
@@ -89,8 +91,13 @@ struct policy_key {
 	__u8 pad;
 };
 
+enum webb_policy_flag {			/* policy_value.flags */
+	WEBB_POLICY_L7 = 1,		/* the rule has L7 rules: allowed only through the node proxy */
+};
+
 struct policy_value {
 	__u32 rule_id;		/* index into the agent's rule table, for reports */
+	__u32 flags;
 };
 
 struct revnat_key {
@@ -158,6 +165,7 @@ struct webb_btf_enums {
 	enum webb_reason reason;
 	enum webb_config_flag config_flag;
 	enum webb_accel_counter accel_counter;
+	enum webb_policy_flag policy_flag;
 };
 
 struct flow_event {

@@ -68,11 +68,25 @@ def from_event(e: FlowEvent, names: Names) -> dict[str, Any]:
         flow["dst_pod"] = None
         via = names.plan.via(e.new_port) if names.plan is not None else ""
         flow["via"] = f"{via or 'envoy'} {e.new_ip}:{e.new_port}"
-    if e.verdict == Verdict.DENIED:
+    if e.verdict == Verdict.DENIED and e.reason == Reason.L7_BYPASS:
+        flow["policy"] = ",".join(names.policies_selecting.get(e.dst_identity, ()))
+        flow["why"] = (f"{dst_pod or e.new_ip} port {e.new_port}: L7 rules apply there, and only the node proxy "
+                       "applies them; connect through the pod's Service")
+    elif e.verdict == Verdict.DENIED:
         pols = names.policies_selecting.get(e.dst_identity, ())
         flow["policy"] = ",".join(pols)
         flow["why"] = (deny_reason(names.plan, e.dst_identity, dst_pod or e.new_ip, src, e.new_port, e.proto)
                        if names.plan is not None else f"{dst_pod or e.new_ip}: {e.reason.text}")
+    elif e.verdict == Verdict.DROPPED and e.reason in (Reason.POLICY_DENIED, Reason.L7_BYPASS):
+        # seen at the destination (a SYN no connect() hook judged: a raw socket, another address, another
+        # sender): orig is the sender, new the pod, the cgroup the receiving pod's
+        flow["src"] = names.pod_by_ip.get(e.orig_ip, e.orig_ip)
+        flow["dst"] = f"{e.new_ip}:{e.new_port}"
+        flow["dst_pod"] = names.pod_by_cgroup.get(e.cgroup_id, dst_pod)
+        flow["policy"] = ",".join(names.policies_selecting.get(e.dst_identity, ()))
+        flow["why"] = (f"new connection to {flow['dst_pod'] or e.new_ip} port {e.new_port} "
+                       + ("needs the node proxy (L7 rules)" if e.reason == Reason.L7_BYPASS else
+                          f"from {flow['src']}: no ingress rule allows it") + " (checked where it arrived)")
     elif e.verdict == Verdict.DROPPED and e.reason == Reason.MTLS_STRICT:
         # seen at the destination: orig is the sender, new the STRICT pod that refused it
         flow["src"] = names.pod_by_ip.get(e.orig_ip, e.orig_ip)

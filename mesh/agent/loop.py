@@ -34,7 +34,7 @@ from mesh.plan.node import NodePlan, NodeSpec, Peer, plan_node
 from mesh.plan.tunnels import proxy_id
 from mesh.runtime.base import PodRuntime
 from mesh.runtime.embedded import EmbeddedRuntime
-from mesh.runtime.local import LocalNode, NodeConfig
+from mesh.runtime.local import LocalNode, NodeConfig, node_addresses
 from mesh.runtime.peers import ClusterSource, PeerDirectory, Peers, split_pods
 from mesh.source import Source, StandaloneSource
 from mesh.state import Key
@@ -56,7 +56,6 @@ MAX_TRIES = 32  # offers to Envoy to isolate the objects of one NACK (bisection:
 class AgentConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     manifests: Path = Path("/run/webb/manifests")
-    xds_port: int = 0  # 0: any free port on 127.0.0.1
     envoy_admin_port: int = 15000
     envoy_concurrency: int = 1
     envoy_log_level: str = "warning"
@@ -115,6 +114,7 @@ class Agent:
         self.applied = Applied()
         self.errors: list[str] = []
         self.refused: list[str] = []
+        self._host_ips: tuple[str, ...] = ()  # the node's own addresses, read at each sync
         self.good: Snapshot | None = None  # the last snapshot Envoy ACKed: served again after a NACK
         self.quarantine = Quarantine()  # objects Envoy refused, held at their last accepted version
         self._stop = False
@@ -136,10 +136,13 @@ class Agent:
         deadline = time.monotonic() + self.cfg.lifetime_s if self.cfg.lifetime_s > 0 else float("inf")
         self.cfg.manifests.mkdir(parents=True, exist_ok=True)
         self.runtime.setup()
-        xds = XdsServer(self.cache, self.cfg.xds_port)
+        # a unix socket only this user can open, in the state directory (reused after a crash) when
+        # its path fits a unix socket address, else in a directory of its own
+        xds_dir = self.cfg.state_dir / "xds"
+        xds = XdsServer(self.cache, xds_dir if len(str(xds_dir / "xds.sock")) < 100 else None)
         xds.start()
         self.cache.set_snapshot(self.cfg.node.name, Snapshot.of({}))
-        self.envoy = Envoy(EnvoyConfig(self.cfg.node.name, xds.port, self.cfg.envoy_admin_port,
+        self.envoy = Envoy(EnvoyConfig(self.cfg.node.name, xds.path, self.cfg.envoy_admin_port,
                                        self.cfg.state_dir / "envoy", self.cfg.envoy_concurrency,
                                        self.cfg.envoy_log_level, delta=self.cfg.xds_delta,
                                        stats_prefixes=() if self.cfg.envoy_all_stats else EnvoyConfig.stats_prefixes))
@@ -244,9 +247,11 @@ class Agent:
         state = self.source.load()
         t_load = time.monotonic()
         self.refused = list(state.refused)
+        self._host_ips = node_addresses()
         mine, others = split_pods(state.pods, self.cfg.node.name)  # the other nodes' pods keep their node's IPs
         state = replace(state, pods=self.runtime.run(mine) + tuple(others))
-        peers = {n: Peer(r.wire_ip, tuple(sorted(r.mtls_ports.items()))) for n, r in (self.peers.read() if self.peers else {}).items()}
+        peers = {n: Peer(r.wire_ip, tuple(sorted(r.mtls_ports.items())), (r.gateway,) if r.gateway else ())
+                 for n, r in (self.peers.read() if self.peers else {}).items()}
         state = self.quarantine.hold_back(state)  # quarantined objects stay at their last accepted version
         try:
             plan, snap, ok = self._offer(state, peers)
@@ -339,7 +344,7 @@ class Agent:
     def spec(self) -> NodeSpec:
         return NodeSpec(self.cfg.node.name, self.cfg.node_proxy_ip, self.cfg.node.gateway6 if not self.cfg.proxy_ip else "",
                         ingress_http_port=self.cfg.ingress_http_port, ingress_https_port=self.cfg.ingress_https_port,
-                        trust_domain=self.cfg.trust_domain)
+                        trust_domain=self.cfg.trust_domain, host_ips=self._host_ips)
 
     def _proxy_mtls(self) -> tuple[WorkloadIdentity, TrustBundle]:
         """The node proxy's certificate and the trust bundle (Envoy-originated mTLS to other nodes)."""

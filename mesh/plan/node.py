@@ -53,6 +53,7 @@ class NodeSpec:
     ingress_http_port: int = 80
     ingress_https_port: int = 443
     trust_domain: str = "cluster.local"  # SPIFFE IDs of the mesh (Envoy-originated mTLS)
+    host_ips: tuple[str, ...] = ()  # every address of the node itself (its proxy's, its tunnel's, kubelet's probes come from one)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Peer:
 
     wire_ip: str
     mtls_ports: tuple[tuple[str, int], ...] = ()
+    addresses: tuple[str, ...] = ()  # its other addresses a connection from it may carry (its pod bridge's)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,11 @@ def plan_node(state: ClusterState, node: NodeSpec, peers: Mapping[str, Peer] | N
     plan = replace(
         core, services=tplan.services, upstreams=ups, tunnels=tplan,
         endpoints=tuple(replace(e, flags=e.flags | extra.get(e.ip, 0)) for e in core.endpoints),
-        node_endpoints=((node.proxy_ip, NODE_IDENTITY, extra.get(node.proxy_ip, 0)),),
+        # the node's own addresses, and the other nodes' (their proxies and tunnels): identity NODE, which
+        # the kernel lets into any pod (the proxy applied the L7 rules, the tunnel the L3/L4 ones)
+        node_endpoints=tuple((ip, NODE_IDENTITY, extra.get(ip, 0)) for ip in dict.fromkeys(
+            [node.proxy_ip, node.proxy_ip6, *node.host_ips, *(a for _, p in sorted(peers.items()) for a in (p.wire_ip, *p.addresses))])
+            if ip),
         warnings=core.warnings + tplan.warnings + up_warnings,
     )
     # repr of secrets shows digests, never keys, so the version follows a new key too
@@ -209,7 +215,11 @@ def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
                     targets.extend((p, n, pr.http) for p, proto in ports for n in _PROTOS[proto])
                 for port, proto_n, matches in targets:
                     for s in (srcs if srcs is not None else [0]):
-                        entries.setdefault((d, s, port, proto_n), PolicyEntry(d, s, port, rule_id, proto_n))
+                        # L7 only while every rule allowing it has L7 rules (an L4-only rule allows all of it)
+                        was = entries.get((d, s, port, proto_n))
+                        entries[(d, s, port, proto_n)] = PolicyEntry(
+                            d, s, port, was.rule_id if was else rule_id, proto_n,
+                            (was.l7 if was else True) and matches is not None and proto_n == PROTO_TCP)
                     if proto_n != PROTO_TCP:
                         continue
                     rp = RbacPolicy(name, src_ips, _http_rules(matches or ()), pol.mode == "audit")

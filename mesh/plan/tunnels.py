@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from certs.spiffe import spiffe_id
-from datapath.types import EP_LOCAL, EP_MTLS_STRICT, PROTO_TCP, ServiceEntry
+from datapath.types import EP_LOCAL, EP_MTLS_STRICT, IDENTITY_NODE, PROTO_TCP, ServiceEntry
 from mesh.model import SYSTEM_NAMESPACE, ClusterState, Pod, mtls_modes
 from mesh.plan.numbers import alloc
 from xds.model import MtlsEndpoint, Upstream, UpstreamMtls
@@ -25,7 +25,7 @@ TUNNEL_PORT = 15008  # the accepting side, on the node's wire address (Istio's H
 # merges endpoints of one address, so each destination needs its own)
 DIRECT_BASE, DIRECT_COUNT = 10000, 5000
 PROXY_NAMESPACE, PROXY_SERVICE_ACCOUNT = SYSTEM_NAMESPACE, "webb-node-proxy"  # the identity of every node's Envoy
-NODE_IDENTITY = 1  # the node itself in the endpoint map (the tunnel delivers from its address)
+NODE_IDENTITY = IDENTITY_NODE  # the node itself in the endpoint map (the tunnel delivers from its address)
 MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 
 

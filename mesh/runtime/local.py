@@ -29,6 +29,21 @@ from pyroute2 import IPRoute, netns
 
 from mesh.runtime import cgroups, cidrs
 
+# How a pod's command runs, after its cgroup and netns (every pod is an attacker):
+# - a cgroup namespace rooted at the pod's cgroup: it cannot name, so cannot join, any other cgroup;
+# - a pid namespace with its own /proc: it cannot see or signal the node's processes (stopping the pod
+#   kills it: --kill-child);
+# - a mount namespace where every visible mount is read-only (the node's files, the agent's state and
+#   code included: uid 0 without capabilities still writes files root owns); checked, or it does not start;
+# - an empty capability bounding set and no new privileges: uid 0 in the pod holds no capability (no raw
+#   or packet sockets, no forged source addresses, no BPF, no mounts; setuid binaries gain nothing).
+_READ_ONLY = ('awk \'{print $5}\' /proc/self/mountinfo | sort -u | while read -r m; do '
+              'mount -o remount,bind,ro "$(printf "%b" "$m")" 2>/dev/null; done; '
+              'rw=$(awk \'{top[$5] = $6} END {for (m in top) if (top[m] ~ /^rw/) print m}\' /proc/self/mountinfo); '
+              'if [ -n "$rw" ]; then echo "webb: pod not started: still writable: $rw" >&2; exit 126; fi; exec "$@"')
+CONFINE = ("unshare", "--cgroup", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
+           "sh", "-c", _READ_ONLY, "sh",
+           "setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--")
 NETNS_DIR = Path("/var/run/netns")
 T = TypeVar("T")
 IFA_F_NODAD = 0x02
@@ -292,6 +307,8 @@ class LocalNode:
             # no DAD: the address is ours alone, and usable at once
             nsr.addr("add", index=idx, address=c.ip6_of(ip), prefixlen=64, flags=IFA_F_NODAD)
             nsr.link("set", index=idx, state="up")
+            # the pod runs without capabilities (CONFINE): its apps may still bind ports below 1024
+            Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").write_text("0\n")
             if c.cluster_cidr:  # pods of the other nodes: through this node (no default route still)
                 nsr.route("add", dst=c.cluster_cidr, gateway=c.gateway)
 
@@ -305,13 +322,16 @@ class LocalNode:
               stderr: int | IO[bytes] | None = None, stdin: int | IO[bytes] | None = subprocess.DEVNULL
               ) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside the pod: its cgroup first, then its netns (via ip netns exec,
-        which also bind-mounts /etc/netns/<pod>/hosts so service names resolve)."""
+        which also bind-mounts /etc/netns/<pod>/hosts so service names resolve), then confined
+        (``CONFINE``): a cgroup namespace rooted at the pod's cgroup, a pid namespace, no
+        capabilities at all and no way to gain one. Every pod is an attacker: it cannot leave its
+        cgroup, open raw or packet sockets, forge source addresses, load BPF, or signal the agent."""
         # A shell moves itself into the pod cgroup, then execs: no Python runs between fork
         # and exec (the agent has gRPC threads; forking Python there is unsafe).
         enter = 'echo $$ > "$1" || exit 126; shift; exec ip netns exec "$@"'
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/root", **(env or {})}
         return subprocess.Popen(
-            ["sh", "-c", enter, "sh", str(sb.cgroup / "cgroup.procs"), sb.netns, *argv],
+            ["sh", "-c", enter, "sh", str(sb.cgroup / "cgroup.procs"), sb.netns, *CONFINE, *argv],
             env=full_env, cwd=workdir,
             stdin=stdin, stdout=stdout, stderr=stderr if stderr is not None else subprocess.STDOUT,
             start_new_session=True,
@@ -354,6 +374,13 @@ def blackhole(ipr: IPRoute, cidr: str, proto: int | None = None) -> None:
     except Exception as e:  # pyroute2 raises NetlinkError
         if getattr(e, "code", None) != errno.EEXIST:
             raise
+
+
+def node_addresses() -> tuple[str, ...]:
+    """Every address of this network namespace (the node's), loopback left out."""
+    with IPRoute() as ipr:
+        ips = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    return tuple(sorted(ip for ip in ips if ip and not ipaddress.ip_address(ip.split("%")[0]).is_loopback))
 
 
 def call_in_netns(name: str, fn: Callable[[], T]) -> T:

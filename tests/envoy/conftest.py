@@ -58,10 +58,10 @@ class Plane:
 def plane(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Plane]:
     """Our ADS server and one Envoy, over state of the world and over delta xDS."""
     cache = SnapshotCache()
-    xds = XdsServer(cache)
+    xds = XdsServer(cache, tmp_path / "xds")
     xds.start()
     cache.set_snapshot(NODE, Snapshot.of({}))
-    p = Plane(cache, xds, Envoy(EnvoyConfig(NODE, xds.port, free_port(), tmp_path, delta=request.param)),
+    p = Plane(cache, xds, Envoy(EnvoyConfig(NODE, xds.path, free_port(), tmp_path, delta=request.param)),
               request.param)
     p.envoy.start()
     try:

@@ -77,15 +77,16 @@ def test_removed_service_leaves_envoy(plane: Plane, backend: int, tmp_path: Path
 
 
 def test_reconnect_resends_nothing_envoy_holds(plane: Plane, backend: int, tmp_path: Path) -> None:
-    """The agent restarts (new xDS server, same port, same snapshot): a delta Envoy reports the
+    """The agent restarts (new xDS server, same socket, same snapshot): a delta Envoy reports the
     versions it holds and gets nothing again; state of the world must resend everything."""
     ports = [free_port() for _ in range(3)]
     snap = Snapshot.of(r.build(_services(backend, ports), str(tmp_path / "access.jsonl")))
     plane.cache.set_snapshot(NODE, snap)
     assert plane.cache.wait_acked(NODE, snap, 10)
-    port = plane.server.port
+    directory = plane.server.dir
     plane.server.stop(grace_s=0)
-    plane.server = XdsServer(plane.cache, port=port)
+    plane.server = XdsServer(plane.cache, directory)  # the socket Envoy's bootstrap names
+    assert plane.server.path == plane.envoy.cfg.xds_socket
     plane.server.start()
     deadline = time.monotonic() + 15
     kind = "delta" if plane.delta else "sotw"

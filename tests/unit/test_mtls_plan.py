@@ -74,7 +74,8 @@ def test_the_plan_carries_tunnels_flags_and_upstreams_and_its_version_covers_the
     assert svc.proxy_port == lst.port and plan.via(lst.port) == "mtls tunnel"
     flags = {e.ip: e.flags for e in plan.endpoints}
     assert flags["10.244.1.9"] & (EP_LOCAL | EP_MTLS_STRICT) == EP_LOCAL | EP_MTLS_STRICT
-    assert plan.node_endpoints == ((GW, NODE_IDENTITY, EP_LOCAL),)
+    # this node's address (the tunnel delivers from it: LOCAL), and the other node's (its proxy and tunnel)
+    assert plan.node_endpoints == ((GW, NODE_IDENTITY, EP_LOCAL), ("10.250.0.2", NODE_IDENTITY, 0))
     assert _plan(st).version != plan.version  # same state, another view of the peers: another plan
     assert _plan(st, peers=PEERS).version == plan.version  # deterministic
 
