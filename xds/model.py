@@ -131,6 +131,8 @@ class HttpService:
     policies: tuple[RbacPolicy, ...] | None  # None: no L7 policy (allow all)
     listen_ip6: str = ""  # the same listener on the node's IPv6 too (dual stack)
     routes: tuple[HttpRoute, ...] = ()  # from MeshRoutes; empty: every request to upstream ``name``
+    # more RBAC sets, one per further backend identity: a request must be allowed by ``policies`` and each
+    also: tuple[tuple[RbacPolicy, ...], ...] = ()
 
 
 @dataclass(frozen=True)

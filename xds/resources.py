@@ -304,7 +304,8 @@ def route(svc: HttpService) -> route_pb2.RouteConfiguration:
         _virtual_host(VirtualHost(svc.name, ("*",), service_routes(svc)))])
 
 
-def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] | None) -> hcm.HttpConnectionManager:
+def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] | None,
+             also: tuple[tuple[RbacPolicy, ...], ...] = ()) -> hcm.HttpConnectionManager:
     """Downstream codec AUTO (HTTP/1.1, h2c with prior knowledge, h2 over ALPN), WebSocket
     upgrades passed through, RBAC when there is an L7 policy. The path is normalised before RBAC
     and routing, and the app gets it normalised: ``..`` and ``.`` resolved (RFC 3986), ``//``
@@ -313,6 +314,8 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
     filters = []
     if policies is not None:
         filters.append(hcm.HttpFilter(name="envoy.filters.http.rbac", typed_config=_any(rbac(policies))))
+    for i, more in enumerate(also, 1):  # each backend identity's rules: every filter must allow
+        filters.append(hcm.HttpFilter(name=f"envoy.filters.http.rbac.{i}", typed_config=_any(rbac(more))))
     filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())))
     return hcm.HttpConnectionManager(
         stat_prefix=name.replace("/", "_").replace(":", "_"),
@@ -323,7 +326,7 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
         path_with_escaped_slashes_action=hcm.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
         http_filters=filters,
         upgrade_configs=[hcm.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
-        access_log=[_access_log(access_log_path, name, policies or ())],
+        access_log=[_access_log(access_log_path, name, (*(policies or ()), *(p for more in also for p in more)))],
         local_reply_config=_local_reply(),
     )
 
@@ -337,7 +340,7 @@ def _address(ip: str, port: int) -> address_pb2.Address:
 
 
 def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
-    manager = _manager(svc.name, access_log_path, svc.policies)
+    manager = _manager(svc.name, access_log_path, svc.policies, svc.also)
     manager.rds.CopyFrom(hcm.Rds(config_source=_ads(), route_config_name=svc.name))
     extra = [listener_pb2.AdditionalAddress(address=_address(svc.listen_ip6, svc.listen_port))] if svc.listen_ip6 else []
     return listener_pb2.Listener(

@@ -231,7 +231,7 @@ def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
         _endpoint(p, pod_identity[p.key], pod_identity[p.key] in selected_by, pod_identity[p.key] in enforcing)
         for p in every if not p.ip))
 
-    out = _services(state, pods, pod_identity, l7, l4, node)
+    out = _services(state, pods, pod_identity, l7, l4, node, enforcing)
     plan = NodePlan(
         "", tuple(out.services), endpoints,
         tuple(sorted(entries.values(), key=lambda e: (e.dst_identity, e.src_identity, e.port, e.proto))),
@@ -298,7 +298,9 @@ class _Ports:
 
     named: list[tuple[str, ServiceEntry]] = field(default_factory=list)
     index: dict[str, PortInfo] = field(default_factory=dict)
-    rbac: dict[str, list[RbacPolicy]] = field(default_factory=dict)
+    # per TCP service port with a policy-selected backend: one RBAC set per backend identity (each must allow)
+    rbac: dict[str, list[tuple[RbacPolicy, ...]]] = field(default_factory=dict)
+    l7: set[str] = field(default_factory=set)  # service ports a backend's HTTP rules cover
     hosts: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -312,7 +314,7 @@ def _slice_backends(s: Service, sp: ServicePort, slices: list[EndpointSlice], fa
 
 def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str, int],
                    l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
-                   slices: dict[str, list[EndpointSlice]]) -> _Ports:
+                   slices: dict[str, list[EndpointSlice]], enforcing: set[int]) -> _Ports:
     """Per service port: an IPv4 entry, an IPv6 entry when dual-stack. A Service without a
     selector takes its backends from its EndpointSlices (e.g. default/kubernetes: the API server)."""
     ids = alloc((n for s in svcs for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")), 1, (1 << 31) - 1)
@@ -345,9 +347,16 @@ def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str,
             if proto != PROTO_TCP:
                 continue
             out.index[name] = PortInfo(s, sp, tuple((b.ip, b.port) for b in backends))
-            key = (pod_identity[targets[0][0].key], targets[0][1]) if targets else None
-            if key and l7.get(key):
-                out.rbac[name] = l7[key] + l4.get(key, []) + l4.get((key[0], 0), [])
+            # every backend's rules, not the first's: a request must be allowed by the policy of each
+            # backend identity Envoy may pick (an identity selected by an enforcing policy without rules
+            # for the port allows nothing; one without any policy, everything)
+            keys = sorted({(pod_identity[p.key], tp) for p, tp in targets if isinstance(tp, int)})
+            sets = [tuple(l7.get(k, []) + l4.get(k, []) + l4.get((k[0], 0), [])) for k in keys
+                    if k[0] in enforcing or l7.get(k) or l4.get(k) or l4.get((k[0], 0))]
+            if sets:
+                out.rbac[name] = sets
+            if any(l7.get(k) for k in keys):
+                out.l7.add(name)
     return out
 
 
@@ -364,24 +373,26 @@ class _L7:
 
 def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int],
               l7: dict[tuple[int, int], list[RbacPolicy]], l4: dict[tuple[int, int], list[RbacPolicy]],
-              node: NodeSpec) -> _L7:
+              node: NodeSpec, enforcing: set[int]) -> _L7:
     """Kernel service entries, and an Envoy listener for every port an HTTP rule covers or a
     MeshRoute names (with the RBAC of its backends), clusters for what routes reach, ingress."""
     svcs = sorted((s for s in state.services if s.cluster_ip), key=lambda s: s.key)
     slices: dict[str, list[EndpointSlice]] = defaultdict(list)
     for sl in state.endpoint_slices:
         slices[f"{sl.namespace}/{sl.service}"].append(sl)
-    ports = _service_ports(svcs, pods, pod_identity, l7, l4, slices)
+    ports = _service_ports(svcs, pods, pod_identity, l7, l4, slices, enforcing)
     routes, warnings = mesh_routes(state.routes, ports.index)
     gateway, secrets, ingress_warnings = ingress_gateway(
         state.ingresses, state.secrets, ports.index,
         IngressListen(node.ingress_ip, node.ingress_http_port, node.ingress_https_port))
-    l7_names = sorted(set(ports.rbac) | set(routes))
+    l7_names = sorted(ports.l7 | set(routes))
     proxy = alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
     http = []
     for name in l7_names:
         info = ports.index[name]
-        http.append(HttpService(name, node.proxy_ip, proxy[name], info.backends, tuple(ports.rbac[name]) if name in ports.rbac else None,
+        rbac = ports.rbac.get(name, [])
+        http.append(HttpService(name, node.proxy_ip, proxy[name], info.backends, rbac[0] if rbac else None,
+                                also=tuple(rbac[1:]),
                                 listen_ip6=node.proxy_ip6 if info.service.cluster_ip6 else "", routes=routes.get(name, ())))
     wanted = {c for h in http for c in route_clusters(service_routes(h))}
     wanted |= {c for vh in (gateway.virtual_hosts if gateway else ()) for c in route_clusters(vh.routes)}

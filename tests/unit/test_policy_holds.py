@@ -86,3 +86,32 @@ def test_the_source_names_what_it_refused(tmp_path: Path) -> None:
     assert state.refused == ("Service default/far",)
     assert [s.name for s in state.services] == ["near"]
     assert any(e.startswith("Service default/far: spec.clusterIP") for e in state.errors)
+
+
+def test_envoy_applies_every_backends_policy_not_the_first_ones() -> None:
+    """A Service over two kinds of pods: the listener's RBAC holds one set per backend identity (Envoy may
+    pick either, so each must allow; before: the first backend's rules only)."""
+    from mesh.model import Service, ServicePort
+
+    pods = (_pod("default", "a", "10.244.0.2", app="api", v="1"), _pod("default", "b", "10.244.0.3", app="api", v="2"),
+            _pod("default", "web", "10.244.0.4", app="web"), _pod("default", "evil", "10.244.0.5", app="evil"))
+    svc = Service("default", "api", (("app", "api"),), (ServicePort(80, 80),), cluster_ip="10.96.0.10")
+    l7 = copy.deepcopy(RULE1)
+    l7["metadata"]["name"] = "v1-l7"
+    l7["spec"] = {"endpointSelector": {"matchLabels": {"v": "1"}},
+                  "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}],
+                               "toPorts": [{"ports": [{"port": "80"}], "rules": {"http": [{"method": "GET"}]}}]}]}
+    l4 = copy.deepcopy(l7)
+    l4["metadata"]["name"] = "v2-l4"
+    l4["spec"] = {"endpointSelector": {"matchLabels": {"v": "2"}}, "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "evil"}}]}]}
+    policies = tuple(parse_object(d) for d in (l7, l4))
+    plan = plan_node(ClusterState(pods=pods, services=(svc,), policies=policies), NODE)  # type: ignore[arg-type]
+    (http,) = plan.http
+    sets = [http.policies, *http.also]
+    assert len(sets) == 2 and all(sets)
+    allowed = [{ip for p in s or () for ip in p.source_ips or ()} for s in sets]
+    assert "10.244.0.4" in allowed[0] and "10.244.0.4" not in allowed[1]  # web: v1 only, so no request passes both
+    assert "10.244.0.5" in allowed[1] and "10.244.0.5" not in allowed[0]  # evil: v2 only
+    # a pod IP of an L7 port is marked: the kernel lets only the node proxy in there
+    v1 = next(e.identity for e in plan.endpoints if e.pod == "default/a")
+    assert all(p.l7 for p in plan.policy if p.dst_identity == v1 and p.port == 80)
