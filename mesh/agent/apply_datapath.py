@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datapath.maps import DatapathState
-from datapath.types import EP_PROXY
+from datapath.types import EP_LOCAL, EP_PROXY
 from mesh.plan.node import NodePlan
 from mesh.plan.tunnels import NODE_IDENTITY
 
@@ -17,7 +17,9 @@ def datapath_state(plan: NodePlan, cgroups: dict[int, str], extra: dict[str, tup
     by_pod.update((e.pod, (e.identity, e.flags)) for e in plan.endpoints)
     endpoints = {ip: (e.identity, e.flags) for e in plan.endpoints for ip in (e.ip, e.ip6) if ip}
     for ip, identity, flags in plan.node_endpoints:
-        endpoints.setdefault(ip, (identity, flags))
+        # a node address is the node, even where a hostNetwork pod (the agent's own) has it as its pod IP:
+        # connections from it are the node's proxy, tunnel or kubelet
+        endpoints[ip] = (identity, flags | endpoints.get(ip, (0, 0))[1] & EP_LOCAL)
     return DatapathState(
         services=list(plan.services),
         endpoints={**(extra or {}), **endpoints},

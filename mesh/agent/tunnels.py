@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from certs.ca import CertificateAuthority, WorkloadCert
-from certs.spiffe import parse_spiffe_id
+from certs.spiffe import parse_spiffe_id, spiffe_id
 from certs.store import IdentityStore
 from mesh.model import ClusterState
 from mesh.plan.node import NodePlan
@@ -235,6 +235,13 @@ class NodeTunnels:
 
     def _connect(self, b: TunnelBackend, ident: tuple[str, str], src_ip: str) -> Session:
         if not b.node_addr:  # a pod of this node: plaintext, it never leaves the host
+            # authorized here as the accepting side authorizes a tunnel: the kernel lets this node's
+            # address into any pod, so the listener must not dial what the pod's policy denies
+            state, plan = self._view
+            denial = None if plan is None else authorize(
+                state, plan, self.name, ident, spiffe_id(self.ca.trust_domain, *ident), src_ip, f"{b.ip}:{b.port}")
+            if plan is None or denial is not None:
+                raise TunnelError(denial.reason if denial else "this node has no plan yet", denied=True)
             up = socket.create_connection((b.ip, b.port), timeout=5)
             up.settimeout(None)
             return Session(up, "plaintext", "", "")
