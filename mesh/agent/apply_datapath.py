@@ -19,7 +19,7 @@ def datapath_state(plan: NodePlan, cgroups: dict[int, str], extra: dict[str, tup
     for ip, identity, flags in plan.node_endpoints:
         # a node address is the node, even where a hostNetwork pod (the agent's own) has it as its pod IP:
         # connections from it are the node's proxy, tunnel or kubelet
-        endpoints[ip] = (identity, flags | endpoints.get(ip, (0, 0))[1] & EP_LOCAL)
+        endpoints[ip] = (identity, flags | (endpoints.get(ip, (0, 0))[1] & EP_LOCAL))
     return DatapathState(
         services=list(plan.services),
         endpoints={**(extra or {}), **endpoints},

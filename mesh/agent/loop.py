@@ -311,32 +311,28 @@ class Agent:
             return base, plan, snap, False
         tries = 0
 
-        def narrow(keys: list[Key], why: list[str]) -> None:
+        def narrow(keys: list[Key], refused: list[str]) -> None:
+            """``refused``: Envoy's messages when ``keys`` together are already known refused."""
             nonlocal base, plan, snap, tries
-            if len(keys) == 1 and why:
-                self.quarantine.hold(state, keys, "; ".join(why))
+            if not refused:
+                if tries >= MAX_TRIES:
+                    self.quarantine.hold(state, keys, "not tried alone: too many objects were refused at once")
+                    return
+                tries += 1
+                trial = with_objects(base, {**envoy_objects(base), **{k: o for k, o in envoy_objects(state).items() if k in keys}})
+                t_plan, t_snap, t_ok = self._offer(trial, peers)
+                if t_ok:
+                    base, plan, snap = trial, t_plan, t_snap
+                    return
+                refused = self._rejections(t_snap) or ["Envoy did not ACK it"]
+            if len(keys) == 1:
+                self.quarantine.hold(state, keys, "; ".join(refused))
                 return
-            if tries >= MAX_TRIES:
-                self.quarantine.hold(state, keys, "not tried alone: too many objects were refused at once")
-                return
-            tries += 1
-            trial = with_objects(base, {**envoy_objects(base), **{k: o for k, o in envoy_objects(state).items() if k in keys}})
-            t_plan, t_snap, t_ok = self._offer(trial, peers)
-            if t_ok:
-                base, plan, snap = trial, t_plan, t_snap
-            elif len(keys) == 1:
-                self.quarantine.hold(state, keys, "; ".join(self._rejections(t_snap)) or "Envoy did not ACK it")
-            else:
-                half = len(keys) // 2
-                narrow(keys[:half], [])
-                narrow(keys[half:], [])
+            half = len(keys) // 2
+            narrow(keys[:half], [])
+            narrow(keys[half:], [])
 
-        if len(suspects) == 1:
-            narrow(suspects, first)
-        else:
-            half = len(suspects) // 2
-            narrow(suspects[:half], [])
-            narrow(suspects[half:], [])
+        narrow(suspects, first)  # all of them together: refused already
         log.warning("quarantined after a NACK: %s", ", ".join(self.quarantine.names()))
         return base, plan, snap, True
 
