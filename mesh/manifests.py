@@ -16,13 +16,20 @@ import yaml
 from re2 import _re2
 
 from mesh.model import (
+    CLUSTER_SCOPED,
+    GATEWAY_CONTROLLER,
+    GATEWAY_GROUP,
     MTLS_LABEL,
     MTLS_MODES,
     NAMESPACE_LABEL,
     BackendRef,
+    CertRef,
     ContainerPort,
     EndpointSlice,
+    Gateway,
+    GatewayClass,
     HeaderMatch,
+    HeaderModifier,
     HttpMatch,
     Ingress,
     IngressBackend,
@@ -30,15 +37,20 @@ from mesh.model import (
     IngressPath,
     IngressRule,
     IngressTlsEntry,
+    Listener,
     MeshPolicy,
-    MeshRoute,
     MeshTLS,
     Namespace,
     ParentRef,
     Pod,
     PortRule,
+    Redirect,
+    ReferenceGrant,
     Requirement,
     Retry,
+    Rewrite,
+    Route,
+    RouteFilters,
     RouteMatch,
     RouteRule,
     Secret,
@@ -50,9 +62,15 @@ from mesh.model import (
 API_GROUP = "webb.io"
 MESH_VERSION = f"{API_GROUP}/v1alpha1"
 INGRESS_VERSION = "networking.k8s.io/v1"
-KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "MeshTLS", "Ingress", "EndpointSlice")
-API_VERSIONS = {"MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS": MESH_VERSION, "Ingress": INGRESS_VERSION,
-                "EndpointSlice": "discovery.k8s.io/v1"}
+GATEWAY_VERSION = f"{GATEWAY_GROUP}/v1"
+KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "MeshTLS", "Ingress", "EndpointSlice",
+         "GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant")
+API_VERSIONS: dict[str, str | tuple[str, ...]] = {
+    "MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS": MESH_VERSION, "Ingress": INGRESS_VERSION,
+    "EndpointSlice": "discovery.k8s.io/v1", "GatewayClass": GATEWAY_VERSION, "Gateway": GATEWAY_VERSION,
+    "HTTPRoute": GATEWAY_VERSION, "ReferenceGrant": (f"{GATEWAY_GROUP}/v1beta1", GATEWAY_VERSION)}
+FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -64,7 +82,8 @@ _MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error is raised, with the field; RE2 need not print it too
 _HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-Obj = Namespace | Pod | Service | MeshPolicy | MeshRoute | MeshTLS | Ingress | Secret | EndpointSlice
+Obj = (Namespace | Pod | Service | MeshPolicy | Route | MeshTLS | Ingress | Secret | EndpointSlice | GatewayClass | Gateway
+       | ReferenceGrant)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -339,20 +358,25 @@ def _route_match(ctx: Ctx, v: Any, field: str) -> RouteMatch:
     return RouteMatch(ptype, value, str(method) if method else None, tuple(headers))
 
 
-def _backend_ref(ctx: Ctx, v: Any, field: str) -> BackendRef:
+def _backend_ref(ctx: Ctx, v: Any, field: str, legacy: bool) -> BackendRef:
     b = ctx.mapping(v, field)
-    ctx.only(b, field, ("name", "port", "weight", "kind", "group"), "a backendRef")
-    if b.get("kind", "Service") != "Service" or b.get("group", "") not in ("", "core"):
+    ctx.only(b, field, ("name", "port", "weight", "kind", "group", *(() if legacy else ("namespace",))), "a backendRef",
+             {"filters": "per-backend filters; put the filter on the rule"})
+    kind, group = str(b.get("kind", "Service")), str(b.get("group", ""))
+    if legacy and (kind != "Service" or group not in ("", "core")):
         raise ctx.fail(f"{field}.kind", "only Services are backends; remove kind/group or use kind: Service")
-    if "port" not in b:
+    port = ctx.port(b["port"], f"{field}.port") if "port" in b else None
+    if port is None and kind == "Service":
         raise ctx.fail(f"{field}.port", "is required: the Service port, e.g. 80")
-    return BackendRef(ctx.name(b.get("name"), f"{field}.name", "reviews-v2"), ctx.port(b["port"], f"{field}.port"),
-                      ctx.count(b.get("weight", 1), f"{field}.weight", 0, 1_000_000))
+    ns = ctx.name(b["namespace"], f"{field}.namespace", "team-a", "a namespace") if "namespace" in b else ""
+    return BackendRef(ctx.name(b.get("name"), f"{field}.name", "reviews-v2"), port,
+                      ctx.count(b.get("weight", 1), f"{field}.weight", 0, 1_000_000), ns, kind, "" if group == "core" else group)
 
 
 def _retry(ctx: Ctx, v: Any, field: str) -> Retry:
     r = ctx.mapping(v, field)
-    ctx.only(r, field, ("attempts", "perTryTimeout", "codes", "retryOn"), "retry")
+    ctx.only(r, field, ("attempts", "perTryTimeout", "codes", "retryOn"), "retry",
+             {"backoff": "Envoy's default backoff (25 ms base) is used; remove backoff"})
     codes = tuple(ctx.count(c, f"{field}.codes[{i}]", 400, 599) for i, c in enumerate(ctx.seq(r.get("codes"), f"{field}.codes")))
     on = tuple(str(x) for x in ctx.seq(r.get("retryOn"), f"{field}.retryOn"))
     for i, cond in enumerate(on):
@@ -362,39 +386,228 @@ def _retry(ctx: Ctx, v: Any, field: str) -> Retry:
     return Retry(ctx.count(r.get("attempts", 1), f"{field}.attempts", 0, 10), per_try, codes, on)
 
 
-def _route_rule(ctx: Ctx, v: Any, field: str) -> RouteRule:
+def _headers_list(ctx: Ctx, v: Any, field: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for i, h in enumerate(ctx.seq(v, field)):
+        hf = f"{field}[{i}]"
+        h = ctx.mapping(h, hf)
+        ctx.only(h, hf, ("name", "value"), "a header")
+        if not _HEADER_NAME.match(str(h.get("name", ""))) or not isinstance(h.get("value", ""), str):
+            raise ctx.fail(hf, "needs a header name (letters, digits, '-') and a string value, e.g. {name: x-env, value: prod}")
+        out.append((str(h["name"]), str(h.get("value", ""))))
+    return tuple(out)
+
+
+def _header_modifier(ctx: Ctx, v: Any, field: str) -> HeaderModifier:
+    m = ctx.mapping(v, field)
+    ctx.only(m, field, ("set", "add", "remove"), "a header modifier")
+    remove = tuple(str(x) for x in ctx.seq(m.get("remove"), f"{field}.remove"))
+    for i, x in enumerate(remove):
+        if not _HEADER_NAME.match(x):
+            raise ctx.fail(f"{field}.remove[{i}]", f"{x!r} is not a header name")
+    return HeaderModifier(_headers_list(ctx, m.get("set"), f"{field}.set"), _headers_list(ctx, m.get("add"), f"{field}.add"), remove)
+
+
+def _path_modifier(ctx: Ctx, v: Any, field: str, matches: tuple[RouteMatch, ...]) -> tuple[str, str]:
+    p = ctx.mapping(v, field)
+    ctx.only(p, field, ("type", "replaceFullPath", "replacePrefixMatch"), "a path modifier")
+    ptype = p.get("type")
+    if ptype == "ReplaceFullPath":
+        value = str(p.get("replaceFullPath", ""))
+    elif ptype == "ReplacePrefixMatch":
+        value = str(p.get("replacePrefixMatch", ""))
+        if any(m.path_type != "PathPrefix" for m in matches):
+            raise ctx.fail(f"{field}.type", "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match")
+    else:
+        raise ctx.fail(f"{field}.type", f"{ptype!r}: use ReplaceFullPath or ReplacePrefixMatch")
+    if not value.startswith("/"):
+        raise ctx.fail(field, f"{value!r}: the path must start with '/'")
+    return str(ptype), value
+
+
+def _hostname(ctx: Ctx, v: Any, field: str, wildcard: bool = True) -> str:
+    host = str(v)
+    if not _HOST.match(host) or len(host) > 253 or (not wildcard and host.startswith("*")):
+        raise ctx.fail(field, f"{host!r} is not a hostname; use e.g. shop.example.com" + (" or *.example.com" if wildcard else ""))
+    return host
+
+
+def _filters(ctx: Ctx, v: Any, field: str, matches: tuple[RouteMatch, ...]) -> RouteFilters:
+    req = resp = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+    for i, f in enumerate(ctx.seq(v, field)):
+        ff = f"{field}[{i}]"
+        f = ctx.mapping(f, ff)
+        ftype = str(f.get("type"))
+        key = ftype[:1].lower() + ftype[1:]
+        if ftype == "URLRewrite":
+            key = "urlRewrite"
+        if ftype not in FILTER_TYPES:
+            raise ctx.fail(f"{ff}.type", f"{ftype!r} is not supported; use {', '.join(FILTER_TYPES)}")
+        ctx.only(f, ff, ("type", key), "a filter")
+        body = ctx.mapping(f.get(key), f"{ff}.{key}")
+        if ftype == "RequestHeaderModifier":
+            req = _header_modifier(ctx, body, f"{ff}.{key}")
+        elif ftype == "ResponseHeaderModifier":
+            resp = _header_modifier(ctx, body, f"{ff}.{key}")
+        elif ftype == "RequestRedirect":
+            ctx.only(body, f"{ff}.{key}", ("scheme", "hostname", "path", "port", "statusCode"), "a redirect")
+            scheme = body.get("scheme")
+            if scheme is not None and scheme not in ("http", "https"):
+                raise ctx.fail(f"{ff}.{key}.scheme", f"{scheme!r}: use http or https")
+            ptype, path = _path_modifier(ctx, body["path"], f"{ff}.{key}.path", matches) if "path" in body else (None, None)
+            redirect = Redirect(scheme, _hostname(ctx, body["hostname"], f"{ff}.{key}.hostname", False) if "hostname" in body else None,
+                                ctx.port(body["port"], f"{ff}.{key}.port") if "port" in body else None, ptype, path,
+                                int(body.get("statusCode", 302)) if body.get("statusCode", 302) in (301, 302) else
+                                _bad(ctx, f"{ff}.{key}.statusCode", "use 301 or 302"))
+        else:
+            ctx.only(body, f"{ff}.{key}", ("hostname", "path"), "a rewrite")
+            ptype, path = _path_modifier(ctx, body["path"], f"{ff}.{key}.path", matches) if "path" in body else (None, None)
+            rewrite = Rewrite(_hostname(ctx, body["hostname"], f"{ff}.{key}.hostname", False) if "hostname" in body else None,
+                              ptype, path)
+    if redirect is not None and rewrite is not None:
+        raise ctx.fail(field, "RequestRedirect and URLRewrite cannot be used together in one rule")
+    return RouteFilters(req, resp, redirect, rewrite)
+
+
+def _bad(ctx: Ctx, field: str, fix: str) -> int:
+    raise ctx.fail(field, f"invalid value; {fix}")
+
+
+def _route_rule(ctx: Ctx, v: Any, field: str, legacy: bool) -> RouteRule:
     r = ctx.mapping(v, field)
-    ctx.only(r, field, ("matches", "backendRefs", "timeouts", "retry"), "a rule")
+    ctx.only(r, field, ("matches", "backendRefs", "timeouts", "retry", *(() if legacy else ("filters", "name"))), "a rule",
+             {"sessionPersistence": "Webb does not pin sessions yet; use a Service's sessionAffinity: ClientIP"})
     matches = tuple(_route_match(ctx, m, f"{field}.matches[{i}]")
                     for i, m in enumerate(ctx.seq(r.get("matches"), f"{field}.matches"))) or (RouteMatch(),)
-    refs = tuple(_backend_ref(ctx, b, f"{field}.backendRefs[{i}]")
+    refs = tuple(_backend_ref(ctx, b, f"{field}.backendRefs[{i}]", legacy)
                  for i, b in enumerate(ctx.seq(r.get("backendRefs"), f"{field}.backendRefs")))
-    if not refs:
+    filters = _filters(ctx, r.get("filters"), f"{field}.filters", matches)
+    if not refs and (legacy or filters.redirect is None):
         raise ctx.fail(f"{field}.backendRefs", "needs at least one backend, e.g. [{name: web, port: 80}]")
     timeouts = ctx.mapping(r.get("timeouts"), f"{field}.timeouts")
-    ctx.only(timeouts, f"{field}.timeouts", ("request",), "timeouts")
+    ctx.only(timeouts, f"{field}.timeouts", ("request",), "timeouts",
+             {"backendRequest": "only the whole request's timeout is set; use timeouts.request"})
     timeout = ctx.duration_ms(timeouts["request"], f"{field}.timeouts.request") if "request" in timeouts else None
     retry = _retry(ctx, r["retry"], f"{field}.retry") if "retry" in r else None
-    return RouteRule(matches, refs, timeout, retry)
+    return RouteRule(matches, refs, timeout, retry, filters)
 
 
-def _mesh_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> MeshRoute:
-    ctx.only(spec, "spec", ("parentRefs", "rules"), "MeshRoute spec")
-    parents = []
-    for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")):
-        f = f"spec.parentRefs[{i}]"
-        p = ctx.mapping(p, f)
-        ctx.only(p, f, ("name", "port", "kind", "group"), "a parentRef")
-        if p.get("kind", "Service") != "Service":
-            raise ctx.fail(f"{f}.kind", "a MeshRoute attaches to a Service; use kind: Service (or leave it out)")
-        port = ctx.port(p["port"], f"{f}.port") if "port" in p else None
-        parents.append(ParentRef(ctx.name(p.get("name"), f"{f}.name", "reviews"), port))
+def _parent_ref(ctx: Ctx, v: Any, f: str, legacy: bool) -> ParentRef:
+    p = ctx.mapping(v, f)
+    ctx.only(p, f, ("name", "port", "kind", "group", *(() if legacy else ("namespace", "sectionName"))), "a parentRef")
+    kind = str(p.get("kind", "Service" if legacy else "Gateway"))
+    group = str(p.get("group", "" if kind == "Service" else GATEWAY_GROUP))
+    if legacy and kind != "Service":
+        raise ctx.fail(f"{f}.kind", "a MeshRoute attaches to a Service; use kind: Service (or leave it out)")
+    if (kind, group) not in (("Service", ""), ("Service", "core"), ("Gateway", GATEWAY_GROUP)):
+        raise ctx.fail(f"{f}.kind", f"{group + '/' if group else ''}{kind}: a route attaches to a Gateway "
+                       f"({GATEWAY_GROUP}) or a Service (group \"\")")
+    port = ctx.port(p["port"], f"{f}.port") if "port" in p else None
+    ns = ctx.name(p["namespace"], f"{f}.namespace", "infra", "a namespace") if "namespace" in p else ""
+    section = ctx.name(p["sectionName"], f"{f}.sectionName", "http", "a listener name") if "sectionName" in p else ""
+    return ParentRef(ctx.name(p.get("name"), f"{f}.name", "reviews", "a name"), port, kind, ns, section)
+
+
+def _route(ctx: Ctx, kind: str, ns: str, name: str, spec: dict[str, Any], generation: int) -> Route:
+    legacy = kind == "MeshRoute"
+    ctx.only(spec, "spec", ("parentRefs", "rules", *(() if legacy else ("hostnames",))), f"{kind} spec")
+    parents = tuple(_parent_ref(ctx, p, f"spec.parentRefs[{i}]", legacy)
+                    for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")))
     if not parents:
-        raise ctx.fail("spec.parentRefs", "needs the Service this route is for, e.g. [{name: reviews, port: 80}]")
-    rules = tuple(_route_rule(ctx, r, f"spec.rules[{i}]") for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")))
-    if not rules:
+        raise ctx.fail("spec.parentRefs", "needs the Service or Gateway this route is for, e.g. [{kind: Service, name: reviews, port: 80}]")
+    hostnames = tuple(_hostname(ctx, h, f"spec.hostnames[{i}]") for i, h in enumerate(ctx.seq(spec.get("hostnames"), "spec.hostnames")))
+    rules = tuple(_route_rule(ctx, r, f"spec.rules[{i}]", legacy) for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")))
+    if legacy and not rules:
         raise ctx.fail("spec.rules", "needs at least one rule with backendRefs")
-    return MeshRoute(ns, name, tuple(parents), rules)
+    if not rules:  # Gateway API: no rule is one rule matching every request, without backends (404)
+        rules = (RouteRule((RouteMatch(),), ()),)
+    return Route(ns, name, parents, rules, hostnames, kind, generation)
+
+
+def _gateway_class(ctx: Ctx, name: str, spec: dict[str, Any], generation: int) -> GatewayClass:
+    ctx.only(spec, "spec", ("controllerName", "description", "parametersRef"), "GatewayClass spec")
+    if "parametersRef" in spec:
+        raise ctx.fail("spec.parametersRef", "is not supported: Webb's GatewayClass takes no parameters; remove it")
+    controller = spec.get("controllerName")
+    if not isinstance(controller, str) or "/" not in controller:
+        raise ctx.fail("spec.controllerName", f"{controller!r}: use a domain-prefixed path, e.g. {GATEWAY_CONTROLLER}")
+    return GatewayClass(name, controller, generation)
+
+
+def _cert_ref(ctx: Ctx, v: Any, f: str) -> CertRef:
+    c = ctx.mapping(v, f)
+    ctx.only(c, f, ("name", "namespace", "kind", "group"), "a certificateRef")
+    ns = ctx.name(c["namespace"], f"{f}.namespace", "infra", "a namespace") if "namespace" in c else ""
+    return CertRef(ctx.subdomain(c.get("name"), f"{f}.name", "shop-tls", "a Secret name"), ns,
+                   str(c.get("kind", "Secret")), str(c.get("group", "")))
+
+
+def _listener(ctx: Ctx, v: Any, f: str) -> Listener:
+    m = ctx.mapping(v, f)
+    ctx.only(m, f, ("name", "hostname", "port", "protocol", "tls", "allowedRoutes"), "a listener")
+    name = ctx.name(m.get("name"), f"{f}.name", "http", "a listener name")
+    protocol = str(m.get("protocol", ""))
+    if not protocol:
+        raise ctx.fail(f"{f}.protocol", "is required: HTTP, HTTPS or TLS")
+    host = _hostname(ctx, m["hostname"], f"{f}.hostname") if m.get("hostname") else ""
+    tls = ctx.mapping(m.get("tls"), f"{f}.tls")
+    ctx.only(tls, f"{f}.tls", ("mode", "certificateRefs", "options"), "tls")
+    mode = str(tls.get("mode", "Terminate")) if tls or protocol in ("HTTPS", "TLS") else ""
+    if mode and mode not in ("Terminate", "Passthrough"):
+        raise ctx.fail(f"{f}.tls.mode", f"{mode!r}: use Terminate or Passthrough")
+    certs = tuple(_cert_ref(ctx, c, f"{f}.tls.certificateRefs[{i}]")
+                  for i, c in enumerate(ctx.seq(tls.get("certificateRefs"), f"{f}.tls.certificateRefs")))
+    allowed = ctx.mapping(m.get("allowedRoutes"), f"{f}.allowedRoutes")
+    ctx.only(allowed, f"{f}.allowedRoutes", ("namespaces", "kinds"), "allowedRoutes")
+    nss = ctx.mapping(allowed.get("namespaces"), f"{f}.allowedRoutes.namespaces")
+    ctx.only(nss, f"{f}.allowedRoutes.namespaces", ("from", "selector"), "allowedRoutes.namespaces")
+    frm = str(nss.get("from", "Same"))
+    if frm not in ("Same", "All", "Selector"):
+        raise ctx.fail(f"{f}.allowedRoutes.namespaces.from", f"{frm!r}: use Same, All or Selector")
+    selector = parse_selector(ctx, nss.get("selector"), f"{f}.allowedRoutes.namespaces.selector") if frm == "Selector" else None
+    kinds = []
+    for i, k in enumerate(ctx.seq(allowed.get("kinds"), f"{f}.allowedRoutes.kinds")):
+        kf = f"{f}.allowedRoutes.kinds[{i}]"
+        k = ctx.mapping(k, kf)
+        ctx.only(k, kf, ("group", "kind"), "a route kind")
+        kinds.append((str(k.get("group", GATEWAY_GROUP)), str(k.get("kind", ""))))
+    return Listener(name, ctx.port(m.get("port"), f"{f}.port"), protocol, host, mode, certs, frm, selector, tuple(kinds))
+
+
+def _gateway(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int) -> Gateway:
+    ctx.only(spec, "spec", ("gatewayClassName", "listeners", "addresses", "infrastructure"), "Gateway spec")
+    listeners = tuple(_listener(ctx, v, f"spec.listeners[{i}]") for i, v in enumerate(ctx.seq(spec.get("listeners"), "spec.listeners")))
+    if not listeners:
+        raise ctx.fail("spec.listeners", "needs at least one listener, e.g. [{name: http, port: 80, protocol: HTTP}]")
+    names = [x.name for x in listeners]
+    if len(set(names)) != len(names):
+        raise ctx.fail("spec.listeners", "listener names must be unique within the Gateway")
+    addresses = []
+    for i, a in enumerate(ctx.seq(spec.get("addresses"), "spec.addresses")):
+        af = f"spec.addresses[{i}]"
+        a = ctx.mapping(a, af)
+        ctx.only(a, af, ("type", "value"), "an address")
+        addresses.append(f"{a.get('type', 'IPAddress')}:{a.get('value', '')}")
+    return Gateway(ns, name, ctx.subdomain(spec.get("gatewayClassName"), "spec.gatewayClassName", "webb", "a GatewayClass name"),
+                   listeners, tuple(addresses), generation)
+
+
+def _grant(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> ReferenceGrant:
+    ctx.only(spec, "spec", ("from", "to"), "ReferenceGrant spec")
+    froms, tos = [], []
+    for i, x in enumerate(ctx.seq(spec.get("from"), "spec.from")):
+        x = ctx.mapping(x, f"spec.from[{i}]")
+        ctx.only(x, f"spec.from[{i}]", ("group", "kind", "namespace"), "a from")
+        froms.append((str(x.get("group", "")), str(x.get("kind", "")), str(x.get("namespace", ""))))
+    for i, x in enumerate(ctx.seq(spec.get("to"), "spec.to")):
+        x = ctx.mapping(x, f"spec.to[{i}]")
+        ctx.only(x, f"spec.to[{i}]", ("group", "kind", "name"), "a to")
+        tos.append((str(x.get("group", "")), str(x.get("kind", "")), str(x.get("name", ""))))
+    if not froms or not tos:
+        raise ctx.fail("spec", "a ReferenceGrant needs from and to")
+    return ReferenceGrant(ns, name, tuple(froms), tuple(tos))
 
 
 def _mtls_mode(ctx: Ctx, v: Any, field: str) -> str:
@@ -502,8 +715,8 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     meta = doc.get("metadata")
     meta = meta if isinstance(meta, dict) else {}  # not a mapping: refused below, by the helper
     name = str(meta.get("name", ""))
-    ns = str(meta.get("namespace") or "default")
-    where = f"{kind} {name}" if kind == "Namespace" else f"{kind} {ns}/{name}"
+    ns = "" if kind in CLUSTER_SCOPED else str(meta.get("namespace") or "default")
+    where = f"{kind} {name}" if kind in CLUSTER_SCOPED else f"{kind} {ns}/{name}"
     ctx = Ctx(where)
     if kind not in KINDS:
         raise ctx.fail("kind", f"{kind!r} is not handled by the standalone source; use one of {', '.join(KINDS)}")
@@ -511,20 +724,28 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     if not name or len(name) > 63 or not _DNS1123.match(name):
         raise ctx.fail("metadata.name", f"{name!r} must be a DNS-1123 label: at most 63 lowercase letters, digits "
                        "and '-', starting and ending alphanumeric, e.g. 'web-1'")
-    if kind != "Namespace" and (len(ns) > 63 or not _DNS1123.match(ns)):
+    if kind not in CLUSTER_SCOPED and (len(ns) > 63 or not _DNS1123.match(ns)):
         raise ctx.fail("metadata.namespace", f"{ns!r} must be a DNS-1123 label: at most 63 lowercase letters, digits "
                        "and '-', starting and ending alphanumeric, e.g. 'team-a'")
     want = API_VERSIONS.get(str(kind))
-    if want and doc.get("apiVersion") != want:
-        raise ctx.fail("apiVersion", f"{doc.get('apiVersion')!r}: use {want}")
+    if want and doc.get("apiVersion") not in ((want,) if isinstance(want, str) else want):
+        raise ctx.fail("apiVersion", f"{doc.get('apiVersion')!r}: use {want if isinstance(want, str) else ' or '.join(want)}")
+    gen = meta.get("generation")
+    generation = gen if isinstance(gen, int) and not isinstance(gen, bool) else 0
     labels = ctx.labels(meta.get("labels"), "metadata.labels")
     if kind == "Secret":
         return _secret(ctx, ns, name, doc)
     if kind == "EndpointSlice":
         return _endpoint_slice(ctx, ns, name, dict(labels), doc)
     spec = ctx.mapping(doc.get("spec"), "spec")
-    if kind == "MeshRoute":
-        return _mesh_route(ctx, ns, name, spec)
+    if kind in ("MeshRoute", "HTTPRoute"):
+        return _route(ctx, kind, ns, name, spec, generation)
+    if kind == "GatewayClass":
+        return _gateway_class(ctx, name, spec, generation)
+    if kind == "Gateway":
+        return _gateway(ctx, ns, name, spec, generation)
+    if kind == "ReferenceGrant":
+        return _grant(ctx, ns, name, spec)
     if kind == "MeshTLS":
         return _mesh_tls(ctx, ns, name, spec)
     if kind == "Ingress":

@@ -173,15 +173,23 @@ class MeshPolicy:
 
 @dataclass(frozen=True)
 class ParentRef:
-    service: str  # a Service in the route's namespace
-    port: int | None = None  # None: every port of the service
+    """Gateway API ParentReference: a Service (GAMMA, east-west) or a Gateway (north-south)."""
+
+    name: str
+    port: int | None = None  # None: every port of the Service / every listener of the Gateway
+    kind: str = "Service"  # Service | Gateway
+    namespace: str = ""  # "": the route's
+    section_name: str = ""  # a Gateway listener's name; "": every listener
 
 
 @dataclass(frozen=True)
 class BackendRef:
-    service: str
-    port: int
+    name: str
+    port: int | None
     weight: int = 1
+    namespace: str = ""  # "": the route's; another needs a ReferenceGrant there
+    kind: str = "Service"  # anything else is kept and reported (ResolvedRefs False, InvalidKind)
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -212,25 +220,143 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class HeaderModifier:
+    """RequestHeaderModifier / ResponseHeaderModifier: set (replace), add (append), remove."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """RequestRedirect; None fields keep the request's."""
+
+    scheme: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    path_type: str | None = None  # ReplaceFullPath | ReplacePrefixMatch
+    path: str | None = None
+    status_code: int = 302
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """URLRewrite; None fields keep the request's."""
+
+    hostname: str | None = None
+    path_type: str | None = None  # ReplaceFullPath | ReplacePrefixMatch
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteFilters:
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+
+
+@dataclass(frozen=True)
 class RouteRule:
     matches: tuple[RouteMatch, ...]
     backends: tuple[BackendRef, ...]
     timeout_ms: int | None = None
     retry: Retry | None = None
+    filters: RouteFilters = field(default_factory=RouteFilters)
+
+
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "MeshRoute")  # MeshRoute: the retired CRD, read as an HTTPRoute
 
 
 @dataclass(frozen=True)
-class MeshRoute:
-    """Gateway API HTTPRoute for east-west traffic (GAMMA): parents are Services."""
+class Route:
+    """A Gateway API HTTPRoute (or a legacy MeshRoute, read as one). Parents that are Services
+    steer pod-to-service traffic (GAMMA); parents that are Gateways, the Gateway's listeners."""
 
     namespace: str
     name: str
     parents: tuple[ParentRef, ...]
     rules: tuple[RouteRule, ...]
+    hostnames: tuple[str, ...] = ()
+    kind: str = "HTTPRoute"
+    generation: int = 0
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+CLUSTER_SCOPED = ("Namespace", "GatewayClass")  # kinds without a namespace
+GATEWAY_CONTROLLER = "webb.io/gateway-controller"
+
+
+@dataclass(frozen=True)
+class GatewayClass:
+    name: str
+    controller: str
+    generation: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class CertRef:
+    name: str
+    namespace: str = ""  # "": the Gateway's
+    kind: str = "Secret"
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A Gateway listener. ``namespaces``: From Same | All | Selector (``selector``)."""
+
+    name: str
+    port: int
+    protocol: str  # HTTP | HTTPS | TLS | ...
+    hostname: str = ""
+    tls_mode: str = ""  # Terminate | Passthrough ("" without TLS)
+    certificates: tuple[CertRef, ...] = ()
+    namespaces: str = "Same"
+    selector: Selector | None = None
+    kinds: tuple[tuple[str, str], ...] = ()  # allowedRoutes.kinds (group, kind); empty: the protocol's
+
+
+@dataclass(frozen=True)
+class Gateway:
+    namespace: str
+    name: str
+    class_name: str
+    listeners: tuple[Listener, ...]
+    addresses: tuple[str, ...] = ()  # spec.addresses (IPAddress) asked for
+    generation: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ReferenceGrant:
+    """Lets objects of ``from_`` (group, kind, namespace) refer to objects of ``to`` (group, kind,
+    name; "" = any name) in this namespace."""
+
+    namespace: str
+    name: str
+    from_: tuple[tuple[str, str, str], ...]
+    to: tuple[tuple[str, str, str], ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def allows(self, src: tuple[str, str, str], to_group: str, to_kind: str, to_name: str) -> bool:
+        """``src``: (group, kind, namespace) of the referring object."""
+        return src in self.from_ and any(g == to_group and k == to_kind and n in ("", to_name) for g, k, n in self.to)
 
 
 @dataclass(frozen=True)
@@ -310,11 +436,14 @@ class ClusterState:
     pods: tuple[Pod, ...] = ()
     services: tuple[Service, ...] = ()
     policies: tuple[MeshPolicy, ...] = ()
-    routes: tuple[MeshRoute, ...] = ()
+    routes: tuple[Route, ...] = ()  # HTTPRoute, GRPCRoute, MeshRoute
     ingresses: tuple[Ingress, ...] = ()
     secrets: tuple[Secret, ...] = ()
     mtls: tuple[MeshTLS, ...] = ()
     endpoint_slices: tuple[EndpointSlice, ...] = ()
+    gateway_classes: tuple[GatewayClass, ...] = ()
+    gateways: tuple[Gateway, ...] = ()
+    grants: tuple[ReferenceGrant, ...] = ()
     errors: tuple[str, ...] = field(default=())  # objects rejected by the source, with why
     refused: tuple[str, ...] = field(default=())  # "Kind ns/name" of each object whose newest version was refused
 

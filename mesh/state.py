@@ -9,7 +9,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
-from mesh.model import ClusterState, EndpointSlice, Ingress, MeshPolicy, MeshRoute, MeshTLS, Namespace, Pod, Secret, Service
+from mesh.model import (
+    CLUSTER_SCOPED,
+    ClusterState,
+    EndpointSlice,
+    Gateway,
+    GatewayClass,
+    Ingress,
+    MeshPolicy,
+    MeshTLS,
+    Namespace,
+    Pod,
+    ReferenceGrant,
+    Route,
+    Secret,
+    Service,
+)
 
 Key = tuple[str, str, str]  # kind, namespace ("" for Namespace), name
 KEEPING = "; keeping the previous version"
@@ -20,18 +35,21 @@ def key_of(kind: str, doc: dict[str, Any]) -> Key:
     """The key of a document (parsed or not: a refused document still names its object)."""
     meta = doc.get("metadata") or {}
     meta = meta if isinstance(meta, dict) else {}
-    return (kind, "" if kind == "Namespace" else str(meta.get("namespace") or "default"), str(meta.get("name")))
+    return (kind, "" if kind in CLUSTER_SCOPED else str(meta.get("namespace") or "default"), str(meta.get("name")))
 
 
 def key_name(key: Key) -> str:
     """ "Kind ns/name" (a Namespace: "Namespace name"), as errors and ``webb apply`` name objects."""
     kind, ns, name = key
-    return f"{kind} {name}" if kind == "Namespace" else f"{kind} {ns}/{name}"
+    return f"{kind} {name}" if kind in CLUSTER_SCOPED else f"{kind} {ns}/{name}"
 
 
-def object_key(o: Namespace | Pod | Service | MeshPolicy | MeshRoute | Ingress | Secret | MeshTLS | EndpointSlice) -> Key:
-    if isinstance(o, Namespace):
-        return ("Namespace", "", o.name)
+def object_key(o: Namespace | Pod | Service | MeshPolicy | Route | Ingress | Secret | MeshTLS | EndpointSlice | GatewayClass
+               | Gateway | ReferenceGrant) -> Key:
+    if isinstance(o, (Namespace, GatewayClass)):
+        return (type(o).__name__, "", o.name)
+    if isinstance(o, Route):
+        return (o.kind, o.namespace, o.name)
     return (type(o).__name__, o.namespace, o.name)
 
 
@@ -65,6 +83,7 @@ def assemble(objs: Iterable[object], errors: Iterable[str], refused: Iterable[Ke
         return tuple(o for o in objs if isinstance(o, cls))
 
     return ClusterState(namespaces=of(Namespace), pods=of(Pod), services=of(Service), policies=of(MeshPolicy),
-                        routes=of(MeshRoute), ingresses=of(Ingress), secrets=of(Secret), mtls=of(MeshTLS),
-                        endpoint_slices=of(EndpointSlice), errors=tuple(errors),
+                        routes=of(Route), ingresses=of(Ingress), secrets=of(Secret), mtls=of(MeshTLS),
+                        endpoint_slices=of(EndpointSlice), gateway_classes=of(GatewayClass), gateways=of(Gateway),
+                        grants=of(ReferenceGrant), errors=tuple(errors),
                         refused=tuple(sorted(key_name(k) for k in refused)))

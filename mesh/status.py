@@ -82,6 +82,8 @@ class AgentStatus:
     reason_counts: dict[str, int] = field(default_factory=dict)
     events_received: int = 0
     events_lost: int = 0
+    # Gateway API status the applied plan implies: "Kind ns/name" -> JSON (the operator writes it to the objects)
+    gateway_status: dict[str, str] = field(default_factory=dict)
 
     # ---- file ----
     def write(self, state_dir: Path) -> None:

@@ -76,6 +76,70 @@ class RbacPolicy:
     audit: bool = False  # from a MeshPolicy in audit mode
 
 
+class HeaderModifierSpec(Protocol):
+    """``mesh.model.HeaderModifier``: set (replace), add (append), remove."""
+
+    @property
+    def set(self) -> Sequence[tuple[str, str]]: ...
+
+    @property
+    def add(self) -> Sequence[tuple[str, str]]: ...
+
+    @property
+    def remove(self) -> Sequence[str]: ...
+
+
+class RedirectSpec(Protocol):
+    """``mesh.model.Redirect``: None fields keep the request's."""
+
+    @property
+    def scheme(self) -> str | None: ...
+
+    @property
+    def hostname(self) -> str | None: ...
+
+    @property
+    def port(self) -> int | None: ...
+
+    @property
+    def path_type(self) -> str | None: ...  # ReplaceFullPath | ReplacePrefixMatch
+
+    @property
+    def path(self) -> str | None: ...
+
+    @property
+    def status_code(self) -> int: ...
+
+
+class RewriteSpec(Protocol):
+    """``mesh.model.Rewrite``."""
+
+    @property
+    def hostname(self) -> str | None: ...
+
+    @property
+    def path_type(self) -> str | None: ...
+
+    @property
+    def path(self) -> str | None: ...
+
+
+class RouteFiltersSpec(Protocol):
+    """``mesh.model.RouteFilters``."""
+
+    @property
+    def request_headers(self) -> HeaderModifierSpec | None: ...
+
+    @property
+    def response_headers(self) -> HeaderModifierSpec | None: ...
+
+    @property
+    def redirect(self) -> RedirectSpec | None: ...
+
+    @property
+    def rewrite(self) -> RewriteSpec | None: ...
+
+
 @dataclass(frozen=True)
 class HttpRoute:
     """Requests matching any of ``matches`` go to ``clusters`` split by weight."""
@@ -84,6 +148,7 @@ class HttpRoute:
     clusters: tuple[tuple[str, int], ...] = ()  # (upstream name, weight); none with weight > 0: 500
     timeout_ms: int | None = None  # None: Envoy's 15 s; 0: no timeout
     retry: RetrySpec | None = None
+    filters: RouteFiltersSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -198,15 +263,25 @@ class TlsHosts:
 
 
 @dataclass(frozen=True)
-class IngressGateway:
-    """The node's ingress: an HTTP listener and, with TLS hosts, an HTTPS listener (one
-    filter chain per SNI set). Routes are inline: see references()."""
+class GatewayChain:
+    """One filter chain of a gateway listener: plaintext (``secret`` "") or TLS terminated with the
+    SDS Secret ``secret`` for the SNI names ``server_names`` (empty: any name)."""
 
-    listen_ip: str
-    http_port: int
-    https_port: int
+    name: str
     virtual_hosts: tuple[VirtualHost, ...]
-    tls: tuple[TlsHosts, ...] = ()
+    secret: str = ""
+    server_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GatewayListener:
+    """A north-south listener of the node Envoy (a Gateway's port, or the Ingress class's):
+    routes are inline (see references())."""
+
+    name: str  # "gateway:<ns>/<name>:<port>" or "ingress:http" / "ingress:https"
+    listen_ip: str
+    port: int
+    chains: tuple[GatewayChain, ...]
 
 
 def service_routes(svc: HttpService) -> tuple[HttpRoute, ...]:

@@ -1,7 +1,7 @@
 """Pure builders: plain mesh-level descriptions → Envoy v3 protos (xds-protos).
 
 Clusters (``Upstream``: CDS + EDS) are built apart from listeners (``HttpService``: LDS +
-RDS; ``IngressGateway``: the node's ingress listeners with inline routes and SDS secrets),
+RDS; ``GatewayListener``: the node's Gateway and Ingress listeners with inline routes and SDS secrets),
 so one service port can be a route target without having a listener, and the reverse.
 
 Workload identity by SDS: a workload's certificate is a ``tls_certificate`` Secret named by
@@ -13,6 +13,7 @@ the other (and its SPIFFE ID), both fetched by Envoy over ADS, so a renewal is o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,11 +38,12 @@ from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from xds.model import (
+    GatewayListener,
     HeaderMatchSpec,
+    HeaderModifierSpec,
     HttpRoute,
     HttpRule,
     HttpService,
-    IngressGateway,
     RbacPolicy,
     RetrySpec,
     RouteMatchSpec,
@@ -67,7 +69,6 @@ MESSAGES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssi
 WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/SDS/RDS by name
 
 DENIED_BODY = "Access denied\n"
-INGRESS_HTTP, INGRESS_HTTPS = "ingress:http", "ingress:https"
 DEFAULT_RETRY_ON = ("5xx", "reset")  # a Retry with neither codes nor conditions
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -281,16 +282,83 @@ def _action(route: HttpRoute) -> rc.RouteAction:
     return action
 
 
+def _header_ops(m: HeaderModifierSpec) -> tuple[list[base_pb2.HeaderValueOption], list[str]]:
+    add = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k.lower(), value=v),
+                                      append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD) for k, v in m.set]
+    add += [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k.lower(), value=v),
+                                       append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD) for k, v in m.add]
+    return add, [h.lower() for h in m.remove]
+
+
+def _prefix_of(m: RouteMatchSpec | None) -> str:
+    return m.path.rstrip("/") if m is not None and m.path_type in ("PathPrefix", "Prefix") else ""
+
+
+def _rewrite_path(path_type: str | None, path: str | None, m: RouteMatchSpec | None) -> tuple[str, rc.RouteAction | None]:
+    """(prefix_rewrite, or a RouteAction carrying a regex rewrite) for a Gateway API path modifier."""
+    if path_type is None or path is None:
+        return "", None
+    action = rc.RouteAction()
+    if path_type == "ReplaceFullPath":
+        action.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(pattern=regex_pb2.RegexMatcher(regex="^/.*$"),
+                                                                       substitution=path))
+        return "", action
+    prefix = _prefix_of(m)  # ReplacePrefixMatch: the matched prefix, whole path elements, becomes ``path``
+    keep = path.rstrip("/")
+    action.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
+        pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(prefix)}(/|$)"), substitution=keep + "\\1" if keep else "/"))
+    return "", action
+
+
+def _redirect(route: HttpRoute, m: RouteMatchSpec | None) -> rc.RedirectAction:
+    f = route.filters.redirect if route.filters else None
+    assert f is not None
+    out = rc.RedirectAction(response_code=rc.RedirectAction.MOVED_PERMANENTLY if f.status_code == 301 else rc.RedirectAction.FOUND)
+    if f.scheme:
+        out.scheme_redirect = f.scheme
+        if f.port is None:  # the scheme's own port (Gateway API): none in the Location
+            out.port_redirect = 443 if f.scheme == "https" else 80
+    if f.hostname:
+        out.host_redirect = f.hostname
+    if f.port is not None:
+        out.port_redirect = f.port
+    if f.path_type == "ReplaceFullPath" and f.path is not None:
+        out.path_redirect = f.path
+    elif f.path_type == "ReplacePrefixMatch" and f.path is not None:
+        keep = f.path.rstrip("/")
+        out.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
+            pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(_prefix_of(m))}(/|$)"), substitution=keep + "\\1" if keep else "/"))
+    return out
+
+
 def _routes(route: HttpRoute) -> list[rc.Route]:
     """One Envoy route per match (Envoy matches are AND; a rule's matches are OR)."""
     out = []
-    for match in [_match(m) for m in route.matches] or [rc.RouteMatch(prefix="/")]:  # no match: every request
-        r = rc.Route(match=match)
-        if any(w > 0 for _, w in route.clusters):
+    specs: list[RouteMatchSpec | None] = list(route.matches) or [None]
+    f = route.filters
+    for spec in specs:
+        r = rc.Route(match=_match(spec) if spec is not None else rc.RouteMatch(prefix="/"))  # no match: every request
+        if f is not None and f.redirect is not None:
+            r.redirect.CopyFrom(_redirect(route, spec))
+        elif any(w > 0 for _, w in route.clusters):
             r.route.CopyFrom(_action(route))
+            if f is not None and f.rewrite is not None:
+                _, rewrite = _rewrite_path(f.rewrite.path_type, f.rewrite.path, spec)
+                if rewrite is not None:
+                    r.route.regex_rewrite.CopyFrom(rewrite.regex_rewrite)
+                if f.rewrite.hostname:
+                    r.route.host_rewrite_literal = f.rewrite.hostname
         else:  # Gateway API: a rule without a valid backend answers 500
             r.direct_response.CopyFrom(rc.DirectResponseAction(
                 status=500, body=base_pb2.DataSource(inline_string="no valid backend for this route\n")))
+        if f is not None and f.request_headers is not None:
+            add, remove = _header_ops(f.request_headers)
+            r.request_headers_to_add.extend(add)
+            r.request_headers_to_remove.extend(remove)
+        if f is not None and f.response_headers is not None:
+            add, remove = _header_ops(f.response_headers)
+            r.response_headers_to_add.extend(add)
+            r.response_headers_to_remove.extend(remove)
         out.append(r)
     return out
 
@@ -349,13 +417,6 @@ def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
     )
 
 
-def _ingress_manager(gw: IngressGateway, name: str, access_log_path: str) -> hcm.HttpConnectionManager:
-    manager = _manager(name, access_log_path, None)
-    manager.route_config.CopyFrom(route_pb2.RouteConfiguration(
-        name=name, virtual_hosts=[_virtual_host(vh) for vh in gw.virtual_hosts]))
-    return manager
-
-
 def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
     ctx = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
         tls_certificate_sds_secret_configs=[_sds(secret)],
@@ -363,22 +424,24 @@ def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
 
 
-def ingress_listeners(gw: IngressGateway, access_log_path: str) -> dict[str, listener_pb2.Listener]:
-    """HTTP on ``http_port``; HTTPS on ``https_port`` with one filter chain per SNI set (a
-    ClientHello for another name finds no chain and is closed)."""
-    out = {INGRESS_HTTP: listener_pb2.Listener(
-        name=INGRESS_HTTP, address=_address(gw.listen_ip, gw.http_port),
-        filter_chains=[listener_components_pb2.FilterChain(filters=[
-            _hcm_filter(_ingress_manager(gw, INGRESS_HTTP, access_log_path))])])}
-    if gw.tls:
-        manager = _ingress_manager(gw, INGRESS_HTTPS, access_log_path)
-        chains = [listener_components_pb2.FilterChain(
-            name=f"sni:{t.secret}", filter_chain_match=listener_components_pb2.FilterChainMatch(server_names=list(t.hosts)),
-            transport_socket=_downstream_tls(t.secret), filters=[_hcm_filter(manager)]) for t in gw.tls]
-        out[INGRESS_HTTPS] = listener_pb2.Listener(
-            name=INGRESS_HTTPS, address=_address(gw.listen_ip, gw.https_port), filter_chains=chains,
-            listener_filters=[listener_components_pb2.ListenerFilter(name="envoy.filters.listener.tls_inspector",
-                                                          typed_config=_any(tls_inspector_pb2.TlsInspector()))])
+def gateway_listener(gl: GatewayListener, access_log_path: str) -> listener_pb2.Listener:
+    """One chain per SNI set with its own routes and certificate (a ClientHello for a name no
+    chain has finds none and is closed), or one plaintext chain."""
+    chains = []
+    for ch in gl.chains:
+        manager = _manager(gl.name, access_log_path, None)
+        manager.route_config.CopyFrom(route_pb2.RouteConfiguration(
+            name=f"{gl.name}#{ch.name}", virtual_hosts=[_virtual_host(vh) for vh in ch.virtual_hosts]))
+        chain = listener_components_pb2.FilterChain(name=ch.name, filters=[_hcm_filter(manager)])
+        if ch.secret:
+            chain.transport_socket.CopyFrom(_downstream_tls(ch.secret))
+            if ch.server_names:
+                chain.filter_chain_match.server_names.extend(ch.server_names)
+        chains.append(chain)
+    out = listener_pb2.Listener(name=gl.name, address=_address(gl.listen_ip, gl.port), filter_chains=chains)
+    if any(ch.secret for ch in gl.chains):
+        out.listener_filters.append(listener_components_pb2.ListenerFilter(
+            name="envoy.filters.listener.tls_inspector", typed_config=_any(tls_inspector_pb2.TlsInspector())))
     return out
 
 
@@ -396,7 +459,7 @@ def bundle_secret(b: TrustBundle) -> secret_pb2.Secret:
 
 
 def build_items(services: list[HttpService], access_log_path: str, upstreams: list[Upstream] | None = None,
-                ingress: IngressGateway | None = None, secrets: tuple[TlsSecret, ...] = (),
+                gateways: tuple[GatewayListener, ...] = (), secrets: tuple[TlsSecret, ...] = (),
                 bundles: tuple[TrustBundle, ...] = ()) -> Iterator[tuple[str, str, Any]]:
     """All resources of one node as (type URL, name, resource), made one at a time (a later one
     replaces an earlier of the same type and name). ``upstreams`` None: one cluster per service,
@@ -413,20 +476,19 @@ def build_items(services: list[HttpService], access_log_path: str, upstreams: li
         yield SECRET, b.name, bundle_secret(b)
     for s in services:
         yield LISTENER, s.name, listener(s, access_log_path)
-    if ingress is not None:
-        for name, lst in ingress_listeners(ingress, access_log_path).items():
-            yield LISTENER, name, lst
+    for gl in gateways:
+        yield LISTENER, gl.name, gateway_listener(gl, access_log_path)
     for s in services:
         yield ROUTE, s.name, route(s)
 
 
 def build(services: list[HttpService], access_log_path: str, upstreams: list[Upstream] | None = None,
-          ingress: IngressGateway | None = None, secrets: tuple[TlsSecret, ...] = (),
+          gateways: tuple[GatewayListener, ...] = (), secrets: tuple[TlsSecret, ...] = (),
           bundles: tuple[TrustBundle, ...] = ()) -> dict[str, dict[str, Any]]:
     """``build_items`` by type URL then name (all in memory at once: tests and tools; the agent
     streams ``build_items`` into ``Snapshot.stream``, so the protos never pile up)."""
     out: dict[str, dict[str, Any]] = {t: {} for t in TYPE_ORDER}
-    for t, name, res in build_items(services, access_log_path, upstreams, ingress, secrets, bundles):
+    for t, name, res in build_items(services, access_log_path, upstreams, gateways, secrets, bundles):
         out[t][name] = res
     return out
 

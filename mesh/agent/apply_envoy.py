@@ -22,5 +22,5 @@ def envoy_snapshot(plan: NodePlan, access_log: Path, proxy_mtls: ProxyMtls | Non
     if proxy_mtls is not None and any(u.mtls_backends for u in plan.upstreams):
         cert, bundle = proxy_mtls()
         secrets, bundles = secrets + (workload_secret(cert),), (bundle,)
-    return Snapshot.stream(build_items(list(plan.http), str(access_log), list(plan.upstreams), plan.ingress, secrets, bundles),
+    return Snapshot.stream(build_items(list(plan.http), str(access_log), list(plan.upstreams), plan.gateways, secrets, bundles),
                            previous=previous)

@@ -69,6 +69,7 @@ class AgentConfig:
     # outside is a deployment choice this local runtime does not make
     ingress_http_port: int = 80
     ingress_https_port: int = 443
+    gateway_addresses: tuple[str, ...] = ("127.0.0.1",)  # where Gateways (class webb) are served
     # several nodes (mesh.runtime.peers): where the nodes publish their pods, and this node's wire address
     cluster_dir: Path | None = None
     wire_ip: str = ""
@@ -340,6 +341,7 @@ class Agent:
     def spec(self) -> NodeSpec:
         return NodeSpec(self.cfg.node.name, self.cfg.node_proxy_ip, self.cfg.node.gateway6 if not self.cfg.proxy_ip else "",
                         ingress_http_port=self.cfg.ingress_http_port, ingress_https_port=self.cfg.ingress_https_port,
+                        gateway_addresses=self.cfg.gateway_addresses,
                         trust_domain=self.cfg.trust_domain, host_ips=self._host_ips)
 
     def _proxy_mtls(self) -> tuple[WorkloadIdentity, TrustBundle]:
@@ -395,6 +397,7 @@ class Agent:
             st.identities = {str(i): text for i, text in self.plan.identities}
             st.rules = {str(i): text for i, text in self.plan.rules}
             st.services = [ServiceStatus(s.vip, s.port, len(s.backends), s.proxy_port) for s in self.plan.services]
+            st.gateway_status = dict(self.plan.gateway_status)
         st.sockmap = vars(self.accel.status) if self.accel else {"enabled": False, "reason": "not requested (--sockmap)"}
         if self.tunnels is not None:
             st.mtls = self.tunnels.status(self.plan.tunnels if self.plan else None)

@@ -1,7 +1,7 @@
 """A NACK quarantines the object(s) that caused it, not the node.
 
 When Envoy refuses a plan, the objects that feed Envoy (policies, routes, Ingresses, TLS Secrets,
-Services) and changed since the last plan Envoy accepted are the suspects. The agent tries the
+Services, Gateway API objects) and changed since the last plan Envoy accepted are the suspects. The agent tries the
 plan with every suspect held back (its last accepted version in force, or absent if new); if Envoy
 takes that, the suspects are added back one at a time and each one Envoy refuses is quarantined
 with Envoy's message. A quarantined object stays held back, without another NACK, until it
@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mesh.model import ClusterState
+from mesh.model import ClusterState, Gateway, GatewayClass, Ingress, MeshPolicy, ReferenceGrant, Route, Secret, Service
 from mesh.state import Key, key_name, object_key
 
 # the ClusterState fields whose objects make Envoy's config
-FIELDS = ("services", "policies", "routes", "ingresses", "secrets")
+FIELDS = ("services", "policies", "routes", "ingresses", "secrets", "gateway_classes", "gateways", "grants")
+_FIELD_TYPES: dict[str, type] = {"services": Service, "policies": MeshPolicy, "routes": Route, "ingresses": Ingress,
+                                 "secrets": Secret, "gateway_classes": GatewayClass, "gateways": Gateway, "grants": ReferenceGrant}
 MAX_SUSPECTS = 16  # narrowed one by one up to this many; above it, all suspects are held back together
 
 
@@ -30,9 +32,8 @@ def envoy_objects(state: ClusterState) -> dict[Key, Any]:
 def with_objects(state: ClusterState, objs: dict[Key, Any]) -> ClusterState:
     """``state`` with its Envoy-feeding objects replaced by ``objs`` (in key order)."""
     ordered = [objs[k] for k in sorted(objs)]
-    by_field = {f: tuple(o for o in ordered if object_key(o)[0] == kind) for f, kind in
-                zip(FIELDS, ("Service", "MeshPolicy", "MeshRoute", "Ingress", "Secret"), strict=True)}
-    return replace(state, **by_field)
+    by_field = {f: tuple(o for o in ordered if isinstance(o, _FIELD_TYPES[f])) for f in FIELDS}
+    return replace(state, **by_field)  # type: ignore[arg-type]  # each field gets its own type (_FIELD_TYPES)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import logging
 import os
@@ -30,6 +31,16 @@ POD_CIDR = "10.244.0.0/24"
 StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state (status, flows, manifests)")]
 
 
+def _addresses(values: list[str]) -> tuple[str, ...]:
+    out = []
+    for v in values:
+        try:
+            out.append(str(ipaddress.ip_address(v)))
+        except ValueError:
+            raise typer.BadParameter(f"{v!r} is not an IP address; e.g. --gateway-address 192.0.2.10",
+                                     param_hint="--gateway-address") from None
+    return tuple(dict.fromkeys(out))
+
 
 @app.command()
 def agent(
@@ -48,6 +59,9 @@ def agent(
     sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
     ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
     ingress_https_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTPS listener on 127.0.0.1")] = 443,
+    gateway_address: Annotated[list[str] | None, typer.Option(
+        help="an address this node's Envoy serves Gateways (class webb) on; repeat it for more (Gateways that share a "
+             "port need one each); default 127.0.0.1")] = None,
     kube: Annotated[str | None, typer.Option(help="read objects from the API server: a kubeconfig, or in-cluster")] = None,
     kubelet_cgroup_root: Annotated[Path | None, typer.Option(help="with --kube: kubelet's cgroupRoot in the cgroup2 "
                                                                   "hierarchy (default: the cgroup2 mount, kubelet's '/')")] = None,
@@ -78,7 +92,8 @@ def agent(
         manifests=manifests or state_dir / "manifests", envoy_admin_port=envoy_admin_port,
         envoy_concurrency=envoy_concurrency, envoy_log_level=envoy_log_level, lifetime_s=lifetime,
         sockmap=sockmap, xds_delta=xds == "delta", envoy_all_stats=envoy_all_stats, ingress_http_port=ingress_http_port,
-        ingress_https_port=ingress_https_port, cluster_dir=cluster_dir, wire_ip=wire_ip,
+        ingress_https_port=ingress_https_port, gateway_addresses=_addresses(gateway_address or ["127.0.0.1"]),
+        cluster_dir=cluster_dir, wire_ip=wire_ip,
         ca_dir=ca_dir, trust_domain=trust_domain,
     )
     if kube:

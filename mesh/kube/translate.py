@@ -32,6 +32,7 @@ class Resource:
     group: str
     version: str
     plural: str
+    optional: bool = False  # a CRD that may not be installed (Gateway API): not served = no objects
 
     @property
     def api_version(self) -> str:
@@ -51,6 +52,10 @@ RESOURCES: dict[str, Resource] = {
     "MeshPolicy": Resource("webb.io", "v1alpha1", "meshpolicies"),
     "MeshRoute": Resource("webb.io", "v1alpha1", "meshroutes"),
     "MeshTLS": Resource("webb.io", "v1alpha1", "meshtlses"),
+    "GatewayClass": Resource("gateway.networking.k8s.io", "v1", "gatewayclasses", optional=True),
+    "Gateway": Resource("gateway.networking.k8s.io", "v1", "gateways", optional=True),
+    "HTTPRoute": Resource("gateway.networking.k8s.io", "v1", "httproutes", optional=True),
+    "ReferenceGrant": Resource("gateway.networking.k8s.io", "v1beta1", "referencegrants", optional=True),
 }
 
 

@@ -29,6 +29,7 @@ from mesh.status import AgentStatus
 log = logging.getLogger("webb.kube")
 WATCH_ROUND_S = 5  # a watch request ends after this; the loop checks its stop flag in between
 RETRY_S = 1.0
+OPTIONAL_RETRY_S = 10.0  # a CRD not installed (Gateway API): how often to look for it again
 REPORT_LABEL = "webb.io/node-report"
 CR_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS", "NetworkPolicy")
 
@@ -85,7 +86,16 @@ def watch_resource(api: Any, res: Resource, on_event: Callable[[str, dict[str, A
     selector = {"labelSelector": label_selector} if label_selector else {}
     while not stop.is_set():
         try:
-            listed = request(api, "GET", api_path(res, namespace), query=selector or None)
+            try:
+                listed = request(api, "GET", api_path(res, namespace), query=selector or None)
+            except ApiError as e:
+                if not (res.optional and e.status == 404):
+                    raise
+                on_event("SYNC", {"seen": set()})  # the CRD is not installed: no objects; look again later
+                if synced is not None:
+                    synced.set()
+                stop.wait(OPTIONAL_RETRY_S)
+                continue
             seen = set()
             for item in listed.get("items") or []:
                 on_event("ADDED", item)
@@ -280,5 +290,5 @@ def node_report(st: AgentStatus, generations: dict[str, dict[str, int]], audit: 
         # (several nodes: the agent's version is "<source>+<peers>"; the generations are the source's)
         "generations": generations.get((a.applied_source_version or a.source_version).split("+")[0], {}) if a.plan_version else {},
         "envoyRejected": st.rejected(), "quarantined": dict(st.quarantined), "errors": list(st.errors),
-        "auditWouldDeny": dict(audit),
+        "auditWouldDeny": dict(audit), "gatewayStatus": dict(st.gateway_status),
     }

@@ -13,14 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh.kube.gateway_status import GATEWAY_KINDS, gateway_api_status
 from mesh.kube.indexer import Indexer
 from mesh.kube.status import cr_status, same
 from mesh.kube.translate import RESOURCES
 from mesh.kube.watch import api_path, request
-from mesh.state import Key, key_of
+from mesh.state import Key, key_name, key_of
 
 log = logging.getLogger("webb.operator")
-STATUS_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS")
+STATUS_KINDS = ("MeshPolicy", "MeshRoute", "MeshTLS", *GATEWAY_KINDS)
 
 
 @dataclass
@@ -77,10 +78,19 @@ class Controller:
         meta, spec = doc.get("metadata") or {}, doc.get("spec") or {}
         previous = doc.get("status") or {}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        st = cr_status(f"{kind} {ns}/{name}", int(meta.get("generation") or 0), self.indexer.error(kind, ns, name),
-                       str(spec.get("mode") or "enforce"), reports, previous, now, self._shadowed_by(key))
-        if same(st, previous):
-            return
+        if kind in GATEWAY_KINDS:
+            state = self.indexer.state()
+            gst = gateway_api_status(kind, key_name(key), doc, self.indexer.error(kind, ns, name), reports, now,
+                                     {c.name: c.controller for c in state.gateway_classes},
+                                     {g.key: g.class_name for g in state.gateways})
+            if gst is None or gst == previous:
+                return
+            st = gst
+        else:
+            st = cr_status(f"{kind} {ns}/{name}", int(meta.get("generation") or 0), self.indexer.error(kind, ns, name),
+                           str(spec.get("mode") or "enforce"), reports, previous, now, self._shadowed_by(key))
+            if same(st, previous):
+                return
         try:
             out = request(self.api, "PATCH", api_path(RESOURCES[kind], ns, name, "status"), {"status": st},
                           content_type="application/merge-patch+json")

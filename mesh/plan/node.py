@@ -3,7 +3,7 @@
 One function decides it all: identities and L3/L4 policy entries, service entries (after
 tunnel planning: ports whose backends sit on other nodes in mTLS namespaces go to a tunnel
 listener), every endpoint's kernel flags, L7 listeners with their RBAC and routes, Envoy's
-upstreams (with Envoy-originated mTLS to other nodes), the ingress. The version is hashed
+upstreams (with Envoy-originated mTLS to other nodes), the Gateways and the ingress. The version is hashed
 last, over all of it: two plans that differ in anything differ in version.
 
 Same input → same plan → same version string. Identities, service ids and proxy ports
@@ -14,6 +14,7 @@ renumber the others.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -33,10 +34,12 @@ from mesh.model import (
     mtls_conflicts,
     mtls_modes,
 )
+from mesh.plan.gateway import plan_gateways
 from mesh.plan.numbers import alloc
 from mesh.plan.routing import IngressListen, PortInfo, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
 from mesh.plan.tunnels import NODE_IDENTITY, TunnelPlan, mtls_upstreams, plan_tunnels
-from xds.model import HttpRule, HttpService, IngressGateway, RbacPolicy, TlsSecret, Upstream, service_routes
+from mesh.state import key_name
+from xds.model import GatewayListener, HttpRule, HttpService, RbacPolicy, TlsSecret, Upstream, service_routes
 
 IDENTITY_MIN = 256
 _PROTOS = {"TCP": (PROTO_TCP,), "UDP": (PROTO_UDP,), "ANY": (PROTO_TCP, PROTO_UDP)}
@@ -52,6 +55,8 @@ class NodeSpec:
     ingress_ip: str = "127.0.0.1"  # the ingress listeners (Ingress objects of class webb)
     ingress_http_port: int = 80
     ingress_https_port: int = 443
+    # where this node's Envoy serves Gateways (class webb): one address per Gateway whose ports would clash
+    gateway_addresses: tuple[str, ...] = ("127.0.0.1",)
     trust_domain: str = "cluster.local"  # SPIFFE IDs of the mesh (Envoy-originated mTLS)
     host_ips: tuple[str, ...] = ()  # every address of the node itself (its proxy's, its tunnel's, kubelet's probes come from one)
 
@@ -90,13 +95,15 @@ class NodePlan:
     selected_by: tuple[tuple[int, tuple[str, ...]], ...] = ()  # identity -> policies selecting it
     warnings: tuple[str, ...] = field(default=())
     upstreams: tuple[Upstream, ...] = ()  # Envoy clusters: every service port a listener or route reaches
-    ingress: IngressGateway | None = None
-    secrets: tuple[TlsSecret, ...] = ()  # for the ingress' HTTPS (SDS)
+    gateways: tuple[GatewayListener, ...] = ()  # north-south listeners: Gateways, then the Ingress class
+    secrets: tuple[TlsSecret, ...] = ()  # for the Gateways' and the ingress' HTTPS (SDS)
     mtls: tuple[tuple[str, str], ...] = ()  # namespace -> mTLS mode, for every namespace not DISABLE
     tunnels: TunnelPlan = TunnelPlan()  # mTLS tunnel listeners of this node, ports it serves to others
     node_endpoints: tuple[tuple[str, int, int], ...] = ()  # the node's own addresses: (ip, identity, flags)
     service_names: tuple[tuple[str, str], ...] = ()  # VIP -> "namespace/name"
     sources: tuple[tuple[str, int, int], ...] = ()  # pods without an address yet: (pod, identity, flags) for their cgroups
+    # the Gateway API status this plan implies: ("Kind ns/name", JSON of the status), for the operator and webb status
+    gateway_status: tuple[tuple[str, str], ...] = ()
 
     def via(self, port: int) -> str:
         """What listens on a port the kernel redirects to: "envoy" or "mtls tunnel" ("" = neither)."""
@@ -239,10 +246,10 @@ def _policy_and_services(state: ClusterState, node: NodeSpec) -> NodePlan:
         tuple(sorted((i, _labels_text(tuple(sorted(lbl.items())))) for i, lbl in identities.items())),
         tuple(sorted(rule_text.items())), tuple(out.hosts),
         tuple(sorted((i, tuple(v)) for i, v in selected_by.items())),
-        tuple(state.errors) + tuple(out.warnings) + tuple(mtls_conflicts(state)), out.upstreams, out.ingress, out.secrets,
+        tuple(state.errors) + tuple(out.warnings) + tuple(mtls_conflicts(state)), out.upstreams, out.gateways, out.secrets,
         tuple((ns, mode) for ns, mode in mtls_modes(state).items() if mode != MTLS_DEFAULT),
         service_names=tuple(sorted((vip, s.key) for s in state.services for vip in (s.cluster_ip, s.cluster_ip6) if vip)),
-        sources=sources,
+        sources=sources, gateway_status=out.gateway_status,
     )
     return plan
 
@@ -365,10 +372,11 @@ class _L7:
     services: list[ServiceEntry]
     http: list[HttpService]
     upstreams: tuple[Upstream, ...]
-    ingress: IngressGateway | None
+    gateways: tuple[GatewayListener, ...]
     secrets: tuple[TlsSecret, ...]
     hosts: list[tuple[str, tuple[str, ...]]]
     warnings: list[str]
+    gateway_status: tuple[tuple[str, str], ...]
 
 
 def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int],
@@ -381,10 +389,17 @@ def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int]
     for sl in state.endpoint_slices:
         slices[f"{sl.namespace}/{sl.service}"].append(sl)
     ports = _service_ports(svcs, pods, pod_identity, l7, l4, slices, enforcing)
-    routes, warnings = mesh_routes(state.routes, ports.index)
-    gateway, secrets, ingress_warnings = ingress_gateway(
+    routes, warnings, mesh_status = mesh_routes(state.routes, ports.index)
+    ingress, secrets, ingress_warnings = ingress_gateway(
         state.ingresses, state.secrets, ports.index,
         IngressListen(node.ingress_ip, node.ingress_http_port, node.ingress_https_port))
+    reserved: dict[str, set[int]] = {}
+    for gl in ingress:
+        reserved.setdefault(gl.listen_ip, set()).add(gl.port)
+    gw = plan_gateways(state, ports.index, node.gateway_addresses, reserved)
+    status = dict(gw.status)
+    for key, parents in mesh_status.items():
+        status[key] = {"parents": [*status.get(key, {}).get("parents", []), *parents]}
     l7_names = sorted(ports.l7 | set(routes))
     proxy = alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
     http = []
@@ -395,8 +410,11 @@ def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int]
                                 also=tuple(rbac[1:]),
                                 listen_ip6=node.proxy_ip6 if info.service.cluster_ip6 else "", routes=routes.get(name, ())))
     wanted = {c for h in http for c in route_clusters(service_routes(h))}
-    wanted |= {c for vh in (gateway.virtual_hosts if gateway else ()) for c in route_clusters(vh.routes)}
+    wanted |= {c for gl in ingress for ch in gl.chains for vh in ch.virtual_hosts for c in route_clusters(vh.routes)}
+    wanted |= gw.clusters
     entries = [replace(e, proxy_ip=node.proxy_ip6 if ":" in e.vip else node.proxy_ip, proxy_port=proxy[n])
                if n in proxy else e for n, e in ports.named]
-    return _L7(entries, http, upstreams(wanted, ports.index), gateway, secrets, ports.hosts,
-               ports.warnings + warnings + ingress_warnings)
+    used = tuple(dict.fromkeys((*gw.secrets, *secrets)))
+    return _L7(entries, http, upstreams(wanted, ports.index), (*gw.listeners, *ingress), used, ports.hosts,
+               ports.warnings + warnings + ingress_warnings + gw.warnings,
+               tuple(sorted((key_name(k), json.dumps(v, sort_keys=True)) for k, v in status.items())))

@@ -1,4 +1,5 @@
-"""MeshRoutes and Ingresses → Envoy routes, upstreams and the node's ingress gateway. Pure.
+"""Routes whose parents are Services (GAMMA) and Ingresses → Envoy routes, upstreams and the node's
+ingress listeners. Pure (Gateways: ``mesh.plan.gateway``).
 
 The input is the index of TCP service ports (``ns/service:port`` → the port and its
 backends) that reconcile builds; the output uses the xDS vocabulary of ``xds.resources``.
@@ -11,9 +12,22 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from mesh.model import BackendRef, Ingress, IngressBackend, IngressPath, MeshRoute, RouteMatch, RouteRule, Secret, Service, ServicePort
-from xds.model import HttpRoute, IngressGateway, RouteMatchSpec, TlsHosts, TlsSecret, Upstream, VirtualHost
+from mesh.model import (
+    GATEWAY_CONTROLLER,
+    BackendRef,
+    Ingress,
+    IngressBackend,
+    IngressPath,
+    Route,
+    RouteMatch,
+    RouteRule,
+    Secret,
+    Service,
+    ServicePort,
+)
+from xds.model import GatewayChain, GatewayListener, HttpRoute, RouteMatchSpec, TlsHosts, TlsSecret, Upstream, VirtualHost
 
 INGRESS_CLASS = "webb"
 _PATH_RANK = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2, "Prefix": 2}  # regex before prefix, as Envoy Gateway
@@ -41,62 +55,112 @@ def _ports_of(index: dict[str, PortInfo], namespace: str, service: str) -> list[
     return sorted(n for n, i in index.items() if i.service.namespace == namespace and i.service.name == service)
 
 
-def _precedence(m: RouteMatchSpec) -> tuple[int, int, bool, int]:
+def precedence(m: RouteMatchSpec) -> tuple[int, int, bool, int]:
     """Gateway API order: exact path (then regex), longest prefix, with a method, most header matches."""
     return (_PATH_RANK.get(m.path_type, 3), -len(m.path), m.method is None, -len(m.headers))
 
 
-def _parent_ports(r: MeshRoute, index: dict[str, PortInfo], warnings: list[str]) -> list[str]:
-    out = []
+def _parent_ports(r: Route, index: dict[str, PortInfo], warnings: list[str]) -> dict[int, list[str]]:
+    """Per Service parentRef (by position), the service ports it names."""
+    out = {}
     for i, p in enumerate(r.parents):
-        ports = _ports_of(index, r.namespace, p.service)
+        if p.kind != "Service":
+            continue
+        ports = _ports_of(index, p.namespace or r.namespace, p.name) if (p.namespace or r.namespace) == r.namespace else []
         if p.port is not None:
             ports = [n for n in ports if index[n].port.port == p.port]
         if not ports:
             port = f" port {p.port}" if p.port is not None else ""
-            warnings.append(f"MeshRoute {r.key}: spec.parentRefs[{i}]: no TCP Service {r.namespace}/{p.service}{port}; "
-                            "create it or fix the reference (this parent is skipped)")
-        out += ports
+            warnings.append(f"{r.kind} {r.key}: spec.parentRefs[{i}]: no TCP Service {p.namespace or r.namespace}/{p.name}{port} "
+                            "in the route's namespace; create it or fix the reference (this parent is skipped)")
+        out[i] = ports
     return out
 
 
-def _backend(index: dict[str, PortInfo], namespace: str, service: str, port: int | str) -> str | None:
+def _backend(index: dict[str, PortInfo], namespace: str, service: str, port: int | str | None) -> str | None:
     for n in _ports_of(index, namespace, service):
         if index[n].port.port == port or (isinstance(port, str) and index[n].port.name == port):
             return n
     return None
 
 
-def _clusters(r: MeshRoute, i: int, rule: RouteRule, index: dict[str, PortInfo],
-              warnings: list[str]) -> tuple[tuple[str, int], ...]:
+def _clusters(r: Route, i: int, rule: RouteRule, index: dict[str, PortInfo],
+              warnings: list[str]) -> tuple[tuple[tuple[str, int], ...], str]:
+    """The rule's upstreams, and the first reference problem as "Reason:message" ("" = none)."""
     out = []
+    problem = ""
     for j, b in enumerate(rule.backends):
-        name = _backend(index, r.namespace, b.service, b.port)
+        where = f"{r.kind} {r.key}: spec.rules[{i}].backendRefs[{j}]"
+        if b.kind != "Service" or b.group not in ("", "core"):
+            problem = problem or f"InvalidKind:{b.kind} is not a Service"
+            warnings.append(f"{where}: only Services are backends ({b.group or 'core'}/{b.kind} {b.name} is skipped)")
+            continue
+        if b.namespace and b.namespace != r.namespace:
+            problem = problem or f"RefNotPermitted:Service {b.namespace}/{b.name} is in another namespace"
+            warnings.append(f"{where}: Service {b.namespace}/{b.name} is in another namespace; mesh routes reach "
+                            "their own namespace's Services (this backend is skipped)")
+            continue
+        name = _backend(index, r.namespace, b.name, b.port)
         if name is None:
-            warnings.append(_missing_backend(f"MeshRoute {r.key}: spec.rules[{i}].backendRefs[{j}]", r.namespace, b))
+            problem = problem or f"BackendNotFound:Service {r.namespace}/{b.name} port {b.port} not found"
+            warnings.append(_missing_backend(where, r.namespace, b))
             continue
         out.append((name, b.weight))
-    return tuple(out)
+    return tuple(out), problem
 
 
 def _missing_backend(where: str, namespace: str, b: BackendRef | IngressBackend) -> str:
-    return (f"{where}: Service {namespace}/{b.service} has no TCP port {b.port}; requests for this backend "
+    svc = b.name if isinstance(b, BackendRef) else b.service
+    return (f"{where}: Service {namespace}/{svc} has no TCP port {b.port}; requests for this backend "
             "are not routed (a rule left without backends answers 500)")
 
 
-def mesh_routes(routes: Iterable[MeshRoute], index: dict[str, PortInfo]) -> tuple[dict[str, tuple[HttpRoute, ...]], list[str]]:
-    """Per parent service port, its routes in Gateway API precedence (ties: route name, rule order)."""
+def condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    """A metav1.Condition without lastTransitionTime (the writer keeps or sets it)."""
+    return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message,
+            "observedGeneration": generation}
+
+
+def mesh_routes(routes: Iterable[Route], index: dict[str, PortInfo]) -> tuple[
+        dict[str, tuple[HttpRoute, ...]], list[str], dict[tuple[str, str, str], list[dict[str, Any]]]]:
+    """Per parent service port, its routes in Gateway API precedence (ties: route name, rule order);
+    warnings; and per route, the status of each Service parent (GAMMA)."""
     warnings: list[str] = []
+    status: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     ranked: dict[str, list[tuple[tuple[object, ...], HttpRoute]]] = defaultdict(list)
     for r in sorted(routes, key=lambda r: r.key):
+        if r.kind == "MeshRoute":
+            warnings.append(f"MeshRoute {r.key}: MeshRoute is retired; it is read as an HTTPRoute with Service parentRefs. "
+                            "Migrate: apiVersion gateway.networking.k8s.io/v1, kind HTTPRoute, and kind: Service, group: \"\" "
+                            "in each parentRef (docs/gateway.md)")
         parents = _parent_ports(r, index, warnings)
+        if not parents:
+            continue
+        problem = ""
         for i, rule in enumerate(r.rules):
-            clusters = _clusters(r, i, rule, index, warnings)
+            clusters, why = _clusters(r, i, rule, index, warnings)
+            problem = problem or why
             for k, m in enumerate(rule.matches):
-                hr = HttpRoute((m,), clusters, rule.timeout_ms, rule.retry)
-                for p in parents:
-                    ranked[p].append(((*_precedence(m), r.key, i, k), hr))
-    return {p: tuple(hr for _, hr in sorted(v, key=lambda t: t[0])) for p, v in ranked.items()}, warnings
+                hr = HttpRoute((m,), clusters, rule.timeout_ms, rule.retry, rule.filters)
+                for ports in parents.values():
+                    for p in ports:
+                        ranked[p].append(((*precedence(m), r.key, i, k), hr))
+        entries = []
+        for i, ports in parents.items():
+            ref = r.parents[i]
+            pref: dict[str, Any] = {"group": "", "kind": "Service", "name": ref.name}
+            if ref.namespace:
+                pref["namespace"] = ref.namespace
+            if ref.port is not None:
+                pref["port"] = ref.port
+            accepted = (condition("Accepted", True, "Accepted", "steers traffic to the Service", r.generation) if ports else
+                        condition("Accepted", False, "BackendNotFound" if not ref.namespace or ref.namespace == r.namespace
+                                   else "NotAllowedByParent", "no such Service port in the route's namespace", r.generation))
+            resolved = (condition("ResolvedRefs", False, problem.split(":", 1)[0], problem.split(":", 1)[1], r.generation) if problem
+                        else condition("ResolvedRefs", True, "ResolvedRefs", "every backend resolved", r.generation))
+            entries.append({"parentRef": pref, "controllerName": GATEWAY_CONTROLLER, "conditions": [accepted, resolved]})
+        status[(r.kind, r.namespace, r.name)] = entries
+    return {p: tuple(hr for _, hr in sorted(v, key=lambda t: t[0])) for p, v in ranked.items()}, warnings, status
 
 
 def upstreams(names: Iterable[str], index: dict[str, PortInfo]) -> tuple[Upstream, ...]:
@@ -147,7 +211,7 @@ def _tls(ing: Ingress, secrets: dict[str, TlsSecret], taken: set[str], warnings:
 
 
 def ingress_gateway(ingresses: Iterable[Ingress], secrets: Iterable[Secret], index: dict[str, PortInfo],
-                    listen: IngressListen) -> tuple[IngressGateway | None, tuple[TlsSecret, ...], list[str]]:
+                    listen: IngressListen) -> tuple[list[GatewayListener], tuple[TlsSecret, ...], list[str]]:
     """Every ``ingressClassName: webb`` Ingress in one gateway: a virtual host per host
     (paths of all Ingresses for that host together, Exact first, then longest path), TLS
     per SNI from the referenced Secrets. Other classes are left to their controllers."""
@@ -165,8 +229,12 @@ def ingress_gateway(ingresses: Iterable[Ingress], secrets: Iterable[Secret], ind
             by_host[host].append(hr)
         tls += _tls(ing, tls_secrets, taken, warnings)
     if not by_host and not tls:
-        return None, (), warnings
-    vhosts = tuple(VirtualHost(h, (h,), tuple(sorted(rs, key=lambda r: _precedence(r.matches[0]))))
+        return [], (), warnings
+    vhosts = tuple(VirtualHost(h, (h,), tuple(sorted(rs, key=lambda r: precedence(r.matches[0]))))
                    for h, rs in sorted(by_host.items(), key=lambda kv: (kv[0] == "*", kv[0])))
     used = tuple(tls_secrets[k] for k in sorted({t.secret for t in tls}))
-    return IngressGateway(listen.ip, listen.http_port, listen.https_port, vhosts, tuple(tls)), used, warnings
+    out = [GatewayListener("ingress:http", listen.ip, listen.http_port, (GatewayChain("http", vhosts),))]
+    if tls:
+        out.append(GatewayListener("ingress:https", listen.ip, listen.https_port, tuple(
+            GatewayChain(f"sni:{t.secret}", vhosts, t.secret, t.hosts) for t in tls)))
+    return out, used, warnings

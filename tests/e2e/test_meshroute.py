@@ -79,5 +79,5 @@ def test_meshroute_without_valid_backend_warns_and_answers_500(tmp_path: Path) -
         code, body = eventually(lambda: curl(state, "client", URL + "/", "-H", "x-canary: 1"), lambda r: r[0] == 500)
         assert code == 500 and "no valid backend" in body
         errors = " ".join(status(state)["errors"])
-        assert "MeshRoute default/web: spec.rules[0].backendRefs[0]: Service default/web-v3 has no TCP port 80" in errors
+        assert "HTTPRoute default/web: spec.rules[0].backendRefs[0]: Service default/web-v3 has no TCP port 80" in errors
         assert curl(state, "client", URL + "/slow")[0] == 504  # the other rules keep working

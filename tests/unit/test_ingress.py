@@ -13,7 +13,6 @@ from mesh.manifests import ManifestError, parse_object
 from mesh.model import Ingress, Secret
 from mesh.plan.node import NodeSpec, plan_node
 from mesh.source import StandaloneSource
-from xds import model as xm
 from xds import resources as r
 from xds.cache import Snapshot
 
@@ -74,10 +73,11 @@ def _plan(tmp_path: Path, with_secret: bool) -> Any:
 
 def test_gateway_plan_and_resources(tmp_path: Path) -> None:
     plan = _plan(tmp_path, with_secret=True)
-    gw = plan.ingress
-    assert gw is not None and (gw.listen_ip, gw.http_port, gw.https_port) == ("127.0.0.1", 18080, 18443)
-    assert [vh.name for vh in gw.virtual_hosts] == ["api.example.test", "shop.example.test"]  # not legacy (class nginx)
-    assert gw.tls == (xm.TlsHosts(("shop.example.test",), "default/shop-tls"),)
+    http, https = plan.gateways
+    assert (http.name, http.listen_ip, http.port, https.name, https.port) == ("ingress:http", "127.0.0.1", 18080, "ingress:https", 18443)
+    (chain,) = http.chains
+    assert [vh.name for vh in chain.virtual_hosts] == ["api.example.test", "shop.example.test"]  # not legacy (class nginx)
+    assert [(c.server_names, c.secret) for c in https.chains] == [(("shop.example.test",), "default/shop-tls")]
     assert [s.name for s in plan.secrets] == ["default/shop-tls"]
     assert {u.name for u in plan.upstreams} == {"default/web-v1:80", "default/web-v2:80"}
     assert not plan.http  # ingress alone makes no east-west listener
@@ -86,12 +86,12 @@ def test_gateway_plan_and_resources(tmp_path: Path) -> None:
     assert "Ingress default/legacy: spec.ingressClassName 'nginx' is not 'webb'; ignored" in warnings
     assert "SECRETKEYMATERIAL" not in repr(plan)
 
-    res = r.build(list(plan.http), "/tmp/a.log", list(plan.upstreams), plan.ingress, plan.secrets)
-    https = res[r.LISTENER][r.INGRESS_HTTPS]
+    res = r.build(list(plan.http), "/tmp/a.log", list(plan.upstreams), plan.gateways, plan.secrets)
+    https = res[r.LISTENER]["ingress:https"]
     assert r.references(r.LISTENER, https) == {r.SECRET: {"default/shop-tls"}}
     assert r.dependencies(r.LISTENER, https)[r.CLUSTER] == {"default/web-v1:80", "default/web-v2:80"}
     assert list(https.filter_chains[0].filter_chain_match.server_names) == ["shop.example.test"]
-    routes = r.dependencies(r.LISTENER, res[r.LISTENER][r.INGRESS_HTTP])
+    routes = r.dependencies(r.LISTENER, res[r.LISTENER]["ingress:http"])
     assert routes == {r.CLUSTER: {"default/web-v1:80", "default/web-v2:80"}}
     snap = Snapshot.of(res)
     assert snap.problems() == []
@@ -101,9 +101,9 @@ def test_gateway_plan_and_resources(tmp_path: Path) -> None:
 
 def test_missing_secret_keeps_http_and_other_hosts(tmp_path: Path) -> None:
     plan = _plan(tmp_path, with_secret=False)
-    assert plan.ingress is not None and plan.ingress.tls == () and plan.secrets == ()
-    res = r.build([], "/tmp/a.log", list(plan.upstreams), plan.ingress, plan.secrets)
-    assert set(res[r.LISTENER]) == {r.INGRESS_HTTP}
+    assert [g.name for g in plan.gateways] == ["ingress:http"] and plan.secrets == ()
+    res = r.build([], "/tmp/a.log", list(plan.upstreams), plan.gateways, plan.secrets)
+    assert set(res[r.LISTENER]) == {"ingress:http"}
     assert "Ingress default/shop: spec.tls[0].secretName: Secret default/shop-tls not found" in "\n".join(plan.warnings)
 
 
@@ -111,7 +111,7 @@ def test_every_built_resource_has_its_dependencies(tmp_path: Path) -> None:
     for f in ("route.yaml", "grpc.yaml", "grpc-policy.yaml", "websocket.yaml"):
         (tmp_path / f).write_text((EXAMPLE / f).read_text())
     plan = _plan(tmp_path, with_secret=True)
-    res = r.build(list(plan.http), "/tmp/a.log", list(plan.upstreams), plan.ingress, plan.secrets)
+    res = r.build(list(plan.http), "/tmp/a.log", list(plan.upstreams), plan.gateways, plan.secrets)
     for type_url, items in res.items():
         for name, msg in items.items():
             for needed, names in r.dependencies(type_url, msg).items():

@@ -1,4 +1,5 @@
-"""MeshRoute: parsing (errors name the field and the fix), CRD schema, reconcile, Envoy protos."""
+"""HTTPRoute with Service parents (GAMMA) and the legacy MeshRoute: parsing (errors name the field and
+the fix), CRD schema, reconcile, Envoy protos."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import yaml
 
 from mesh import model as mm
 from mesh.manifests import ManifestError, parse_object
-from mesh.model import ClusterState, MeshRoute, RouteMatch
+from mesh.model import ClusterState, Route, RouteMatch
 from mesh.plan.node import NodeSpec, plan_node
 from mesh.source import StandaloneSource
 from tests.unit.test_crds import strict
@@ -29,6 +30,14 @@ def _route_doc() -> dict[str, Any]:
     return dict(yaml.safe_load((EXAMPLE / "route.yaml").read_text()))
 
 
+def _legacy_doc() -> dict[str, Any]:
+    """The example as the retired MeshRoute CRD wrote it (still read, as an HTTPRoute, with a warning)."""
+    doc = _route_doc()
+    doc.update(apiVersion="webb.io/v1alpha1", kind="MeshRoute")
+    doc["spec"]["parentRefs"] = [{"name": "web", "port": 80}]
+    return doc
+
+
 def _state(tmp_path: Path, *files: str) -> ClusterState:
     tmp_path.mkdir(exist_ok=True)
     for f in ("01-app.yaml", *files):
@@ -40,13 +49,16 @@ def _state(tmp_path: Path, *files: str) -> ClusterState:
 
 def test_example_route_parses() -> None:
     route = parse_object(_route_doc())
-    assert isinstance(route, MeshRoute)
-    assert route.parents[0].service == "web" and route.parents[0].port == 80
+    assert isinstance(route, Route) and route.kind == "HTTPRoute"
+    legacy = parse_object(_legacy_doc())
+    assert isinstance(legacy, Route) and legacy.kind == "MeshRoute" and legacy.rules == route.rules
+    assert legacy.parents == route.parents
+    assert route.parents[0].name == "web" and route.parents[0].port == 80
     canary, slow, flaky, split = route.rules
     assert canary.matches[0].headers[0].name == "x-canary"
     assert slow.timeout_ms == 1000 and slow.matches == (RouteMatch("Exact", "/slow"),)
     assert flaky.retry is not None and (flaky.retry.attempts, flaky.retry.codes) == (2, (503,))
-    assert [(b.service, b.weight) for b in split.backends] == [("web-v1", 50), ("web-v2", 50)]
+    assert [(b.name, b.weight) for b in split.backends] == [("web-v1", 50), ("web-v2", 50)]
     assert split.matches[0].method == "GET" and split.matches[0].path_type == "RegularExpression"
 
 
@@ -59,7 +71,8 @@ def test_example_route_parses() -> None:
     (lambda s: s["rules"][2]["retry"].update(retryOn=["sometimes"]), "spec.rules[2].retry.retryOn[0]", "connect-failure"),
     (lambda s: s["rules"][2]["retry"].update(attempts=99), "spec.rules[2].retry.attempts", "0-10"),
     (lambda s: s.update(parentRefs=[]), "spec.parentRefs", "e.g."),
-    (lambda s: s["rules"][0].update(filters=[]), "spec.rules[0].filters", "unknown field"),
+    (lambda s: s["rules"][0].update(filters=[{"type": "CORS"}]), "spec.rules[0].filters[0].type", "RequestHeaderModifier"),
+    (lambda s: s["parentRefs"][0].update(kind="Pod"), "spec.parentRefs[0].kind", "Gateway"),
 ])
 def test_malformed_route_names_field_and_fix(mutate: Any, field: str, fix: str) -> None:
     doc = _route_doc()
@@ -67,7 +80,7 @@ def test_malformed_route_names_field_and_fix(mutate: Any, field: str, fix: str) 
     with pytest.raises(ManifestError) as e:
         parse_object(doc)
     assert e.value.field == field and fix in e.value.problem, str(e.value)
-    assert str(e.value).startswith(f"MeshRoute default/web: {field}: ")
+    assert str(e.value).startswith(f"HTTPRoute default/web: {field}: ")
 
 
 def _crd_schema() -> dict[str, Any]:
@@ -78,13 +91,13 @@ def _crd_schema() -> dict[str, Any]:
 
 
 def test_crd_accepts_example_and_rejects_at_the_parsers_field() -> None:
-    jsonschema.validate(_route_doc(), _crd_schema())
+    jsonschema.validate(_legacy_doc(), _crd_schema())
     for mutate, path in [
         (lambda s: s["rules"][1]["timeouts"].update(request="1 second"), ["spec", "rules", 1, "timeouts", "request"]),
         (lambda s: s["rules"][3]["backendRefs"][0].update(weight=-1), ["spec", "rules", 3, "backendRefs", 0, "weight"]),
         (lambda s: s["rules"][0].update(filters=[]), ["spec", "rules", 0]),
     ]:
-        doc = _route_doc()
+        doc = _legacy_doc()
         mutate(doc["spec"])
         with pytest.raises(jsonschema.ValidationError) as e:
             jsonschema.validate(doc, _crd_schema())

@@ -1,0 +1,166 @@
+"""Gateway API: parsing, attachment, the status every object gets, and the Envoy listeners."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh.manifests import ManifestError, parse_object
+from mesh.model import ClusterState, Gateway, Route
+from mesh.plan.gateway import intersect
+from mesh.plan.node import NodeSpec, plan_node
+from mesh.source import StandaloneSource
+from xds import resources as r
+from xds.cache import Snapshot
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = NodeSpec("node1", "10.244.0.1", gateway_addresses=("127.0.0.1", "127.0.0.2"))
+
+
+def _docs() -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all((ROOT / "examples/gateway/gateway.yaml").read_text()))
+
+
+def _plan(tmp_path: Path, *extra: dict[str, Any], docs: list[dict[str, Any]] | None = None) -> Any:
+    (tmp_path / "01-app.yaml").write_text((ROOT / "examples/l7/01-app.yaml").read_text())
+    (tmp_path / "gw.yaml").write_text(yaml.safe_dump_all([*(docs if docs is not None else _docs()), *extra]))
+    return plan_node(StandaloneSource(tmp_path, "10.96.0.0/16").load(), NODE)
+
+
+def _status(plan: Any, name: str) -> dict[str, Any]:
+    return dict(json.loads(dict(plan.gateway_status)[name]))
+
+
+def _cond(conds: list[dict[str, Any]], kind: str) -> tuple[str, str]:
+    c = next(c for c in conds if c["type"] == kind)
+    return c["status"], c["reason"]
+
+
+def test_example_parses() -> None:
+    cls, gw, route = (parse_object(d) for d in _docs())
+    assert isinstance(gw, Gateway) and gw.listeners[0].hostname == "*.example.test"
+    assert isinstance(route, Route) and route.parents[0].kind == "Gateway" and route.hostnames == ("shop.example.test",)
+    assert route.rules[1].filters.request_headers is not None
+
+
+def test_gateway_serves_route_and_every_status_says_so(tmp_path: Path) -> None:
+    plan = _plan(tmp_path)
+    (gl,) = [g for g in plan.gateways if g.name.startswith("gateway:")]
+    assert (gl.name, gl.listen_ip, gl.port) == ("gateway:default/shop:8080", "127.0.0.1", 8080)
+    (chain,) = gl.chains
+    (vh,) = chain.virtual_hosts
+    assert vh.domains == ("shop.example.test",)
+    assert [m.path for hr in vh.routes for m in hr.matches] == ["/v2", "/"]
+    assert {u.name for u in plan.upstreams} == {"default/web-v1:80", "default/web-v2:80"}
+    assert _cond(_status(plan, "GatewayClass webb")["conditions"], "Accepted") == ("True", "Accepted")
+    gws = _status(plan, "Gateway default/shop")
+    assert gws["addresses"] == [{"type": "IPAddress", "value": "127.0.0.1"}]
+    assert _cond(gws["conditions"], "Programmed") == ("True", "Programmed")
+    (lst,) = gws["listeners"]
+    assert lst["attachedRoutes"] == 1 and lst["supportedKinds"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}]
+    (parent,) = _status(plan, "HTTPRoute default/shop")["parents"]
+    assert parent["controllerName"] == "webb.io/gateway-controller"
+    assert _cond(parent["conditions"], "Accepted") == ("True", "Accepted")
+    assert _cond(parent["conditions"], "ResolvedRefs") == ("True", "ResolvedRefs")
+    res = r.build(list(plan.http), "/tmp/a.log", list(plan.upstreams), plan.gateways, plan.secrets)
+    assert Snapshot.of(res).problems() == []
+    route = res[r.LISTENER]["gateway:default/shop:8080"]
+    assert r.dependencies(r.LISTENER, route)[r.CLUSTER] == {"default/web-v1:80", "default/web-v2:80"}
+
+
+def _with(docs: list[dict[str, Any]], i: int, edit: Any) -> list[dict[str, Any]]:
+    out = copy.deepcopy(docs)
+    edit(out[i]["spec"])
+    return out
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda s: s.update(hostnames=["other.test"]), "NoMatchingListenerHostname"),
+    (lambda s: s["parentRefs"][0].update(sectionName="https"), "NoMatchingParent"),
+    (lambda s: s["parentRefs"][0].update(port=9999), "NoMatchingParent"),
+])
+def test_route_not_attached_says_why(tmp_path: Path, edit: Any, reason: str) -> None:
+    plan = _plan(tmp_path, docs=_with(_docs(), 2, edit))
+    (parent,) = _status(plan, "HTTPRoute default/shop")["parents"]
+    assert _cond(parent["conditions"], "Accepted") == ("False", reason)
+    assert _status(plan, "Gateway default/shop")["listeners"][0]["attachedRoutes"] == 0
+
+
+def test_cross_namespace_backend_needs_a_reference_grant(tmp_path: Path) -> None:
+    docs = _with(_docs(), 2, lambda s: s["rules"][0]["backendRefs"][0].update(namespace="other"))
+    other = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}},
+             {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-v2", "namespace": "other"},
+              "spec": {"selector": {"app": "web-v2"}, "ports": [{"port": 80, "targetPort": 8080}]}}]
+    plan = _plan(tmp_path, *other, docs=docs)
+    (parent,) = _status(plan, "HTTPRoute default/shop")["parents"]
+    assert _cond(parent["conditions"], "ResolvedRefs") == ("False", "RefNotPermitted")
+    grant = {"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+             "metadata": {"name": "from-default", "namespace": "other"},
+             "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "default"}],
+                      "to": [{"group": "", "kind": "Service"}]}}
+    plan = _plan(tmp_path, *other, grant, docs=docs)
+    (parent,) = _status(plan, "HTTPRoute default/shop")["parents"]
+    assert _cond(parent["conditions"], "ResolvedRefs") == ("True", "ResolvedRefs")
+
+
+def test_two_gateways_on_one_port_get_two_addresses_then_none(tmp_path: Path) -> None:
+    def gw(name: str) -> dict[str, Any]:
+        return {**copy.deepcopy(_docs()[1]), "metadata": {"name": name, "namespace": "default"}}
+    plan = _plan(tmp_path, gw("b"), gw("c"))
+    addr = {k: json.loads(v)["addresses"] for k, v in plan.gateway_status if k.startswith("Gateway ")}
+    assert addr["Gateway default/b"] == [{"type": "IPAddress", "value": "127.0.0.1"}]
+    assert addr["Gateway default/c"] == [{"type": "IPAddress", "value": "127.0.0.2"}]
+    assert addr["Gateway default/shop"] == []
+    assert _cond(_status(plan, "Gateway default/shop")["conditions"], "Programmed") == ("False", "AddressNotAssigned")
+
+
+def test_https_listener_without_its_secret_is_not_programmed(tmp_path: Path) -> None:
+    docs = _with(_docs(), 1, lambda s: s["listeners"].append(
+        {"name": "https", "port": 8443, "protocol": "HTTPS", "hostname": "shop.example.test",
+         "tls": {"certificateRefs": [{"name": "shop-tls"}]}}))
+    plan = _plan(tmp_path, docs=docs)
+    gws = _status(plan, "Gateway default/shop")
+    https = gws["listeners"][1]
+    assert _cond(https["conditions"], "ResolvedRefs") == ("False", "InvalidCertificateRef")
+    assert _cond(https["conditions"], "Programmed") == ("False", "Invalid")
+    assert _cond(gws["conditions"], "Accepted") == ("True", "ListenersNotValid")
+    assert [g.port for g in plan.gateways] == [8080]  # the HTTP listener still serves
+
+
+def test_other_controllers_gateways_are_left_alone(tmp_path: Path) -> None:
+    docs = _with(_docs(), 0, lambda s: s.update(controllerName="example.com/other"))
+    plan = _plan(tmp_path, docs=docs)
+    assert plan.gateways == () and plan.gateway_status == ()
+
+
+@pytest.mark.parametrize(("listener", "routes", "want"), [
+    ("", (), ("*",)), ("*.example.com", (), ("*.example.com",)), ("", ("a.test",), ("a.test",)),
+    ("*.example.com", ("foo.example.com", "bar.other"), ("foo.example.com",)),
+    ("foo.example.com", ("*.example.com",), ("foo.example.com",)), ("*.example.com", ("example.com",), ()),
+])
+def test_hostname_intersection(listener: str, routes: tuple[str, ...], want: tuple[str, ...]) -> None:
+    assert intersect(listener, routes) == want
+
+
+@pytest.mark.parametrize(("i", "edit", "field"), [
+    (1, lambda s: s["listeners"][0].update(protocol=""), "spec.listeners[0].protocol"),
+    (1, lambda s: s["listeners"].append(dict(s["listeners"][0])), "spec.listeners"),
+    (2, lambda s: s["rules"][1]["filters"][0].update(type="ExtensionRef"), "spec.rules[1].filters[0].type"),
+    (2, lambda s: s["rules"][0].update(sessionPersistence={}), "spec.rules[0].sessionPersistence"),
+    (0, lambda s: s.update(controllerName="nocontroller"), "spec.controllerName"),
+])
+def test_malformed_names_the_field(i: int, edit: Any, field: str) -> None:
+    with pytest.raises(ManifestError) as e:
+        parse_object(_with(_docs(), i, edit)[i])
+    assert e.value.field == field, str(e.value)
+
+
+def test_state_has_every_gateway_kind(tmp_path: Path) -> None:
+    (tmp_path / "gw.yaml").write_text(yaml.safe_dump_all(_docs()))
+    st: ClusterState = StandaloneSource(tmp_path, "10.96.0.0/16").load()
+    assert [c.name for c in st.gateway_classes] == ["webb"] and len(st.gateways) == 1 and len(st.routes) == 1
