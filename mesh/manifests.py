@@ -64,11 +64,11 @@ MESH_VERSION = f"{API_GROUP}/v1alpha1"
 INGRESS_VERSION = "networking.k8s.io/v1"
 GATEWAY_VERSION = f"{GATEWAY_GROUP}/v1"
 KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "MeshTLS", "Ingress", "EndpointSlice",
-         "GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant")
+         "GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "ReferenceGrant")
 API_VERSIONS: dict[str, str | tuple[str, ...]] = {
     "MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS": MESH_VERSION, "Ingress": INGRESS_VERSION,
     "EndpointSlice": "discovery.k8s.io/v1", "GatewayClass": GATEWAY_VERSION, "Gateway": GATEWAY_VERSION,
-    "HTTPRoute": GATEWAY_VERSION, "ReferenceGrant": (f"{GATEWAY_GROUP}/v1beta1", GATEWAY_VERSION)}
+    "HTTPRoute": GATEWAY_VERSION, "GRPCRoute": GATEWAY_VERSION, "ReferenceGrant": (f"{GATEWAY_GROUP}/v1beta1", GATEWAY_VERSION)}
 FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -526,6 +526,64 @@ def _route(ctx: Ctx, kind: str, ns: str, name: str, spec: dict[str, Any], genera
     return Route(ns, name, parents, rules, hostnames, kind, generation)
 
 
+_GRPC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def _grpc_match(ctx: Ctx, v: Any, field: str) -> RouteMatch:
+    """A GRPCRouteMatch as the path match it is: /<service>/<method>."""
+    m = ctx.mapping(v, field)
+    ctx.only(m, field, ("method", "headers"), "a match")
+    method = ctx.mapping(m.get("method"), f"{field}.method")
+    ctx.only(method, f"{field}.method", ("type", "service", "method"), "a method match")
+    mtype = str(method.get("type", "Exact"))
+    svc, meth = method.get("service"), method.get("method")
+    if mtype not in ("Exact", "RegularExpression"):
+        raise ctx.fail(f"{field}.method.type", f"{mtype!r}: use Exact or RegularExpression")
+    for k, val in (("service", svc), ("method", meth)):
+        if val is None:
+            continue
+        if mtype == "Exact" and not _GRPC_NAME.match(str(val)):
+            raise ctx.fail(f"{field}.method.{k}", f"{val!r} is not a gRPC {k} name, e.g. 'grpc.health.v1.Health' / 'Check'")
+        if mtype == "RegularExpression":
+            ctx.regex(val, f"{field}.method.{k}")
+    if method and svc is None and meth is None:
+        raise ctx.fail(f"{field}.method", "needs service or method (or leave method out to match every call)")
+    headers = _route_match(ctx, {"headers": m.get("headers")}, field).headers
+    if not method:
+        return RouteMatch("PathPrefix", "/", None, headers)
+    if mtype == "Exact" and svc is not None and meth is not None:
+        return RouteMatch("Exact", f"/{svc}/{meth}", None, headers)
+    if mtype == "Exact" and meth is None:
+        return RouteMatch("Prefix", f"/{svc}/", None, headers)
+    s_re = (re.escape(str(svc)) if mtype == "Exact" else str(svc)) if svc is not None else "[^/]+"
+    m_re = (re.escape(str(meth)) if mtype == "Exact" else str(meth)) if meth is not None else "[^/]+"
+    return RouteMatch("RegularExpression", f"/{s_re}/{m_re}", None, headers)
+
+
+def _grpc_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int) -> Route:
+    ctx.only(spec, "spec", ("parentRefs", "rules", "hostnames"), "GRPCRoute spec")
+    parents = tuple(_parent_ref(ctx, p, f"spec.parentRefs[{i}]", False)
+                    for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")))
+    if not parents:
+        raise ctx.fail("spec.parentRefs", "needs the Gateway or Service this route is for")
+    hostnames = tuple(_hostname(ctx, h, f"spec.hostnames[{i}]") for i, h in enumerate(ctx.seq(spec.get("hostnames"), "spec.hostnames")))
+    rules = []
+    for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
+        f = f"spec.rules[{i}]"
+        r = ctx.mapping(r, f)
+        ctx.only(r, f, ("matches", "backendRefs", "filters", "name"), "a rule",
+                 {"sessionPersistence": "Webb does not pin sessions yet"})
+        matches = tuple(_grpc_match(ctx, m, f"{f}.matches[{j}]") for j, m in enumerate(ctx.seq(r.get("matches"), f"{f}.matches")))
+        for j, flt in enumerate(ctx.seq(r.get("filters"), f"{f}.filters")):
+            if not isinstance(flt, dict) or flt.get("type") not in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+                raise ctx.fail(f"{f}.filters[{j}].type", "use RequestHeaderModifier or ResponseHeaderModifier (gRPC routes)")
+        filters = _filters(ctx, r.get("filters"), f"{f}.filters", matches)
+        refs = tuple(_backend_ref(ctx, b, f"{f}.backendRefs[{j}]", False)
+                     for j, b in enumerate(ctx.seq(r.get("backendRefs"), f"{f}.backendRefs")))
+        rules.append(RouteRule(matches or (RouteMatch(),), refs, None, None, filters))
+    return Route(ns, name, parents, tuple(rules) or (RouteRule((RouteMatch(),), ()),), hostnames, "GRPCRoute", generation)
+
+
 def _gateway_class(ctx: Ctx, name: str, spec: dict[str, Any], generation: int) -> GatewayClass:
     ctx.only(spec, "spec", ("controllerName", "description", "parametersRef"), "GatewayClass spec")
     if "parametersRef" in spec:
@@ -740,6 +798,8 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     spec = ctx.mapping(doc.get("spec"), "spec")
     if kind in ("MeshRoute", "HTTPRoute"):
         return _route(ctx, kind, ns, name, spec, generation)
+    if kind == "GRPCRoute":
+        return _grpc_route(ctx, ns, name, spec, generation)
     if kind == "GatewayClass":
         return _gateway_class(ctx, name, spec, generation)
     if kind == "Gateway":

@@ -55,6 +55,7 @@ RESOURCES: dict[str, Resource] = {
     "GatewayClass": Resource("gateway.networking.k8s.io", "v1", "gatewayclasses", optional=True),
     "Gateway": Resource("gateway.networking.k8s.io", "v1", "gateways", optional=True),
     "HTTPRoute": Resource("gateway.networking.k8s.io", "v1", "httproutes", optional=True),
+    "GRPCRoute": Resource("gateway.networking.k8s.io", "v1", "grpcroutes", optional=True),
     "ReferenceGrant": Resource("gateway.networking.k8s.io", "v1beta1", "referencegrants", optional=True),
 }
 

@@ -31,7 +31,7 @@ from mesh.model import (
 from mesh.plan.routing import PortInfo, condition, precedence
 from xds.model import GatewayChain, GatewayListener, HttpRoute, TlsSecret, VirtualHost
 
-ROUTE_KINDS = {"HTTP": ("HTTPRoute",), "HTTPS": ("HTTPRoute",)}  # what each listener protocol takes
+ROUTE_KINDS = {"HTTP": ("HTTPRoute", "GRPCRoute"), "HTTPS": ("HTTPRoute", "GRPCRoute")}  # what each listener protocol takes
 Conditions = list[dict[str, Any]]
 Ranked = list[tuple[tuple[object, ...], HttpRoute]]  # routes with their precedence key
 Served = dict[tuple[str, str], dict[str, Ranked]]  # (Gateway key, listener) -> hostname -> routes
@@ -44,6 +44,7 @@ class GatewayPlan:
     listeners: list[GatewayListener] = field(default_factory=list)
     secrets: list[TlsSecret] = field(default_factory=list)
     clusters: set[str] = field(default_factory=set)  # upstreams the gateway routes reach
+    grpc: set[str] = field(default_factory=set)  # ...of which GRPCRoutes reach these: HTTP/2 to the backends
     # status by object: ("GatewayClass", "", name), ("Gateway", ns, name), (route kind, ns, name)
     status: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)  # Gateway key -> address
@@ -158,9 +159,10 @@ def _listener_checks(state: ClusterState, gw: Gateway, secrets: dict[str, TlsSec
 
 
 def _allowed(state: ClusterState, gw: Gateway, lst: Listener, route: Route) -> bool:
-    if route.kind not in ("HTTPRoute", "MeshRoute"):
+    kind = "HTTPRoute" if route.kind == "MeshRoute" else route.kind
+    if kind not in ROUTE_KINDS.get(lst.protocol, ()):
         return False
-    if lst.kinds and not any(grp == GATEWAY_GROUP and k == "HTTPRoute" for grp, k in lst.kinds):
+    if lst.kinds and not any(grp == GATEWAY_GROUP and k == kind for grp, k in lst.kinds):
         return False
     if lst.namespaces == "All":
         return True
@@ -323,6 +325,8 @@ def _attach(state: ClusterState, chk: _GatewayCheck, ref: ParentRef, route: Rout
             continue
         for i, rule, clusters in rules:
             out.clusters |= {c for c, _ in clusters}
+            if route.kind == "GRPCRoute":
+                out.grpc |= {c for c, _ in clusters}
             for k, m in enumerate(rule.matches):
                 hr = HttpRoute((m,), clusters, rule.timeout_ms, rule.retry, rule.filters)
                 for h in hosts:

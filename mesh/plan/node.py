@@ -36,7 +36,7 @@ from mesh.model import (
 )
 from mesh.plan.gateway import plan_gateways
 from mesh.plan.numbers import alloc
-from mesh.plan.routing import IngressListen, PortInfo, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
+from mesh.plan.routing import IngressListen, PortInfo, grpc_backends, ingress_gateway, mesh_routes, port_name, route_clusters, upstreams
 from mesh.plan.tunnels import NODE_IDENTITY, TunnelPlan, mtls_upstreams, plan_tunnels
 from mesh.state import key_name
 from xds.model import GatewayListener, HttpRule, HttpService, RbacPolicy, TlsSecret, Upstream, service_routes
@@ -415,6 +415,7 @@ def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int]
     entries = [replace(e, proxy_ip=node.proxy_ip6 if ":" in e.vip else node.proxy_ip, proxy_port=proxy[n])
                if n in proxy else e for n, e in ports.named]
     used = tuple(dict.fromkeys((*gw.secrets, *secrets)))
-    return _L7(entries, http, upstreams(wanted, ports.index), (*gw.listeners, *ingress), used, ports.hosts,
+    ups = upstreams(wanted, ports.index, gw.grpc | grpc_backends(state.routes, ports.index))
+    return _L7(entries, http, ups, (*gw.listeners, *ingress), used, ports.hosts,
                ports.warnings + warnings + ingress_warnings + gw.warnings,
                tuple(sorted((key_name(k), json.dumps(v, sort_keys=True)) for k, v in status.items())))

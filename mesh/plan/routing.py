@@ -163,8 +163,23 @@ def mesh_routes(routes: Iterable[Route], index: dict[str, PortInfo]) -> tuple[
     return {p: tuple(hr for _, hr in sorted(v, key=lambda t: t[0])) for p, v in ranked.items()}, warnings, status
 
 
-def upstreams(names: Iterable[str], index: dict[str, PortInfo]) -> tuple[Upstream, ...]:
-    return tuple(Upstream(n, index[n].backends, index[n].port.http2) for n in sorted(set(names)) if n in index)
+def upstreams(names: Iterable[str], index: dict[str, PortInfo], http2: set[str] | None = None) -> tuple[Upstream, ...]:
+    """``http2``: more upstreams that speak HTTP/2 to their backends (a GRPCRoute's, whatever the port says)."""
+    return tuple(Upstream(n, index[n].backends, index[n].port.http2 or n in (http2 or set()))
+                 for n in sorted(set(names)) if n in index)
+
+
+def grpc_backends(routes: Iterable[Route], index: dict[str, PortInfo]) -> set[str]:
+    """The service ports GRPCRoutes send to (same namespace: GAMMA; the Gateway's are resolved there)."""
+    out = set()
+    for r in routes:
+        if r.kind == "GRPCRoute":
+            for rule in r.rules:
+                for b in rule.backends:
+                    name = _backend(index, b.namespace or r.namespace, b.name, b.port)
+                    if name is not None:
+                        out.add(name)
+    return out
 
 
 def route_clusters(routes: Iterable[HttpRoute]) -> set[str]:

@@ -62,7 +62,7 @@ def test_gateway_serves_route_and_every_status_says_so(tmp_path: Path) -> None:
     assert gws["addresses"] == [{"type": "IPAddress", "value": "127.0.0.1"}]
     assert _cond(gws["conditions"], "Programmed") == ("True", "Programmed")
     (lst,) = gws["listeners"]
-    assert lst["attachedRoutes"] == 1 and lst["supportedKinds"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}]
+    assert lst["attachedRoutes"] == 1 and [k["kind"] for k in lst["supportedKinds"]] == ["HTTPRoute", "GRPCRoute"]
     (parent,) = _status(plan, "HTTPRoute default/shop")["parents"]
     assert parent["controllerName"] == "webb.io/gateway-controller"
     assert _cond(parent["conditions"], "Accepted") == ("True", "Accepted")
@@ -164,3 +164,25 @@ def test_state_has_every_gateway_kind(tmp_path: Path) -> None:
     (tmp_path / "gw.yaml").write_text(yaml.safe_dump_all(_docs()))
     st: ClusterState = StandaloneSource(tmp_path, "10.96.0.0/16").load()
     assert [c.name for c in st.gateway_classes] == ["webb"] and len(st.gateways) == 1 and len(st.routes) == 1
+
+
+def test_grpc_route_matches_are_paths_and_backends_speak_h2(tmp_path: Path) -> None:
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute", "metadata": {"name": "g", "namespace": "default"},
+             "spec": {"parentRefs": [{"name": "shop"}], "hostnames": ["grpc.example.test"], "rules": [
+                 {"matches": [{"method": {"service": "echo.Echo", "method": "Say"}}], "backendRefs": [{"name": "web-v2", "port": 80}]},
+                 {"matches": [{"method": {"service": "echo.Echo"}}], "backendRefs": [{"name": "web-v1", "port": 80}]}]}}
+    g = parse_object(route)
+    assert isinstance(g, Route) and [(m.path_type, m.path) for r_ in g.rules for m in r_.matches] == [
+        ("Exact", "/echo.Echo/Say"), ("Prefix", "/echo.Echo/")]
+    docs = _docs()
+    docs[1]["spec"]["listeners"][0]["hostname"] = None
+    plan = _plan(tmp_path, route, docs=[docs[0], {**docs[1], "spec": {**docs[1]["spec"], "listeners": [
+        {"name": "http", "port": 8080, "protocol": "HTTP"}]}}, docs[2]])
+    (parent,) = _status(plan, "GRPCRoute default/g")["parents"]
+    assert _cond(parent["conditions"], "Accepted") == ("True", "Accepted")
+    assert all(u.http2 for u in plan.upstreams)  # both web-v1 and web-v2 are a GRPCRoute's backends
+    bad = copy.deepcopy(route)
+    bad["spec"]["rules"][0]["matches"][0]["method"]["service"] = "not a name"
+    with pytest.raises(ManifestError) as e:
+        parse_object(bad)
+    assert e.value.field == "spec.rules[0].matches[0].method.service"
