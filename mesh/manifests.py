@@ -64,11 +64,12 @@ MESH_VERSION = f"{API_GROUP}/v1alpha1"
 INGRESS_VERSION = "networking.k8s.io/v1"
 GATEWAY_VERSION = f"{GATEWAY_GROUP}/v1"
 KINDS = ("Namespace", "Pod", "Service", "Secret", "MeshPolicy", "MeshRoute", "MeshTLS", "Ingress", "EndpointSlice",
-         "GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "ReferenceGrant")
+         "GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute", "ReferenceGrant")
 API_VERSIONS: dict[str, str | tuple[str, ...]] = {
     "MeshPolicy": MESH_VERSION, "MeshRoute": MESH_VERSION, "MeshTLS": MESH_VERSION, "Ingress": INGRESS_VERSION,
     "EndpointSlice": "discovery.k8s.io/v1", "GatewayClass": GATEWAY_VERSION, "Gateway": GATEWAY_VERSION,
-    "HTTPRoute": GATEWAY_VERSION, "GRPCRoute": GATEWAY_VERSION, "ReferenceGrant": (f"{GATEWAY_GROUP}/v1beta1", GATEWAY_VERSION)}
+    "HTTPRoute": GATEWAY_VERSION, "GRPCRoute": GATEWAY_VERSION, "TLSRoute": (GATEWAY_VERSION, f"{GATEWAY_GROUP}/v1alpha2"),
+    "ReferenceGrant": (f"{GATEWAY_GROUP}/v1beta1", GATEWAY_VERSION)}
 FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -584,6 +585,25 @@ def _grpc_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: 
     return Route(ns, name, parents, tuple(rules) or (RouteRule((RouteMatch(),), ()),), hostnames, "GRPCRoute", generation)
 
 
+def _tls_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int) -> Route:
+    """TLS passthrough: the ClientHello's SNI picks the route (``hostnames``), the stream goes to the backends as is."""
+    ctx.only(spec, "spec", ("parentRefs", "rules", "hostnames"), "TLSRoute spec")
+    parents = tuple(_parent_ref(ctx, p, f"spec.parentRefs[{i}]", False)
+                    for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")))
+    if not parents:
+        raise ctx.fail("spec.parentRefs", "needs the Gateway this route is for")
+    hostnames = tuple(_hostname(ctx, h, f"spec.hostnames[{i}]") for i, h in enumerate(ctx.seq(spec.get("hostnames"), "spec.hostnames")))
+    rules = []
+    for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
+        f = f"spec.rules[{i}]"
+        r = ctx.mapping(r, f)
+        ctx.only(r, f, ("backendRefs", "name"), "a rule")
+        refs = tuple(_backend_ref(ctx, b, f"{f}.backendRefs[{j}]", False)
+                     for j, b in enumerate(ctx.seq(r.get("backendRefs"), f"{f}.backendRefs")))
+        rules.append(RouteRule((RouteMatch(),), refs))
+    return Route(ns, name, parents, tuple(rules) or (RouteRule((RouteMatch(),), ()),), hostnames, "TLSRoute", generation)
+
+
 def _gateway_class(ctx: Ctx, name: str, spec: dict[str, Any], generation: int) -> GatewayClass:
     ctx.only(spec, "spec", ("controllerName", "description", "parametersRef"), "GatewayClass spec")
     if "parametersRef" in spec:
@@ -800,6 +820,8 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
         return _route(ctx, kind, ns, name, spec, generation)
     if kind == "GRPCRoute":
         return _grpc_route(ctx, ns, name, spec, generation)
+    if kind == "TLSRoute":
+        return _tls_route(ctx, ns, name, spec, generation)
     if kind == "GatewayClass":
         return _gateway_class(ctx, name, spec, generation)
     if kind == "Gateway":

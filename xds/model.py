@@ -271,6 +271,8 @@ class GatewayChain:
     virtual_hosts: tuple[VirtualHost, ...]
     secret: str = ""
     server_names: tuple[str, ...] = ()
+    # TLS passthrough (not None): the stream as is to these (upstream, weight); none: closed
+    passthrough: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)

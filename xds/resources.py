@@ -32,12 +32,14 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from xds.model import (
+    GatewayChain,
     GatewayListener,
     HeaderMatchSpec,
     HeaderModifierSpec,
@@ -69,6 +71,7 @@ MESSAGES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssi
 WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/SDS/RDS by name
 
 DENIED_BODY = "Access denied\n"
+NO_BACKEND = "webb:no-backend"  # a TLS passthrough route without a valid backend: a cluster that is not (closed)
 DEFAULT_RETRY_ON = ("5xx", "reset")  # a Retry with neither codes nor conditions
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -424,11 +427,31 @@ def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
 
 
+def _passthrough_chain(listener: str, ch: GatewayChain) -> listener_components_pb2.FilterChain:
+    """TLS passthrough: SNI picks the chain; the stream goes to the backends unread (no route: closed)."""
+    targets = [(n, w) for n, w in ch.passthrough or () if w > 0]
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=f"{listener}#{ch.name}".replace("/", "_").replace(":", "_"))
+    if len(targets) == 1:
+        proxy.cluster = targets[0][0]
+    elif targets:
+        proxy.weighted_clusters.CopyFrom(tcp_proxy_pb2.TcpProxy.WeightedCluster(clusters=[
+            tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=n, weight=w) for n, w in targets]))
+    else:
+        proxy.cluster = NO_BACKEND
+    chain = listener_components_pb2.FilterChain(name=ch.name, filters=[listener_components_pb2.Filter(
+        name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy))])
+    chain.filter_chain_match.server_names.extend(ch.server_names)
+    return chain
+
+
 def gateway_listener(gl: GatewayListener, access_log_path: str) -> listener_pb2.Listener:
     """One chain per SNI set with its own routes and certificate (a ClientHello for a name no
     chain has finds none and is closed), or one plaintext chain."""
     chains = []
     for ch in gl.chains:
+        if ch.passthrough is not None:
+            chains.append(_passthrough_chain(gl.name, ch))
+            continue
         manager = _manager(gl.name, access_log_path, None)
         manager.route_config.CopyFrom(route_pb2.RouteConfiguration(
             name=f"{gl.name}#{ch.name}", virtual_hosts=[_virtual_host(vh) for vh in ch.virtual_hosts]))
@@ -439,7 +462,7 @@ def gateway_listener(gl: GatewayListener, access_log_path: str) -> listener_pb2.
                 chain.filter_chain_match.server_names.extend(ch.server_names)
         chains.append(chain)
     out = listener_pb2.Listener(name=gl.name, address=_address(gl.listen_ip, gl.port), filter_chains=chains)
-    if any(ch.secret for ch in gl.chains):
+    if any(ch.secret or ch.server_names for ch in gl.chains):
         out.listener_filters.append(listener_components_pb2.ListenerFilter(
             name="envoy.filters.listener.tls_inspector", typed_config=_any(tls_inspector_pb2.TlsInspector())))
     return out
@@ -533,6 +556,10 @@ def _listener_dependencies(lst: listener_pb2.Listener) -> dict[str, set[str]]:
                 if m.HasField("rds"):
                     deps[ROUTE].add(m.rds.route_config_name)
                 deps[CLUSTER].update(_route_clusters(m.route_config))
+            elif f.typed_config.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
+                t = tcp_proxy_pb2.TcpProxy()
+                f.typed_config.Unpack(t)
+                deps[CLUSTER].update(n for n in (t.cluster, *(c.name for c in t.weighted_clusters.clusters)) if n and n != NO_BACKEND)
     return {t: names for t, names in deps.items() if names}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mesh.model import GATEWAY_CONTROLLER, GATEWAY_GROUP
 
-GATEWAY_KINDS = ("GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute")
+GATEWAY_KINDS = ("GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute")
 
 
 def _times(conds: list[dict[str, Any]], previous: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:

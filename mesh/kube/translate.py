@@ -56,6 +56,7 @@ RESOURCES: dict[str, Resource] = {
     "Gateway": Resource("gateway.networking.k8s.io", "v1", "gateways", optional=True),
     "HTTPRoute": Resource("gateway.networking.k8s.io", "v1", "httproutes", optional=True),
     "GRPCRoute": Resource("gateway.networking.k8s.io", "v1", "grpcroutes", optional=True),
+    "TLSRoute": Resource("gateway.networking.k8s.io", "v1", "tlsroutes", optional=True),
     "ReferenceGrant": Resource("gateway.networking.k8s.io", "v1beta1", "referencegrants", optional=True),
 }
 

@@ -31,7 +31,16 @@ from mesh.model import (
 from mesh.plan.routing import PortInfo, condition, precedence
 from xds.model import GatewayChain, GatewayListener, HttpRoute, TlsSecret, VirtualHost
 
-ROUTE_KINDS = {"HTTP": ("HTTPRoute", "GRPCRoute"), "HTTPS": ("HTTPRoute", "GRPCRoute")}  # what each listener protocol takes
+ROUTE_KINDS = {"HTTP": ("HTTPRoute", "GRPCRoute"), "HTTPS": ("HTTPRoute", "GRPCRoute"), "TLS": ("TLSRoute",)}
+
+
+def listener_kinds(lst: Listener) -> tuple[str, ...]:
+    """The route kinds a listener takes: HTTP(S) terminates TLS (HTTPS), TLS passes it through."""
+    if lst.protocol == "TLS":
+        return ROUTE_KINDS["TLS"] if lst.tls_mode == "Passthrough" else ()
+    if lst.protocol == "HTTPS" and lst.tls_mode == "Passthrough":
+        return ()
+    return ROUTE_KINDS.get(lst.protocol, ())
 Conditions = list[dict[str, Any]]
 Ranked = list[tuple[tuple[object, ...], HttpRoute]]  # routes with their precedence key
 Served = dict[tuple[str, str], dict[str, Ranked]]  # (Gateway key, listener) -> hostname -> routes
@@ -109,7 +118,7 @@ def _listener_checks(state: ClusterState, gw: Gateway, secrets: dict[str, TlsSec
         by_port[lst.port].append(lst)
     for lst in gw.listeners:
         conds: Conditions = []
-        supported = ROUTE_KINDS.get(lst.protocol if lst.tls_mode != "Passthrough" else "", ())
+        supported = listener_kinds(lst)
         kinds = [k for grp, k in lst.kinds if grp == GATEWAY_GROUP and k in supported] if lst.kinds else list(supported)
         bad_kinds = [k for grp, k in lst.kinds if not (grp == GATEWAY_GROUP and k in supported)]
         accepted = bool(supported)
@@ -141,9 +150,10 @@ def _listener_checks(state: ClusterState, gw: Gateway, secrets: dict[str, TlsSec
             conflict = "ProtocolConflict"
         elif any(x.hostname == lst.hostname for x in peers):
             conflict = "HostnameConflict"
-        conds.append(condition("Accepted", accepted, "Accepted" if accepted else "UnsupportedProtocol",
-                               "accepted" if accepted else f"protocol {lst.protocol}"
-                               f"{' (Passthrough)' if lst.tls_mode == 'Passthrough' else ''} is not supported by Webb yet", g))
+        bad_mode = lst.protocol in ("TLS", "HTTPS") and not accepted
+        conds.append(condition("Accepted", accepted, "Accepted" if accepted else "UnsupportedValue" if bad_mode else "UnsupportedProtocol",
+                               "accepted" if accepted else f"protocol {lst.protocol} with TLS mode {lst.tls_mode} is not supported "
+                               "(TLS: Passthrough; HTTPS: Terminate)" if bad_mode else f"protocol {lst.protocol} is not supported", g))
         what = "hostname" if conflict == "HostnameConflict" else "port with another protocol"
         conds.append(condition("Conflicted", bool(conflict), conflict or "NoConflicts", "no conflicts" if not conflict
                                else f"another listener on port {lst.port} has the same {what}", g))
@@ -160,7 +170,7 @@ def _listener_checks(state: ClusterState, gw: Gateway, secrets: dict[str, TlsSec
 
 def _allowed(state: ClusterState, gw: Gateway, lst: Listener, route: Route) -> bool:
     kind = "HTTPRoute" if route.kind == "MeshRoute" else route.kind
-    if kind not in ROUTE_KINDS.get(lst.protocol, ()):
+    if kind not in listener_kinds(lst):
         return False
     if lst.kinds and not any(grp == GATEWAY_GROUP and k == kind for grp, k in lst.kinds):
         return False
@@ -323,6 +333,12 @@ def _attach(state: ClusterState, chk: _GatewayCheck, ref: ParentRef, route: Rout
         chk.listener_status[lst.name]["attachedRoutes"] += 1
         if lst.name not in chk.valid:
             continue
+        if route.kind == "TLSRoute":  # one stream, one backend set: the first rule's
+            clusters = rules[0][2] if rules else ()
+            out.clusters |= {c for c, _ in clusters}
+            for h in hosts:
+                served[(gw.key, lst.name)][h].append(((route.namespace, route.name), HttpRoute((), clusters)))
+            continue
         for i, rule, clusters in rules:
             out.clusters |= {c for c, _ in clusters}
             if route.kind == "GRPCRoute":
@@ -348,7 +364,13 @@ def _envoy_listeners(chk: _GatewayCheck, served: Served) -> list[GatewayListener
     for port in sorted({x.port for x in chk.valid.values()}):
         lsts = [x for x in gw.listeners if x.name in chk.valid and x.port == port]
         chains = []
-        if lsts[0].protocol == "HTTP":
+        if lsts[0].protocol == "TLS":
+            for x in lsts:
+                for h, rs in sorted(served.get((gw.key, x.name), {}).items(), key=lambda kv: (kv[0] == "*", kv[0])):
+                    first = sorted(rs, key=lambda t: t[0])[0][1]  # one route per name: the oldest by namespace/name
+                    chains.append(GatewayChain(f"{x.name}:{h}", (), server_names=() if h == "*" else (h,),
+                                               passthrough=first.clusters))
+        elif lsts[0].protocol == "HTTP":
             merged: dict[str, list[tuple[tuple[object, ...], HttpRoute]]] = defaultdict(list)
             for x in lsts:
                 for h, rs in served.get((gw.key, x.name), {}).items():

@@ -324,11 +324,18 @@ def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str,
                    slices: dict[str, list[EndpointSlice]], enforcing: set[int]) -> _Ports:
     """Per service port: an IPv4 entry, an IPv6 entry when dual-stack. A Service without a
     selector takes its backends from its EndpointSlices (e.g. default/kubernetes: the API server)."""
-    ids = alloc((n for s in svcs for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")), 1, (1 << 31) - 1)
+    ids = alloc((n for s in svcs if s.cluster_ip for p in s.ports for n in (port_name(s, p), port_name(s, p) + "@v6")),
+                1, (1 << 31) - 1)
     out = _Ports()
     by_label = _label_index(pods)
     for s in svcs:
         members = _members(s, by_label) if s.selector else []
+        if not s.cluster_ip:  # headless: no VIP for the kernel; a route may still send to its pods (Envoy)
+            for sp in s.ports:
+                if sp.protocol == "TCP" and s.selector:
+                    out.index[port_name(s, sp)] = PortInfo(s, sp, tuple((p.ip, tp) for p, tp in _targets(s, sp, members, [])
+                                                                      if isinstance(tp, int)))
+            continue
         out.hosts += [(vip, _dns(s)) for vip in (s.cluster_ip, s.cluster_ip6) if vip]
         for sp in s.ports:
             name = port_name(s, sp)
@@ -384,7 +391,7 @@ def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int]
               node: NodeSpec, enforcing: set[int]) -> _L7:
     """Kernel service entries, and an Envoy listener for every port an HTTP rule covers or a
     MeshRoute names (with the RBAC of its backends), clusters for what routes reach, ingress."""
-    svcs = sorted((s for s in state.services if s.cluster_ip), key=lambda s: s.key)
+    svcs = sorted(state.services, key=lambda s: s.key)
     slices: dict[str, list[EndpointSlice]] = defaultdict(list)
     for sl in state.endpoint_slices:
         slices[f"{sl.namespace}/{sl.service}"].append(sl)

@@ -66,7 +66,8 @@ def _parent_ports(r: Route, index: dict[str, PortInfo], warnings: list[str]) -> 
     for i, p in enumerate(r.parents):
         if p.kind != "Service":
             continue
-        ports = _ports_of(index, p.namespace or r.namespace, p.name) if (p.namespace or r.namespace) == r.namespace else []
+        ports = [n for n in _ports_of(index, p.namespace or r.namespace, p.name) if index[n].service.cluster_ip
+                 ] if (p.namespace or r.namespace) == r.namespace else []  # a headless Service has no VIP to steer
         if p.port is not None:
             ports = [n for n in ports if index[n].port.port == p.port]
         if not ports:

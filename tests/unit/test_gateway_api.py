@@ -186,3 +186,23 @@ def test_grpc_route_matches_are_paths_and_backends_speak_h2(tmp_path: Path) -> N
     with pytest.raises(ManifestError) as e:
         parse_object(bad)
     assert e.value.field == "spec.rules[0].matches[0].method.service"
+
+
+def test_tls_passthrough_by_sni(tmp_path: Path) -> None:
+    docs = _docs()
+    docs[1]["spec"]["listeners"] = [{"name": "tls", "port": 8443, "protocol": "TLS", "tls": {"mode": "Passthrough"}},
+                                    {"name": "term", "port": 9443, "protocol": "TLS", "tls": {"mode": "Terminate"}}]
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "TLSRoute", "metadata": {"name": "t", "namespace": "default"},
+             "spec": {"parentRefs": [{"name": "shop", "sectionName": "tls"}], "hostnames": ["abc.example.test"],
+                      "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}]}}
+    plan = _plan(tmp_path, route, docs=docs[:2])
+    (gl,) = plan.gateways
+    (chain,) = gl.chains
+    assert chain.server_names == ("abc.example.test",) and chain.passthrough == (("default/web-v1:80", 1),)
+    gws = _status(plan, "Gateway default/shop")
+    tls, term = gws["listeners"]
+    assert tls["attachedRoutes"] == 1 and [k["kind"] for k in tls["supportedKinds"]] == ["TLSRoute"]
+    assert _cond(term["conditions"], "Accepted") == ("False", "UnsupportedValue")
+    res = r.build([], "/tmp/a.log", list(plan.upstreams), plan.gateways, plan.secrets)
+    assert Snapshot.of(res).problems() == []
+    assert r.dependencies(r.LISTENER, res[r.LISTENER][gl.name]) == {r.CLUSTER: {"default/web-v1:80"}}
