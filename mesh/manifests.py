@@ -70,6 +70,9 @@ API_VERSIONS: dict[str, str | tuple[str, ...]] = {
     "EndpointSlice": "discovery.k8s.io/v1", "GatewayClass": GATEWAY_VERSION, "Gateway": GATEWAY_VERSION,
     "HTTPRoute": GATEWAY_VERSION, "GRPCRoute": GATEWAY_VERSION, "TLSRoute": (GATEWAY_VERSION, f"{GATEWAY_GROUP}/v1alpha2"),
     "ReferenceGrant": (f"{GATEWAY_GROUP}/v1beta1", GATEWAY_VERSION)}
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+SUBDOMAIN_NAMED = ("Secret", "EndpointSlice", "Ingress", "GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute",
+                   "ReferenceGrant")
 FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -460,8 +463,8 @@ def _filters(ctx: Ctx, v: Any, field: str, matches: tuple[RouteMatch, ...]) -> R
             ptype, path = _path_modifier(ctx, body["path"], f"{ff}.{key}.path", matches) if "path" in body else (None, None)
             redirect = Redirect(scheme, _hostname(ctx, body["hostname"], f"{ff}.{key}.hostname", False) if "hostname" in body else None,
                                 ctx.port(body["port"], f"{ff}.{key}.port") if "port" in body else None, ptype, path,
-                                int(body.get("statusCode", 302)) if body.get("statusCode", 302) in (301, 302) else
-                                _bad(ctx, f"{ff}.{key}.statusCode", "use 301 or 302"))
+                                int(body.get("statusCode", 302)) if body.get("statusCode", 302) in REDIRECT_CODES else
+                                _bad(ctx, f"{ff}.{key}.statusCode", "use 301, 302, 303, 307 or 308"))
         else:
             ctx.only(body, f"{ff}.{key}", ("hostname", "path"), "a rewrite")
             ptype, path = _path_modifier(ctx, body["path"], f"{ff}.{key}.path", matches) if "path" in body else (None, None)
@@ -654,7 +657,15 @@ def _listener(ctx: Ctx, v: Any, f: str) -> Listener:
     return Listener(name, ctx.port(m.get("port"), f"{f}.port"), protocol, host, mode, certs, frm, selector, tuple(kinds))
 
 
-def _gateway(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int) -> Gateway:
+def _assigned(status: Any) -> tuple[str, ...]:
+    """The addresses a Gateway's status already lists (kept when still free: a Gateway does not move)."""
+    if not isinstance(status, dict) or not isinstance(status.get("addresses"), list):
+        return ()
+    return tuple(str(a["value"]) for a in status["addresses"] if isinstance(a, dict) and isinstance(a.get("value"), str))
+
+
+def _gateway(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int, created: str = "",
+             status: Any = None) -> Gateway:
     ctx.only(spec, "spec", ("gatewayClassName", "listeners", "addresses", "infrastructure"), "Gateway spec")
     listeners = tuple(_listener(ctx, v, f"spec.listeners[{i}]") for i, v in enumerate(ctx.seq(spec.get("listeners"), "spec.listeners")))
     if not listeners:
@@ -669,7 +680,7 @@ def _gateway(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int
         ctx.only(a, af, ("type", "value"), "an address")
         addresses.append(f"{a.get('type', 'IPAddress')}:{a.get('value', '')}")
     return Gateway(ns, name, ctx.subdomain(spec.get("gatewayClassName"), "spec.gatewayClassName", "webb", "a GatewayClass name"),
-                   listeners, tuple(addresses), generation)
+                   listeners, tuple(addresses), generation, created, _assigned(status))
 
 
 def _grant(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> ReferenceGrant:
@@ -799,7 +810,9 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     if kind not in KINDS:
         raise ctx.fail("kind", f"{kind!r} is not handled by the standalone source; use one of {', '.join(KINDS)}")
     ctx.mapping(doc.get("metadata"), "metadata")
-    if not name or len(name) > 63 or not _DNS1123.match(name):
+    if kind in SUBDOMAIN_NAMED:  # names Kubernetes allows to have dots (Helm's release Secrets do)
+        ctx.subdomain(name, "metadata.name", "web-1", f"a {kind} name")
+    elif not name or len(name) > 63 or not _DNS1123.match(name):
         raise ctx.fail("metadata.name", f"{name!r} must be a DNS-1123 label: at most 63 lowercase letters, digits "
                        "and '-', starting and ending alphanumeric, e.g. 'web-1'")
     if kind not in CLUSTER_SCOPED and (len(ns) > 63 or not _DNS1123.match(ns)):
@@ -825,7 +838,7 @@ def parse_object(doc: dict[str, Any], base_dir: Path | None = None) -> Obj | Non
     if kind == "GatewayClass":
         return _gateway_class(ctx, name, spec, generation)
     if kind == "Gateway":
-        return _gateway(ctx, ns, name, spec, generation)
+        return _gateway(ctx, ns, name, spec, generation, str(meta.get("creationTimestamp") or ""), doc.get("status"))
     if kind == "ReferenceGrant":
         return _grant(ctx, ns, name, spec)
     if kind == "MeshTLS":

@@ -334,6 +334,8 @@ class Gateway:
     listeners: tuple[Listener, ...]
     addresses: tuple[str, ...] = ()  # spec.addresses (IPAddress) asked for
     generation: int = 0
+    created: str = ""  # metadata.creationTimestamp (RFC 3339, sorts in time order): older Gateways choose first
+    assigned: tuple[str, ...] = ()  # status.addresses: where it is served now (a Gateway keeps its address)
 
     @property
     def key(self) -> str:

@@ -313,10 +313,14 @@ def _rewrite_path(path_type: str | None, path: str | None, m: RouteMatchSpec | N
     return "", action
 
 
+_REDIRECT_CODES = {301: rc.RedirectAction.MOVED_PERMANENTLY, 302: rc.RedirectAction.FOUND, 303: rc.RedirectAction.SEE_OTHER,
+                   307: rc.RedirectAction.TEMPORARY_REDIRECT, 308: rc.RedirectAction.PERMANENT_REDIRECT}
+
+
 def _redirect(route: HttpRoute, m: RouteMatchSpec | None) -> rc.RedirectAction:
     f = route.filters.redirect if route.filters else None
     assert f is not None
-    out = rc.RedirectAction(response_code=rc.RedirectAction.MOVED_PERMANENTLY if f.status_code == 301 else rc.RedirectAction.FOUND)
+    out = rc.RedirectAction(response_code=_REDIRECT_CODES.get(f.status_code, rc.RedirectAction.FOUND))
     if f.scheme:
         out.scheme_redirect = f.scheme
         if f.port is None:  # the scheme's own port (Gateway API): none in the Location

@@ -11,6 +11,7 @@ operator writes exactly what the plan serves.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -221,10 +222,15 @@ def _route_parent_status(ref: ParentRef, route: Route, conds: Conditions) -> dic
 
 
 def _allocate(gateways: list[Gateway], pool: tuple[str, ...], reserved: dict[str, set[int]]) -> dict[str, tuple[str, str]]:
-    """Gateway key -> (address, "") or ("", why not). ``reserved``: ports already served per address."""
+    """Gateway key -> (address, "") or ("", why not). ``reserved``: ports already served per address.
+
+    Older Gateways (creationTimestamp, then namespace/name) choose first; each keeps the address its
+    status lists while that is free, else takes the first free one starting at a place its name hashes
+    to: a new or deleted Gateway moves no other one (Envoy refuses a listener on an address another
+    still holds in the same update)."""
     taken: dict[str, set[int]] = defaultdict(set, {a: set(p) for a, p in reserved.items()})
     out: dict[str, tuple[str, str]] = {}
-    for gw in gateways:
+    for gw in sorted(gateways, key=lambda g: (g.created == "", g.created, g.key)):
         ports = {lst.port for lst in gw.listeners}
         asked = [a.split(":", 1)[1] for a in gw.addresses]
         bad = [a for a in gw.addresses if not a.startswith("IPAddress:")]
@@ -235,7 +241,9 @@ def _allocate(gateways: list[Gateway], pool: tuple[str, ...], reserved: dict[str
         if unusable:
             out[gw.key] = ("", f"AddressNotUsable:{unusable[0]} is not one of this node's gateway addresses ({', '.join(pool) or 'none'})")
             continue
-        free = [a for a in (asked or pool) if not (taken[a] & ports)]
+        start = int(hashlib.sha256(gw.key.encode()).hexdigest()[:8], 16) % len(pool) if pool else 0
+        order = asked or [*(a for a in gw.assigned if a in pool), *pool[start:], *pool[:start]]
+        free = [a for a in order if not (taken[a] & ports)]
         if not free:
             out[gw.key] = ("", "AddressNotAssigned:every gateway address has these ports taken by other Gateways; "
                                "add addresses to the pool (--gateway-address) or use other ports")

@@ -108,15 +108,22 @@ def test_cross_namespace_backend_needs_a_reference_grant(tmp_path: Path) -> None
     assert _cond(parent["conditions"], "ResolvedRefs") == ("True", "ResolvedRefs")
 
 
-def test_two_gateways_on_one_port_get_two_addresses_then_none(tmp_path: Path) -> None:
-    def gw(name: str) -> dict[str, Any]:
-        return {**copy.deepcopy(_docs()[1]), "metadata": {"name": name, "namespace": "default"}}
-    plan = _plan(tmp_path, gw("b"), gw("c"))
+def test_gateways_on_one_port_get_an_address_each_oldest_first_and_keep_it(tmp_path: Path) -> None:
+    def gw(name: str, created: str, status: dict[str, Any] | None = None) -> dict[str, Any]:
+        doc = {**copy.deepcopy(_docs()[1]), "metadata": {"name": name, "namespace": "default", "creationTimestamp": created}}
+        return {**doc, "status": status} if status else doc
+    docs = _docs()
+    docs[1]["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    plan = _plan(tmp_path, gw("b", "2026-01-02T00:00:00Z"), gw("c", "2026-01-03T00:00:00Z"), docs=docs)
     addr = {k: json.loads(v)["addresses"] for k, v in plan.gateway_status if k.startswith("Gateway ")}
-    assert addr["Gateway default/b"] == [{"type": "IPAddress", "value": "127.0.0.1"}]
-    assert addr["Gateway default/c"] == [{"type": "IPAddress", "value": "127.0.0.2"}]
-    assert addr["Gateway default/shop"] == []
-    assert _cond(_status(plan, "Gateway default/shop")["conditions"], "Programmed") == ("False", "AddressNotAssigned")
+    assert {addr["Gateway default/shop"][0]["value"], addr["Gateway default/b"][0]["value"]} == {"127.0.0.1", "127.0.0.2"}
+    assert addr["Gateway default/c"] == []  # the newest finds none free
+    assert _cond(_status(plan, "Gateway default/c")["conditions"], "Programmed") == ("False", "AddressNotAssigned")
+    # the status a Gateway already has keeps it where it is, whatever its name hashes to
+    for where in ("127.0.0.1", "127.0.0.2"):
+        mine = gw("b", "2026-01-02T00:00:00Z", {"addresses": [{"type": "IPAddress", "value": where}]})
+        plan = _plan(tmp_path, mine, docs=_docs()[:1])
+        assert json.loads(dict(plan.gateway_status)["Gateway default/b"])["addresses"][0]["value"] == where
 
 
 def test_https_listener_without_its_secret_is_not_programmed(tmp_path: Path) -> None:
