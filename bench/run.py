@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import datapath, kube, manifests, operator, tunnel, xds
+from bench import datapath, kube, l7, manifests, operator, tunnel, xds
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -37,6 +37,8 @@ def main() -> None:
          ("measure", "state of the world", "delta", "ratio")),
         (tunnel.run, "mTLS tunnel between two nodes (netns) on a wire (ratio = tunnel / plaintext, same run)",
          ("measure", "plaintext", "tunnel", "ratio")),
+        (l7.run, "L7: Webb's node Envoy vs two sidecar Envoys (fortio, same run; ratio = Webb / sidecars)",
+         ("measure", "direct", "Webb", "sidecars", "ratio")),
         (manifests.run, "manifests: a 1 MB MeshPolicy (14,000 HTTP rules) validated, and applied to enforced (embedded agent)",
          ("measure", "baseline", "1 MB policy", "ratio")),
         (operator.run, "operator: MeshPolicy on a real kube-apiserver → agent --kube (BPF + Envoy) converged, one node",
