@@ -122,7 +122,7 @@ def plan_node(state: ClusterState, node: NodeSpec, peers: Mapping[str, Peer] | N
     extra = tplan.flags()  # this node's pods (LOCAL, STRICT) and its tunnel address
     plan = replace(
         core, services=tplan.services, upstreams=ups, tunnels=tplan,
-        endpoints=tuple(replace(e, flags=e.flags | extra.get(e.ip, 0)) for e in core.endpoints),
+        endpoints=tuple(replace(e, flags=e.flags | extra[e.ip]) if extra.get(e.ip) else e for e in core.endpoints),
         # the node's own addresses, and the other nodes' (their proxies and tunnels): identity NODE, which
         # the kernel lets into any pod (the proxy applied the L7 rules, the tunnel the L3/L4 ones)
         node_endpoints=tuple((ip, NODE_IDENTITY, extra.get(ip, 0)) for ip in dict.fromkeys(
