@@ -488,7 +488,7 @@ def _route_rule(ctx: Ctx, v: Any, field: str, legacy: bool) -> RouteRule:
     refs = tuple(_backend_ref(ctx, b, f"{field}.backendRefs[{i}]", legacy)
                  for i, b in enumerate(ctx.seq(r.get("backendRefs"), f"{field}.backendRefs")))
     filters = _filters(ctx, r.get("filters"), f"{field}.filters", matches)
-    if not refs and (legacy or filters.redirect is None):
+    if not refs and legacy:  # Gateway API: a rule without backends answers 500 (or redirects)
         raise ctx.fail(f"{field}.backendRefs", "needs at least one backend, e.g. [{name: web, port: 80}]")
     timeouts = ctx.mapping(r.get("timeouts"), f"{field}.timeouts")
     ctx.only(timeouts, f"{field}.timeouts", ("request",), "timeouts",

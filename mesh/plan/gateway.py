@@ -389,6 +389,8 @@ def _envoy_listeners(chk: _GatewayCheck, served: Served) -> list[GatewayListener
                 cert = chk.certs[x.name]
                 chains.append(GatewayChain(x.name, _vhosts(served.get((gw.key, x.name), {})), cert.name,
                                            (x.hostname,) if x.hostname else ()))
+        if not chains:  # TLS without a route yet: Envoy takes no listener without a chain; this one closes
+            chains.append(GatewayChain("no-route", (), passthrough=()))
         out.append(GatewayListener(f"gateway:{gw.key}:{port}", chk.address, port, tuple(chains)))
     return out
 

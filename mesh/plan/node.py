@@ -331,10 +331,10 @@ def _service_ports(svcs: list[Service], pods: list[Pod], pod_identity: dict[str,
     for s in svcs:
         members = _members(s, by_label) if s.selector else []
         if not s.cluster_ip:  # headless: no VIP for the kernel; a route may still send to its pods (Envoy)
-            for sp in s.ports:
-                if sp.protocol == "TCP" and s.selector:
-                    out.index[port_name(s, sp)] = PortInfo(s, sp, tuple((p.ip, tp) for p, tp in _targets(s, sp, members, [])
-                                                                      if isinstance(tp, int)))
+            for sp in (sp for sp in s.ports if sp.protocol == "TCP"):
+                ends = (tuple((p.ip, tp) for p, tp in _targets(s, sp, members, [])) if s.selector else
+                        tuple((b.ip, b.port) for b in _slice_backends(s, sp, slices.get(s.key, []), "IPv4")))
+                out.index[port_name(s, sp)] = PortInfo(s, sp, ends)
             continue
         out.hosts += [(vip, _dns(s)) for vip in (s.cluster_ip, s.cluster_ip6) if vip]
         for sp in s.ports:

@@ -213,3 +213,18 @@ def test_tls_passthrough_by_sni(tmp_path: Path) -> None:
     res = r.build([], "/tmp/a.log", list(plan.upstreams), plan.gateways, plan.secrets)
     assert Snapshot.of(res).problems() == []
     assert r.dependencies(r.LISTENER, res[r.LISTENER][gl.name]) == {r.CLUSTER: {"default/web-v1:80"}}
+
+
+def test_tls_listener_without_routes_and_rules_without_backends(tmp_path: Path) -> None:
+    docs = _docs()
+    docs[1]["spec"]["listeners"].append({"name": "tls", "port": 8443, "protocol": "TLS", "tls": {"mode": "Passthrough"}})
+    docs[2]["spec"]["rules"].insert(0, {"matches": [{"path": {"type": "Exact", "value": "/none"}}]})  # no backendRefs: 500
+    plan = _plan(tmp_path, docs=docs)
+    tls = next(g for g in plan.gateways if g.port == 8443)
+    assert [c.passthrough for c in tls.chains] == [()]  # a chain that closes: Envoy takes no listener without one
+    res = r.build([], "/tmp/a.log", list(plan.upstreams), plan.gateways, plan.secrets)
+    assert Snapshot.of(res).problems() == []
+    (parent,) = _status(plan, "HTTPRoute default/shop")["parents"]
+    assert _cond(parent["conditions"], "ResolvedRefs") == ("True", "ResolvedRefs")
+    routes = res[r.LISTENER]["gateway:default/shop:8080"]
+    assert "no valid backend" in str(routes)
