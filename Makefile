@@ -92,3 +92,15 @@ helm:  ## helm v4.3.2, built once from helm.sh/helm/v4 into /var/cache/webb/helm
 
 kube-demo: cluster-tools bpf  ## Star Wars on a real node, Webb installed with its Helm chart and image; removes everything, exit 0
 	$(PYTHON) -m tests.cluster.demo
+
+# the upstream Gateway API conformance suite against Webb (tools/conformance): the suite as a test binary, echo-basic
+# and Istio's echo app built from their Go modules (tools/conformance/go.mod, echo-advanced/go.mod) into
+# /var/cache/webb/conformance/<release>, their images imported into the one-node cluster; not part of `make test`
+.PHONY: conformance-tools conformance
+CONFORMANCE_ARGS ?=
+conformance-tools: cluster-tools  ## the Gateway API conformance suite, echo-basic, Istio's echo app, their images (cached)
+	bash tools/conformance/build.sh >/dev/null
+	$(PYTHON) -m tools.conformance.images >/dev/null
+
+conformance: conformance-tools helm bpf  ## the Gateway API conformance suite against Webb on a one-node cluster: conformance/reports/
+	$(PYTHON) -m tools.conformance.run $(CONFORMANCE_ARGS)

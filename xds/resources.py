@@ -395,7 +395,6 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
     return hcm.HttpConnectionManager(
         stat_prefix=name.replace("/", "_").replace(":", "_"),
         codec_type=hcm.HttpConnectionManager.AUTO,
-        strip_any_host_port=True,  # "shop.example.com:8443" matches the virtual host shop.example.com
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
@@ -458,7 +457,9 @@ def gateway_listener(gl: GatewayListener, access_log_path: str) -> listener_pb2.
             continue
         manager = _manager(gl.name, access_log_path, None)
         manager.route_config.CopyFrom(route_pb2.RouteConfiguration(
-            name=f"{gl.name}#{ch.name}", virtual_hosts=[_virtual_host(vh) for vh in ch.virtual_hosts]))
+            name=f"{gl.name}#{ch.name}", virtual_hosts=[_virtual_host(vh) for vh in ch.virtual_hosts],
+            # "shop.example.com:8443" finds the virtual host shop.example.com; the backend still gets the Host as sent
+            ignore_port_in_host_matching=True))
         chain = listener_components_pb2.FilterChain(name=ch.name, filters=[_hcm_filter(manager)])
         if ch.secret:
             chain.transport_socket.CopyFrom(_downstream_tls(ch.secret))
