@@ -231,10 +231,15 @@ def run_suite(argv: list[str], env: dict[str, str], logfile: Path, timeout_s: fl
 
 # ---------------------------------------------------------------- report
 
+def _rel(path: Path) -> str:
+    """``path`` relative to the repo when it is inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def summarize(report: Path) -> list[str]:
     """Lines of the report: per profile, core and extended result, counts, the failed tests."""
     data = yaml.safe_load(report.read_text())
-    lines = [f"report {report.relative_to(REPO)}: {data.get('implementation', {}).get('project')} "
+    lines = [f"report {_rel(report)}: {data.get('implementation', {}).get('project')} "
              f"{data.get('implementation', {}).get('version')}, Gateway API {data.get('gatewayAPIVersion')} "
              f"({data.get('gatewayAPIChannel')}), mode {data.get('mode')}"]
     for p in data.get("profiles") or []:
@@ -429,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 env.pop(k, None)
             allowed = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network(node.pod_cidr),
                        ipaddress.ip_network(node.service_cidr)]
-            log(f"running (at most {args.timeout:.0f} s; full output in {logfile.relative_to(REPO)}):\n  {' '.join(cmd)}")
+            log(f"running (at most {args.timeout:.0f} s; full output in {_rel(logfile)}):\n  {' '.join(cmd)}")
             t3 = time.monotonic()
             rc, stopped, violation = run_suite(cmd, env, logfile, args.timeout + 60, node, allowed)
             timings["suite"] = round(time.monotonic() - t3, 1)
@@ -452,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in summarize(report):
             log(line)
     else:
-        log(f"no report: the suite ended before it could write one (see {logfile.relative_to(REPO)})")
+        log(f"no report: the suite ended before it could write one (see {_rel(logfile)})")
     if logfile.exists():
         log(f"tests in the output: {json.dumps(outcomes(logfile))}")
     errors = first_errors(logfile) if logfile.exists() else []
