@@ -297,20 +297,16 @@ def _prefix_of(m: RouteMatchSpec | None) -> str:
     return m.path.rstrip("/") if m is not None and m.path_type in ("PathPrefix", "Prefix") else ""
 
 
-def _rewrite_path(path_type: str | None, path: str | None, m: RouteMatchSpec | None) -> tuple[str, rc.RouteAction | None]:
-    """(prefix_rewrite, or a RouteAction carrying a regex rewrite) for a Gateway API path modifier."""
+def _rewrite_path(path_type: str | None, path: str | None, m: RouteMatchSpec | None) -> regex_pb2.RegexMatchAndSubstitute | None:
+    """The regex rewrite of a Gateway API path modifier: ReplaceFullPath, or ReplacePrefixMatch (the
+    matched prefix, whole path elements, becomes ``path``)."""
     if path_type is None or path is None:
-        return "", None
-    action = rc.RouteAction()
+        return None
     if path_type == "ReplaceFullPath":
-        action.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(pattern=regex_pb2.RegexMatcher(regex="^/.*$"),
-                                                                       substitution=path))
-        return "", action
-    prefix = _prefix_of(m)  # ReplacePrefixMatch: the matched prefix, whole path elements, becomes ``path``
+        return regex_pb2.RegexMatchAndSubstitute(pattern=regex_pb2.RegexMatcher(regex="^/.*$"), substitution=path)
     keep = path.rstrip("/")
-    action.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
-        pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(prefix)}(/|$)"), substitution=keep + "\\1" if keep else "/"))
-    return "", action
+    return regex_pb2.RegexMatchAndSubstitute(pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(_prefix_of(m))}(/|$)"),
+                                             substitution=keep + "\\1" if keep else "/")
 
 
 _REDIRECT_CODES = {301: rc.RedirectAction.MOVED_PERMANENTLY, 302: rc.RedirectAction.FOUND, 303: rc.RedirectAction.SEE_OTHER,
@@ -332,9 +328,9 @@ def _redirect(route: HttpRoute, m: RouteMatchSpec | None) -> rc.RedirectAction:
     if f.path_type == "ReplaceFullPath" and f.path is not None:
         out.path_redirect = f.path
     elif f.path_type == "ReplacePrefixMatch" and f.path is not None:
-        keep = f.path.rstrip("/")
-        out.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
-            pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(_prefix_of(m))}(/|$)"), substitution=keep + "\\1" if keep else "/"))
+        rewrite = _rewrite_path(f.path_type, f.path, m)
+        assert rewrite is not None
+        out.regex_rewrite.CopyFrom(rewrite)
     return out
 
 
@@ -350,9 +346,9 @@ def _routes(route: HttpRoute) -> list[rc.Route]:
         elif any(w > 0 for _, w in route.clusters):
             r.route.CopyFrom(_action(route))
             if f is not None and f.rewrite is not None:
-                _, rewrite = _rewrite_path(f.rewrite.path_type, f.rewrite.path, spec)
+                rewrite = _rewrite_path(f.rewrite.path_type, f.rewrite.path, spec)
                 if rewrite is not None:
-                    r.route.regex_rewrite.CopyFrom(rewrite.regex_rewrite)
+                    r.route.regex_rewrite.CopyFrom(rewrite)
                 if f.rewrite.hostname:
                     r.route.host_rewrite_literal = f.rewrite.hostname
         else:  # Gateway API: a rule without a valid backend answers 500

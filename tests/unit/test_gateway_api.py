@@ -228,3 +228,21 @@ def test_tls_listener_without_routes_and_rules_without_backends(tmp_path: Path) 
     assert _cond(parent["conditions"], "ResolvedRefs") == ("True", "ResolvedRefs")
     routes = res[r.LISTENER]["gateway:default/shop:8080"]
     assert "no valid backend" in str(routes)
+
+
+def test_filters_become_envoy_route_actions() -> None:
+    from mesh import model as mm
+    from xds import model as xm
+    prefix = mm.RouteMatch("PathPrefix", "/api")
+    rewrite = xm.HttpRoute((prefix,), (("default/web:80", 1),), filters=mm.RouteFilters(
+        request_headers=mm.HeaderModifier(set=(("X-A", "1"),), add=(("X-B", "2"),), remove=("X-C",)),
+        rewrite=mm.Rewrite(hostname="internal.test", path_type="ReplacePrefixMatch", path="/v2")))
+    (route,) = r._routes(rewrite)
+    assert route.route.host_rewrite_literal == "internal.test"
+    assert (route.route.regex_rewrite.pattern.regex, route.route.regex_rewrite.substitution) == ("^/api(/|$)", "/v2\\1")
+    assert [(h.header.key, h.append_action) for h in route.request_headers_to_add] == [
+        ("x-a", 2), ("x-b", 0)]  # OVERWRITE_IF_EXISTS_OR_ADD, APPEND_IF_EXISTS_OR_ADD
+    assert list(route.request_headers_to_remove) == ["x-c"]
+    redirect = xm.HttpRoute((prefix,), (), filters=mm.RouteFilters(redirect=mm.Redirect(scheme="https", status_code=308)))
+    (route,) = r._routes(redirect)
+    assert (route.redirect.scheme_redirect, route.redirect.port_redirect, route.redirect.response_code) == ("https", 443, 4)
