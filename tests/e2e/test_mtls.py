@@ -235,11 +235,11 @@ def test_certificates_are_listed_and_keys_private(cluster: MultiNode) -> None:
 
 
 L7 = """\
-apiVersion: webb.io/v1alpha1
-kind: MeshRoute
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
 metadata: {name: deathstar, namespace: empire}
 spec:
-  parentRefs: [{name: deathstar, port: 80}]
+  parentRefs: [{group: "", kind: Service, name: deathstar, port: 80}]
   rules:
   - matches: [{path: {type: PathPrefix, value: /}}]
     backendRefs: [{name: deathstar, port: 80}]
@@ -257,7 +257,7 @@ def _envoy_admin(cluster: MultiNode, node: str, path: str) -> Any:
 
 
 def test_l7_service_across_nodes_is_envoy_originated_mtls_with_sds_certificates(cluster: MultiNode) -> None:
-    """A MeshRoute makes deathstar:80 layer 7: mn1's Envoy reaches mn2's pod through mn2's mTLS port
+    """An HTTPRoute with a Service parent makes deathstar:80 layer 7: mn1's Envoy reaches mn2's pod through mn2's mTLS port
     for it, presenting the node proxy certificate it got by SDS; STRICT is satisfied."""
     _set_mode(cluster, "STRICT")
     cluster.wait_applied(cluster.put("l7.yaml", L7), timeout_s=30 * SLOW)

@@ -280,11 +280,11 @@ spec:
   selector: {app: mn-web}
   ports: [{port: 80, targetPort: 8080, protocol: TCP}]
 ---
-apiVersion: webb.io/v1alpha1
-kind: MeshRoute
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
 metadata: {name: mn-web7, namespace: default}
 spec:
-  parentRefs: [{name: mn-web7, port: 80}]
+  parentRefs: [{group: "", kind: Service, name: mn-web7, port: 80}]
   rules:
   - matches: [{path: {type: PathPrefix, value: /}}]
     backendRefs: [{name: mn-web7, port: 80}]
@@ -293,7 +293,8 @@ spec:
 
 
 def test_l7_through_the_node_envoy_to_the_other_node(cluster: MultiNode) -> None:
-    """A MeshRoute makes the Service layer 7: mn1's Envoy (in mn1's netns) forwards to mn2's pod."""
+    """An HTTPRoute with a Service parent makes the Service layer 7: mn1's Envoy (in mn1's netns) forwards
+    to mn2's pod."""
     _app(cluster)
     cluster.wait_applied(cluster.put("l7.yaml", L7))
     try:

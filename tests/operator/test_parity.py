@@ -63,6 +63,8 @@ def _only(st: ClusterState, ns: str) -> ClusterState:
                    ingresses=tuple(i for i in st.ingresses if i.namespace == ns),
                    secrets=tuple(x for x in st.secrets if x.namespace == ns),
                    mtls=tuple(m for m in st.mtls if m.namespace == ns),
+                   gateway_classes=(), gateways=tuple(g for g in st.gateways if g.namespace == ns),
+                   grants=tuple(g for g in st.grants if g.namespace == ns),
                    errors=tuple(e for e in st.errors if f" {ns}/" in e))
 
 
