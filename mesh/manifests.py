@@ -892,9 +892,10 @@ def _service(ctx: Ctx, ns: str, name: str, spec: dict[str, Any]) -> Service:
                                   str(p.get("appProtocol", ""))))
     if not sports:
         raise ctx.fail("spec.ports", "a Service needs at least one port")
-    v4, v6 = _cluster_ips(ctx, spec)
+    headless = spec.get("clusterIP") == "None"  # no VIP: only routes reach its endpoints (through Envoy)
+    v4, v6 = ("", "") if headless else _cluster_ips(ctx, spec)
     return Service(ns, name, ctx.labels(spec.get("selector"), "spec.selector"), tuple(sports),
-                   cluster_ip=v4, cluster_ip6=v6, affinity_timeout_s=_affinity(ctx, spec))
+                   cluster_ip=v4, cluster_ip6=v6, affinity_timeout_s=_affinity(ctx, spec), headless=headless)
 
 
 def _endpoint_slice(ctx: Ctx, ns: str, name: str, labels: dict[str, str], doc: dict[str, Any]) -> EndpointSlice | None:

@@ -116,6 +116,7 @@ class Service:
     cluster_ip: str = ""
     affinity_timeout_s: int = 0  # sessionAffinity: ClientIP (timeoutSeconds); 0 = None
     cluster_ip6: str = ""  # the IPv6 of spec.clusterIPs (dual stack)
+    headless: bool = False  # clusterIP None: no VIP (the kernel balances nothing); routes reach its endpoints
 
     @property
     def key(self) -> str:

@@ -54,6 +54,9 @@ def _allocate(services: list[Service], cidr: str, attr: str, field: str) -> list
     out = []
     for s in sorted(services, key=lambda s: s.key):
         have = getattr(s, attr)
+        if s.headless:
+            out.append(s)
+            continue
         if have:
             if ipaddress.ip_address(have) not in net:
                 raise ManifestError(f"Service {s.key}", field, f"{have} is outside the service CIDR {cidr}")

@@ -246,3 +246,20 @@ def test_filters_become_envoy_route_actions() -> None:
     redirect = xm.HttpRoute((prefix,), (), filters=mm.RouteFilters(redirect=mm.Redirect(scheme="https", status_code=308)))
     (route,) = r._routes(redirect)
     assert (route.redirect.scheme_redirect, route.redirect.port_redirect, route.redirect.response_code) == ("https", 443, 4)
+
+
+def test_headless_services_are_route_backends(tmp_path: Path) -> None:
+    headless = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hl", "namespace": "default"},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 8080}]}}
+    sl = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {
+        "name": "hl-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "hl"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.0.77"], "conditions": {"ready": True}}],
+        "ports": [{"name": "http", "port": 3000, "protocol": "TCP"}]}
+    docs = _docs()
+    docs[2]["spec"]["rules"][0]["backendRefs"] = [{"name": "hl", "port": 8080}]
+    plan = _plan(tmp_path, headless, sl, docs=docs)
+    (parent,) = _status(plan, "HTTPRoute default/shop")["parents"]
+    assert _cond(parent["conditions"], "ResolvedRefs") == ("True", "ResolvedRefs")
+    (up,) = [u for u in plan.upstreams if u.name == "default/hl:8080"]
+    assert up.backends == (("10.244.0.77", 3000),)
+    assert not any(s.vip == "" for s in plan.services)  # no kernel entry without a VIP
