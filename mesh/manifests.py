@@ -514,14 +514,20 @@ def _parent_ref(ctx: Ctx, v: Any, f: str, legacy: bool) -> ParentRef:
     return ParentRef(ctx.name(p.get("name"), f"{f}.name", "reviews", "a name"), port, kind, ns, section)
 
 
-def _route(ctx: Ctx, kind: str, ns: str, name: str, spec: dict[str, Any], generation: int) -> Route:
-    legacy = kind == "MeshRoute"
-    ctx.only(spec, "spec", ("parentRefs", "rules", *(() if legacy else ("hostnames",))), f"{kind} spec")
+def _route_head(ctx: Ctx, spec: dict[str, Any], legacy: bool, what: str) -> tuple[tuple[ParentRef, ...], tuple[str, ...]]:
+    """parentRefs (at least one) and hostnames: the part every route kind shares."""
     parents = tuple(_parent_ref(ctx, p, f"spec.parentRefs[{i}]", legacy)
                     for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")))
     if not parents:
-        raise ctx.fail("spec.parentRefs", "needs the Service or Gateway this route is for, e.g. [{kind: Service, name: reviews, port: 80}]")
+        raise ctx.fail("spec.parentRefs", f"needs the {what} this route is for, e.g. [{{name: shop}}]")
     hostnames = tuple(_hostname(ctx, h, f"spec.hostnames[{i}]") for i, h in enumerate(ctx.seq(spec.get("hostnames"), "spec.hostnames")))
+    return parents, hostnames
+
+
+def _route(ctx: Ctx, kind: str, ns: str, name: str, spec: dict[str, Any], generation: int) -> Route:
+    legacy = kind == "MeshRoute"
+    ctx.only(spec, "spec", ("parentRefs", "rules", *(() if legacy else ("hostnames",))), f"{kind} spec")
+    parents, hostnames = _route_head(ctx, spec, legacy, "Service or Gateway")
     rules = tuple(_route_rule(ctx, r, f"spec.rules[{i}]", legacy) for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")))
     if legacy and not rules:
         raise ctx.fail("spec.rules", "needs at least one rule with backendRefs")
@@ -566,11 +572,7 @@ def _grpc_match(ctx: Ctx, v: Any, field: str) -> RouteMatch:
 
 def _grpc_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int) -> Route:
     ctx.only(spec, "spec", ("parentRefs", "rules", "hostnames"), "GRPCRoute spec")
-    parents = tuple(_parent_ref(ctx, p, f"spec.parentRefs[{i}]", False)
-                    for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")))
-    if not parents:
-        raise ctx.fail("spec.parentRefs", "needs the Gateway or Service this route is for")
-    hostnames = tuple(_hostname(ctx, h, f"spec.hostnames[{i}]") for i, h in enumerate(ctx.seq(spec.get("hostnames"), "spec.hostnames")))
+    parents, hostnames = _route_head(ctx, spec, False, "Gateway or Service")
     rules = []
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         f = f"spec.rules[{i}]"
@@ -591,11 +593,7 @@ def _grpc_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: 
 def _tls_route(ctx: Ctx, ns: str, name: str, spec: dict[str, Any], generation: int) -> Route:
     """TLS passthrough: the ClientHello's SNI picks the route (``hostnames``), the stream goes to the backends as is."""
     ctx.only(spec, "spec", ("parentRefs", "rules", "hostnames"), "TLSRoute spec")
-    parents = tuple(_parent_ref(ctx, p, f"spec.parentRefs[{i}]", False)
-                    for i, p in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")))
-    if not parents:
-        raise ctx.fail("spec.parentRefs", "needs the Gateway this route is for")
-    hostnames = tuple(_hostname(ctx, h, f"spec.hostnames[{i}]") for i, h in enumerate(ctx.seq(spec.get("hostnames"), "spec.hostnames")))
+    parents, hostnames = _route_head(ctx, spec, False, "Gateway")
     rules = []
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         f = f"spec.rules[{i}]"
