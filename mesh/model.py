@@ -267,9 +267,6 @@ class RouteRule:
     filters: RouteFilters = field(default_factory=RouteFilters)
 
 
-ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "MeshRoute")  # MeshRoute: the retired CRD, read as an HTTPRoute
-
-
 @dataclass(frozen=True)
 class Route:
     """A Gateway API HTTPRoute (or a legacy MeshRoute, read as one). Parents that are Services

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,6 +393,3 @@ def _envoy_listeners(chk: _GatewayCheck, served: Served) -> list[GatewayListener
         out.append(GatewayListener(f"gateway:{gw.key}:{port}", chk.address, port, tuple(chains)))
     return out
 
-
-def gateway_keys(objs: Iterable[tuple[str, str, str]]) -> list[str]:
-    return [f"{k} {ns}/{n}" if ns else f"{k} {n}" for k, ns, n in objs]
