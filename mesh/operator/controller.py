@@ -49,6 +49,13 @@ class Controller:
                 siblings = [k for k in self._bodies if k[0] == kind and k[1] == key[1] and k != key]
             for k in siblings:
                 self._write_status(k)
+        if kind in ("GatewayClass", "Gateway"):
+            # whose parent a route names is known only once its Gateway and class are: watches of
+            # different kinds arrive in any order, so a route seen first is written again now
+            with self._lock:
+                routes = [k for k in self._bodies if k[0] in GATEWAY_KINDS and k[0] not in ("GatewayClass", "Gateway")]
+            for k in routes:
+                self._write_status(k)
 
     def _shadowed_by(self, key: Key) -> str | None:
         """For a MeshTLS not in force: the one that is (another valid one in the namespace sorts first)."""
