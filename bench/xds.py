@@ -126,7 +126,9 @@ def one(n: int, delta: bool) -> dict[str, float]:
                 h = svc[f"bench/s{(i * 991) % n}:80"]
                 assert h.policies
                 p = replace(h.policies[0], rules=(xm.HttpRule("GET", f"/api/v{i}/.*"),))
-                return {r.LISTENER: {h.name: r.listener(replace(h, policies=(p,)), log)}}
+                # one listener holds every service's chain: a rule change rebuilds it (what the agent sends)
+                svc[h.name] = replace(h, policies=(p,))
+                return {r.LISTENER: dict(r.l7_listeners(list(svc.values()), log))}
 
             snap, eds_server, eds_ack = _timed_changes(cache, snap, move)
             snap, lds_server, lds_ack = _timed_changes(cache, snap, rule)

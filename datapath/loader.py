@@ -35,7 +35,10 @@ from datapath.types import Reason
 OBJECT_PATH = Path(__file__).parent / "bpf" / "sock.bpf.o"
 BPFFS = Path("/sys/fs/bpf")
 PROGRAMS = (*(f"webb_sock{f}_{hook}" for f in (4, 6) for hook in ("connect", "sendmsg", "recvmsg", "getpeername")),
-            "webb_sockops", "webb_ingress")
+            "webb_sockops", "webb_ingress", "webb_getsockopt")
+# attached to the proxy's own cgroup too, when the proxy runs outside the pods' (the embedded node's Envoy):
+# its getsockopt(SO_ORIGINAL_DST) is answered from the datapath's maps
+PROXY_PROGRAMS = ("webb_getsockopt",)
 MAPS = (*LAYOUT, "webb_events")
 # make-before-break: a service entry is written after its backends and removed before them
 _WRITE_ORDER = ("webb_backends", "webb_endpoints", "webb_cgroups", "webb_policy", "webb_services")
@@ -82,7 +85,8 @@ class Datapath:
     """The socket programs attached to ``cgroup_path``; ``adopted`` tells whether this instance
     took over pinned state instead of loading."""
 
-    def __init__(self, cgroup_path: str, pin_dir: Path, object_path: Path = OBJECT_PATH) -> None:
+    def __init__(self, cgroup_path: str, pin_dir: Path, object_path: Path = OBJECT_PATH,
+                 proxy_cgroup: str | None = None) -> None:
         if not object_path.exists():
             raise FileNotFoundError(f"load datapath: {object_path} is missing; build it with 'make bpf'")
         data = object_path.read_bytes()
@@ -91,6 +95,7 @@ class Datapath:
         check_btf(libbpf.btf_structs(str(object_path)))  # every shared struct, member by member
         check_enums(libbpf.btf_enums(str(object_path)))  # every shared constant: flags, verdicts, reasons
         self.cgroup_path = cgroup_path
+        self.proxy_cgroup = proxy_cgroup
         self.pin_dir = pin_dir
         self.digest = hashlib.sha256(data).digest()
         self._obj: libbpf.BpfObject | None = None
@@ -113,8 +118,8 @@ class Datapath:
     # ---- start ----
     def _adopt(self) -> bool:
         """Take over pinned maps when the pinned links run this very object on this cgroup."""
-        links = [self.pin_dir / f"link_{p}" for p in PROGRAMS]
-        if not (self.pin_dir / "webb_meta").exists() or not all(p.exists() for p in links):
+        links = [(self.pin_dir / pin, cg) for _, cg, pin in self._attachments()]
+        if not (self.pin_dir / "webb_meta").exists() or not all(p.exists() for p, _ in links):
             return False
         meta = libbpf.Map.pinned(str(self.pin_dir / "webb_meta"), "webb_meta")
         try:
@@ -122,11 +127,10 @@ class Datapath:
                 return False
         finally:
             meta.close()
-        want_cg = os.stat(self.cgroup_path).st_ino
-        for p in links:
+        for p, cg in links:
             fd = libbpf.obj_get(str(p))
             try:
-                if _link_cgroup_id(fd) != want_cg:
+                if _link_cgroup_id(fd) != os.stat(cg).st_ino:
                     return False
             finally:
                 os.close(fd)
@@ -152,26 +156,32 @@ class Datapath:
                     (self.pin_dir / n).unlink(missing_ok=True)
         self._obj = obj
         self.maps = {n: obj.map(n) for n in MAPS}
-        want_cg = os.stat(self.cgroup_path).st_ino
-        for name in PROGRAMS:
+        for name, cg, pin_name in self._attachments():
             prog = obj.program(name)
-            pin = self.pin_dir / f"link_{name}"
+            pin = self.pin_dir / pin_name
             link = None
             if pin.exists():
                 link = libbpf.Link.open_pinned(str(pin))
-                if _link_cgroup_id(link.fd) == want_cg:
+                if _link_cgroup_id(link.fd) == os.stat(cg).st_ino:
                     link.update_program(prog)  # atomic swap: never a moment unattached
                 else:
                     link.destroy()
                     pin.unlink()
                     link = None
             if link is None:
-                link = prog.attach_cgroup(self.cgroup_path)
+                link = prog.attach_cgroup(cg)
                 link.pin(str(pin))
             self._links.append(link)
         # sk_msg lives in the (pinned) sockhash, not in a link: it survives with the map
         obj.program("webb_sk_msg").attach_to_map(self.maps["webb_sockhash"], libbpf.BPF_SK_MSG_VERDICT)
         self.maps["webb_meta"].update(COUNTER_KEY.pack(0), self.digest)
+
+    def _attachments(self) -> list[tuple[str, str, str]]:
+        """(program, cgroup, pin name) of every link."""
+        out = [(p, self.cgroup_path, f"link_{p}") for p in PROGRAMS]
+        if self.proxy_cgroup:
+            out += [(p, self.proxy_cgroup, f"link_{p}_proxy") for p in PROXY_PROGRAMS]
+        return out
 
     # ---- run ----
     def _on_event(self, raw: bytes) -> None:
@@ -246,11 +256,13 @@ class Datapath:
             self._obj = None
         if unpin:
             cleanup(self.pin_dir, self.cgroup_path)
+            if self.proxy_cgroup:
+                wait_detached(self.proxy_cgroup)
 
 
 # enum bpf_attach_type of every program in PROGRAMS (cgroup connect/sendmsg/recvmsg/getpeername, sockops,
 # inet ingress)
-ATTACH_TYPES = (10, 11, 14, 15, 19, 20, 29, 30, 3, 0)
+ATTACH_TYPES = (10, 11, 14, 15, 19, 20, 29, 30, 3, 0, 21)
 
 
 def cleanup(pin_dir: Path, cgroup_path: str | None = None, timeout_s: float = 5.0) -> list[str]:
@@ -263,11 +275,18 @@ def cleanup(pin_dir: Path, cgroup_path: str | None = None, timeout_s: float = 5.
         pin_dir.parent.rmdir()
     except OSError:
         pass
-    if cgroup_path and os.path.isdir(cgroup_path):
-        deadline = time.monotonic() + timeout_s
-        while (left := sum(libbpf.attached_count(cgroup_path, t) for t in ATTACH_TYPES)) > 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"clean up datapath: {left} programs still attached to {cgroup_path} "
-                                   f"after {timeout_s}s (another process holds their links?)")
-            time.sleep(0.01)
+    if cgroup_path:
+        wait_detached(cgroup_path, timeout_s)
     return removed
+
+
+def wait_detached(cgroup_path: str, timeout_s: float = 5.0) -> None:
+    """Returns once none of our program types is attached to ``cgroup_path`` (or it is gone)."""
+    if not os.path.isdir(cgroup_path):
+        return
+    deadline = time.monotonic() + timeout_s
+    while (left := sum(libbpf.attached_count(cgroup_path, t) for t in ATTACH_TYPES)) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"clean up datapath: {left} programs still attached to {cgroup_path} "
+                               f"after {timeout_s}s (another process holds their links?)")
+        time.sleep(0.01)

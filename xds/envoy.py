@@ -41,6 +41,9 @@ class EnvoyConfig:
     # server's; L7 flows come from the access log, not from stats.
     stats_prefixes: tuple[str, ...] = ("server.", "listener_manager.", "cluster_manager.", "control_plane.",
                                        "runtime.")
+    # the cgroup Envoy runs in (it joins before it starts), where the datapath answers its
+    # getsockopt(SO_ORIGINAL_DST); None: the agent's own
+    cgroup: Path | None = None
 
 
 def bootstrap(cfg: EnvoyConfig) -> dict[str, object]:
@@ -90,13 +93,13 @@ class Envoy:
         path.write_text(json.dumps(bootstrap(self.cfg), indent=1))
         with open(self.log_path, "ab") as log:
             # setpriv --pdeathsig: Envoy stops by itself if the agent dies, even by SIGKILL
-            self.proc = subprocess.Popen(
-                ["setpriv", "--pdeathsig", "SIGTERM", "--", envoy_binary(), "-c", str(path),
-                 "--concurrency", str(self.cfg.concurrency), "--log-level", self.cfg.log_level,
-                 "--disable-hot-restart", "--file-flush-interval-msec", "100",
-                 "--admin-address-path", str(self.admin_address_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
+            argv = ["setpriv", "--pdeathsig", "SIGTERM", "--", envoy_binary(), "-c", str(path),
+                    "--concurrency", str(self.cfg.concurrency), "--log-level", self.cfg.log_level,
+                    "--disable-hot-restart", "--file-flush-interval-msec", "100",
+                    "--admin-address-path", str(self.admin_address_path)]
+            if self.cfg.cgroup is not None:  # join it, then become Envoy (one process: no moment outside)
+                argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.cfg.cgroup / "cgroup.procs"), *argv]
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def admin(self, path: str, timeout_s: float = 1.0) -> str:
         address = f"127.0.0.1:{self.cfg.admin_port}"

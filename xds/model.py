@@ -187,7 +187,10 @@ class Upstream:
 
 @dataclass(frozen=True)
 class HttpService:
-    """An L7 service port: one Envoy listener on the node's proxy port."""
+    """An L7 service port: a filter chain of the node proxy's one L7 listener (``listen_ip``:
+    ``listen_port``; services on one address share a listener), chosen by the original destination
+    the kernel redirect hands Envoy (SO_ORIGINAL_DST): ``match_ips`` (the VIPs) and ``match_port``.
+    Without them, the listen address itself (a client that connects straight to Envoy)."""
 
     name: str  # "namespace/service:port"
     listen_ip: str
@@ -198,6 +201,12 @@ class HttpService:
     routes: tuple[HttpRoute, ...] = ()  # from MeshRoutes; empty: every request to upstream ``name``
     # more RBAC sets, one per further backend identity: a request must be allowed by ``policies`` and each
     also: tuple[tuple[RbacPolicy, ...], ...] = ()
+    match_ips: tuple[str, ...] = ()  # the service's VIPs (IPv4, IPv6): the original destination
+    match_port: int = 0  # the service port (0: listen_port)
+
+    @property
+    def listen_key(self) -> tuple[str, int]:
+        return self.listen_ip, self.listen_port
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
@@ -71,6 +72,7 @@ MESSAGES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssi
 WILDCARD_TYPES = (CLUSTER, LISTENER)  # Envoy always subscribes to these; EDS/SDS/RDS by name
 
 DENIED_BODY = "Access denied\n"
+L7_LISTENER = "l7"  # the node proxy's L7 listener: "l7:<proxy ip>:<port>"
 NO_BACKEND = "webb:no-backend"  # a TLS passthrough route without a valid backend: a cluster that is not (closed)
 DEFAULT_RETRY_ON = ("5xx", "reset")  # a Retry with neither codes nor conditions
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -129,12 +131,12 @@ def rbac(policies: tuple[RbacPolicy, ...]) -> rbac_filter.RBAC:
     return rbac_filter.RBAC(rules=rules)
 
 
-def _access_log(path: str, service: str, policies: tuple[RbacPolicy, ...]) -> accesslog_pb2.AccessLog:
+def _access_log(path: str, service: str) -> accesslog_pb2.AccessLog:
     fmt = struct_pb2.Struct()
     fmt.update({
         "time": "%START_TIME(%s.%3f)%",
         "service": service,
-        "policies": ",".join(p.name for p in policies),
+        "policies": "%METADATA(VIRTUAL_HOST:webb:policies)%",  # route(): the policies in force
         "src": "%DOWNSTREAM_REMOTE_ADDRESS%",
         "upstream": "%UPSTREAM_HOST%",
         "cluster": "%UPSTREAM_CLUSTER%",
@@ -370,9 +372,25 @@ def _virtual_host(vh: VirtualHost) -> rc.VirtualHost:
     return rc.VirtualHost(name=vh.name, domains=list(vh.domains), routes=[r for hr in vh.routes for r in _routes(hr)])
 
 
+def _rbac_filter_names(also: int) -> list[str]:
+    return ["envoy.filters.http.rbac", *(f"envoy.filters.http.rbac.{i}" for i in range(1, also + 1))]
+
+
 def route(svc: HttpService) -> route_pb2.RouteConfiguration:
-    return route_pb2.RouteConfiguration(name=svc.name, virtual_hosts=[
-        _virtual_host(VirtualHost(svc.name, ("*",), service_routes(svc)))])
+    """The service's routes, and its L7 policy: each RBAC filter's rules ride here (per virtual
+    host), not in the listener, so a policy change is one RouteConfiguration (RDS), not a new
+    listener of every service's chains; the policy names go with them, for the access log."""
+    vh = _virtual_host(VirtualHost(svc.name, ("*",), service_routes(svc)))
+    if svc.policies is not None:
+        for fname, pols in zip(_rbac_filter_names(len(svc.also)), (svc.policies, *svc.also), strict=True):
+            vh.typed_per_filter_config[fname].CopyFrom(_any(rbac_filter.RBACPerRoute(rbac=rbac(pols))))
+        names = ",".join(p.name for p in (*svc.policies, *(p for more in svc.also for p in more)))
+        vh.metadata.filter_metadata["webb"].update({"policies": names})
+    return route_pb2.RouteConfiguration(name=svc.name, virtual_hosts=[vh])
+
+
+# an L7 policy's RBAC filter before its rules arrived (they come with the routes): nothing is allowed
+_DENY_ALL = rbac_filter.RBAC(rules=rbac_cfg.RBAC(action=rbac_cfg.RBAC.ALLOW))
 
 
 def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] | None,
@@ -383,10 +401,8 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
     merged, and an escaped slash (``%2F``, ``%5C``) answered with a redirect to the unescaped path,
     so a rule on ``/v1/.*`` never lets ``/v1/../v2/secret`` or ``/v1%2F..%2Fv2`` through."""
     filters = []
-    if policies is not None:
-        filters.append(hcm.HttpFilter(name="envoy.filters.http.rbac", typed_config=_any(rbac(policies))))
-    for i, more in enumerate(also, 1):  # each backend identity's rules: every filter must allow
-        filters.append(hcm.HttpFilter(name=f"envoy.filters.http.rbac.{i}", typed_config=_any(rbac(more))))
+    if policies is not None:  # each backend identity's rules a filter: every one must allow (rules: route())
+        filters += [hcm.HttpFilter(name=n, typed_config=_any(_DENY_ALL)) for n in _rbac_filter_names(len(also))]
     filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())))
     return hcm.HttpConnectionManager(
         stat_prefix=name.replace("/", "_").replace(":", "_"),
@@ -396,7 +412,7 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
         path_with_escaped_slashes_action=hcm.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
         http_filters=filters,
         upgrade_configs=[hcm.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
-        access_log=[_access_log(access_log_path, name, (*(policies or ()), *(p for more in also for p in more)))],
+        access_log=[_access_log(access_log_path, name)],
         local_reply_config=_local_reply(),
     )
 
@@ -409,14 +425,41 @@ def _address(ip: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
 
 
-def listener(svc: HttpService, access_log_path: str) -> listener_pb2.Listener:
+def l7_chain(svc: HttpService, access_log_path: str) -> listener_components_pb2.FilterChain:
+    """The service's filter chain: picked by the original destination (its VIPs and port), its
+    own HTTP connection manager (RBAC of its backends, routes by RDS, access log)."""
     manager = _manager(svc.name, access_log_path, svc.policies, svc.also)
     manager.rds.CopyFrom(hcm.Rds(config_source=_ads(), route_config_name=svc.name))
-    extra = [listener_pb2.AdditionalAddress(address=_address(svc.listen_ip6, svc.listen_port))] if svc.listen_ip6 else []
-    return listener_pb2.Listener(
-        name=svc.name, address=_address(svc.listen_ip, svc.listen_port), additional_addresses=extra,
-        filter_chains=[listener_components_pb2.FilterChain(filters=[_hcm_filter(manager)])],
-    )
+    ips = svc.match_ips or tuple(ip for ip in (svc.listen_ip, svc.listen_ip6) if ip)
+    match = listener_components_pb2.FilterChainMatch(
+        destination_port=wrappers_pb2.UInt32Value(value=svc.match_port or svc.listen_port),
+        prefix_ranges=[address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=128 if ":" in ip else 32))
+                       for ip in ips])
+    return listener_components_pb2.FilterChain(name=svc.name, filter_chain_match=match, filters=[_hcm_filter(manager)])
+
+
+def l7_listener_name(listen_ip: str, listen_port: int) -> str:
+    return f"{L7_LISTENER}:{listen_ip}:{listen_port}"
+
+
+def l7_listeners(services: list[HttpService], access_log_path: str) -> Iterator[tuple[str, listener_pb2.Listener]]:
+    """One listener per proxy address (the node has one): every L7 service port a filter chain of
+    it. The original_dst listener filter asks the kernel where the client connected to (the
+    datapath answers SO_ORIGINAL_DST with the VIP) and makes that the connection's local address,
+    which the chains match; a connection to no service's VIP:port matches no chain and is closed."""
+    groups: dict[tuple[str, int], list[HttpService]] = {}
+    for svc in services:
+        groups.setdefault(svc.listen_key, []).append(svc)
+    for (ip, port), svcs in sorted(groups.items()):
+        ip6 = next((s.listen_ip6 for s in svcs if s.listen_ip6), "")
+        extra = [listener_pb2.AdditionalAddress(address=_address(ip6, port))] if ip6 else []
+        name = l7_listener_name(ip, port)
+        yield name, listener_pb2.Listener(
+            name=name, address=_address(ip, port), additional_addresses=extra,
+            listener_filters=[listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.original_dst", typed_config=_any(original_dst_pb2.OriginalDst()))],
+            filter_chains=[l7_chain(s, access_log_path) for s in sorted(svcs, key=lambda s: s.name)],
+        )
 
 
 def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
@@ -498,8 +541,8 @@ def build_items(services: list[HttpService], access_log_path: str, upstreams: li
         yield SECRET, sec.name, secret(sec)
     for b in bundles:
         yield SECRET, b.name, bundle_secret(b)
-    for s in services:
-        yield LISTENER, s.name, listener(s, access_log_path)
+    for name, lst in l7_listeners(services, access_log_path):
+        yield LISTENER, name, lst
     for gl in gateways:
         yield LISTENER, gl.name, gateway_listener(gl, access_log_path)
     for s in services:

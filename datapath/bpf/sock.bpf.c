@@ -69,6 +69,27 @@ struct {
 	__type(value, struct orig_dst);
 } webb_revnat SEC(".maps");
 
+/* One listener for every L7 service port of the node: the proxy learns which
+ * service a connection is for by getsockopt(SO_ORIGINAL_DST), answered from
+ * here (as iptables' REDIRECT would have it). connect() knows the socket's
+ * cookie only, its port exists once the kernel picked it: connect writes
+ * webb_l7_pending (cookie -> VIP), sockops moves it to webb_origdst (client
+ * address and port -> VIP) when the connection is established, before the
+ * proxy can accept it. LRU: an entry never read ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);			/* socket cookie of the client */
+	__type(value, struct orig_dst);
+} webb_l7_pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct peer_key);
+	__type(value, struct orig_dst);
+} webb_origdst SEC(".maps");
+
 /* ClientIP session affinity: a pod is its network namespace. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -403,6 +424,12 @@ static __always_inline int __sock_xlate(struct bpf_sock_addr *ctx, int family, _
 		new_port = svc->proxy_port;
 		if (verdict != WEBB_VERDICT_AUDIT)
 			reason = WEBB_REASON_L7_PROXY;
+		if (proto == IPPROTO_TCP) {
+			__u64 cookie = bpf_get_socket_cookie(ctx);
+			struct orig_dst vip = { .addr = dst_addr, .port = dst_port };
+
+			bpf_map_update_elem(&webb_l7_pending, &cookie, &vip, BPF_ANY);
+		}
 	}
 	if (svc) {
 		struct revnat_key rk = {
@@ -535,11 +562,47 @@ static __always_inline void __addr4(struct webb_addr *a, __u32 ip4)
 	a->w[3] = ip4;
 }
 
+/* A volatile load: one instruction at the field's own offset, never merged with
+ * another branch's load through an offset pointer (which the verifier refuses). */
+#define __ctx_u32(p) (*(volatile __u32 *)(p))
+
+/* The client end of a connection connect() sent to the proxy is established:
+ * its address and port are known now, so the proxy's SO_ORIGINAL_DST can be. */
+static __always_inline void __l7_established(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct orig_dst *vip = bpf_map_lookup_elem(&webb_l7_pending, &cookie);
+	struct peer_key pk = {};
+
+	/* every field read unconditionally: the verifier refuses a ctx pointer
+	 * the compiler offsets once and loads through in both branches */
+	__u32 family = __ctx_u32(&skops->family), ip4 = __ctx_u32(&skops->local_ip4);
+	__u32 port = __ctx_u32(&skops->local_port);
+	__u32 a0 = __ctx_u32(&skops->local_ip6[0]), a1 = __ctx_u32(&skops->local_ip6[1]);
+	__u32 a2 = __ctx_u32(&skops->local_ip6[2]), a3 = __ctx_u32(&skops->local_ip6[3]);
+
+	if (!vip)
+		return;
+	if (family == 2 /* AF_INET */) {
+		__addr4(&pk.addr, ip4);
+	} else {
+		pk.addr.w[0] = a0;
+		pk.addr.w[1] = a1;
+		pk.addr.w[2] = a2;
+		pk.addr.w[3] = a3;
+	}
+	pk.port = bpf_htons((__u16)port);
+	bpf_map_update_elem(&webb_origdst, &pk, vip, BPF_ANY);
+	bpf_map_delete_elem(&webb_l7_pending, &cookie);
+}
+
 SEC("sockops")
 int webb_sockops(struct bpf_sock_ops *skops)
 {
 	struct sock_key k = {};
 
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		__l7_established(skops);
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
@@ -555,6 +618,72 @@ int webb_sockops(struct bpf_sock_ops *skops)
 	k.remote_port = __remote_port(skops->remote_port);
 	if (bpf_sock_hash_update(skops, &webb_sockhash, &k, BPF_NOEXIST) == 0)
 		__accel_count(WEBB_ACCEL_SOCKETS);
+	return 1;
+}
+
+#define WEBB_SO_ORIGINAL_DST 80	/* SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST */
+#define WEBB_SOL_IP 0
+#define WEBB_SOL_IPV6 41
+
+/* getsockopt(SO_ORIGINAL_DST) on a connection the proxy accepted: the VIP and
+ * port the client connected to (webb_origdst, by the proxy's peer). Any other
+ * option, or a connection not redirected here, keeps the kernel's answer. */
+SEC("cgroup/getsockopt")
+int webb_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct peer_key pk = {};
+	struct orig_dst *vip;
+	void *end = (void *)(long)ctx->optval_end;
+
+	__u32 family, ip4, a0, a1, a2, a3;
+
+	if (ctx->optname != WEBB_SO_ORIGINAL_DST ||
+	    (ctx->level != WEBB_SOL_IP && ctx->level != WEBB_SOL_IPV6) || !sk)
+		return 1;
+	family = __ctx_u32(&sk->family);	/* read unconditionally, as in __l7_established */
+	ip4 = __ctx_u32(&sk->dst_ip4);
+	a0 = __ctx_u32(&sk->dst_ip6[0]);
+	a1 = __ctx_u32(&sk->dst_ip6[1]);
+	a2 = __ctx_u32(&sk->dst_ip6[2]);
+	a3 = __ctx_u32(&sk->dst_ip6[3]);
+	pk.port = (__u16)sk->dst_port;
+	if (family == 2 /* AF_INET */) {
+		__addr4(&pk.addr, ip4);
+	} else {
+		pk.addr.w[0] = a0;
+		pk.addr.w[1] = a1;
+		pk.addr.w[2] = a2;
+		pk.addr.w[3] = a3;
+	}
+	vip = bpf_map_lookup_elem(&webb_origdst, &pk);
+	if (!vip)
+		return 1;
+	if (ctx->level == WEBB_SOL_IP) {
+		struct sockaddr_in *sin = (void *)(long)ctx->optval;
+
+		if ((void *)(sin + 1) > end)
+			return 1;
+		sin->sin_family = 2 /* AF_INET */;
+		sin->sin_port = vip->port;
+		sin->sin_addr.s_addr = vip->addr.w[3];
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct sockaddr_in6 *sin6 = (void *)(long)ctx->optval;
+
+		if ((void *)(sin6 + 1) > end)
+			return 1;
+		sin6->sin6_family = 10 /* AF_INET6 */;
+		sin6->sin6_port = vip->port;
+		sin6->sin6_flowinfo = 0;
+		sin6->sin6_addr.in6_u.u6_addr32[0] = vip->addr.w[0];
+		sin6->sin6_addr.in6_u.u6_addr32[1] = vip->addr.w[1];
+		sin6->sin6_addr.in6_u.u6_addr32[2] = vip->addr.w[2];
+		sin6->sin6_addr.in6_u.u6_addr32[3] = vip->addr.w[3];
+		sin6->sin6_scope_id = 0;
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
 	return 1;
 }
 

@@ -156,6 +156,15 @@ struct orig_dst {
 	__u16 pad;
 };
 
+/* A TCP connection to the node proxy, by its client end (address and port as
+ * the proxy sees its peer): the original destination the proxy asks for with
+ * getsockopt(SO_ORIGINAL_DST). */
+struct peer_key {
+	struct webb_addr addr;
+	__u16 port;		/* network order */
+	__u16 pad;
+};
+
 /* Never instantiated: a member of each shared enum's type is what makes clang
  * emit that enum into BTF (see webb_enums_btf in sock.bpf.c). */
 struct webb_btf_enums {

@@ -127,7 +127,8 @@ def from_access_log(entry: dict[str, Any], names: Names) -> dict[str, Any]:
     if grpc_status.isdigit():  # a gRPC call: its status rides in trailers, the HTTP status is 200
         flow["grpc_status"] = int(grpc_status)
     if denied or would_deny:
-        flow["policy"] = entry.get("policies", "")
+        pols = entry.get("policies")
+        flow["policy"] = pols if isinstance(pols, str) and pols != "-" else ""
         flow["why"] = (f"no HTTP rule allows {entry.get('method')} {entry.get('path')}: "
                        f"{names.http_rules.get(str(entry.get('service')), '')}")
     return flow

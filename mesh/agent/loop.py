@@ -146,11 +146,14 @@ class Agent:
         self.envoy = Envoy(EnvoyConfig(self.cfg.node.name, xds.path, self.cfg.envoy_admin_port,
                                        self.cfg.state_dir / "envoy", self.cfg.envoy_concurrency,
                                        self.cfg.envoy_log_level, delta=self.cfg.xds_delta,
-                                       stats_prefixes=() if self.cfg.envoy_all_stats else EnvoyConfig.stats_prefixes))
+                                       stats_prefixes=() if self.cfg.envoy_all_stats else EnvoyConfig.stats_prefixes,
+                                       cgroup=self.runtime.proxy_cgroup))
         try:
             self.envoy.start()
             self.envoy.wait_ready()
-            self.datapath = Datapath(str(self.runtime.pods_cgroup), pin_dir_for(self.cfg.node.name))
+            proxy_cg = self.runtime.proxy_cgroup
+            self.datapath = Datapath(str(self.runtime.pods_cgroup), pin_dir_for(self.cfg.node.name),
+                                     proxy_cgroup=str(proxy_cg) if proxy_cg else None)
             log.info("datapath %s", "adopted from pins" if self.datapath.adopted else "loaded and pinned")
             self.datapath.set_acceleration(False)  # on again only after this run's self-test
             if self.cfg.sockmap:

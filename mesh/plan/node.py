@@ -43,8 +43,9 @@ from xds.model import GatewayListener, HttpRule, HttpService, RbacPolicy, TlsSec
 
 IDENTITY_MIN = 256
 _PROTOS = {"TCP": (PROTO_TCP,), "UDP": (PROTO_UDP,), "ANY": (PROTO_TCP, PROTO_UDP)}
-# 15001-31000: one listener per L7 service port (10,000 fit), below the ephemeral range (32768+)
-PROXY_PORT_BASE, PROXY_PORT_COUNT = 15001, 16000
+# the node Envoy's one L7 listener: every L7 service port is a filter chain of it, picked by the VIP:port
+# the client connected to (the kernel answers Envoy's SO_ORIGINAL_DST)
+L7_PORT = 15001
 
 
 @dataclass(frozen=True)
@@ -408,14 +409,18 @@ def _services(state: ClusterState, pods: list[Pod], pod_identity: dict[str, int]
     for key, parents in mesh_status.items():
         status[key] = {"parents": [*status.get(key, {}).get("parents", []), *parents]}
     l7_names = sorted(ports.l7 | set(routes))
-    proxy = alloc(l7_names, PROXY_PORT_BASE, PROXY_PORT_COUNT)
     http = []
     for name in l7_names:
         info = ports.index[name]
         rbac = ports.rbac.get(name, [])
-        http.append(HttpService(name, node.proxy_ip, proxy[name], info.backends, rbac[0] if rbac else None,
+        vips = tuple(ip for ip in (info.service.cluster_ip, info.service.cluster_ip6) if ip)
+        if not vips:  # headless: no VIP a connection could be redirected from (a route backend only)
+            continue
+        http.append(HttpService(name, node.proxy_ip, L7_PORT, info.backends, rbac[0] if rbac else None,
                                 also=tuple(rbac[1:]),
-                                listen_ip6=node.proxy_ip6 if info.service.cluster_ip6 else "", routes=routes.get(name, ())))
+                                listen_ip6=node.proxy_ip6 if info.service.cluster_ip6 else "", routes=routes.get(name, ()),
+                                match_ips=vips, match_port=info.port.port))
+    proxy = {h.name: L7_PORT for h in http}
     wanted = {c for h in http for c in route_clusters(service_routes(h))}
     wanted |= {c for gl in ingress for ch in gl.chains for vh in ch.virtual_hosts for c in route_clusters(vh.routes)}
     wanted |= gw.clusters

@@ -20,6 +20,12 @@ class PodRuntime(Protocol):
     def pods_cgroup(self) -> Path:
         """The cgroup that holds every pod of this node: the datapath attaches its programs there."""
 
+    @property
+    def proxy_cgroup(self) -> Path | None:
+        """A cgroup of its own for the node Envoy when it runs beside the pods (the embedded node):
+        the datapath attaches its SO_ORIGINAL_DST answer there too. None: Envoy runs under
+        ``pods_cgroup`` already (the agent's pod)."""
+
     def setup(self) -> None:
         """Make the node ready (bridge, routes, cgroups), adopting what a killed agent left."""
 

@@ -23,6 +23,10 @@ class EmbeddedRuntime:
     def pods_cgroup(self) -> Path:
         return self.node.config.pods_cgroup
 
+    @property
+    def proxy_cgroup(self) -> Path:
+        return self.node.config.proxy_cgroup
+
     def setup(self) -> None:
         self.node.setup()
 

@@ -56,6 +56,10 @@ class KubeletRuntime:
     def pods_cgroup(self) -> Path:
         return self.root / ("kubepods" if self.driver == "cgroupfs" else "kubepods.slice")
 
+    @property
+    def proxy_cgroup(self) -> Path | None:
+        return None  # the agent's pod, under the pods' cgroup
+
     def setup(self) -> None:
         if not self.pods_cgroup.is_dir():
             raise RuntimeError(f"kubelet's pod cgroup {self.pods_cgroup} does not exist: is kubelet running on this node "

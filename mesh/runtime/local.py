@@ -87,6 +87,11 @@ class NodeConfig:
         """Where the socket programs attach: every pod, and nothing else of the node."""
         return self.cgroup / "pods"
 
+    @property
+    def proxy_cgroup(self) -> Path:
+        """The node Envoy's: beside the pods, not one of them (its sockets are the host's)."""
+        return self.cgroup / "proxy"
+
 
 @dataclass
 class Sandbox:
@@ -173,6 +178,7 @@ class LocalNode:
             blackhole(ipr, c.service_cidr6)
             self._peer_routes_from_gateway(ipr, True)
         c.pods_cgroup.mkdir(parents=True, exist_ok=True)
+        c.proxy_cgroup.mkdir(parents=True, exist_ok=True)
         (c.state_dir / "pods").mkdir(parents=True, exist_ok=True)
         self._adopt()
 

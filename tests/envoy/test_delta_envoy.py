@@ -65,12 +65,13 @@ def test_removed_service_leaves_envoy(plane: Plane, backend: int, tmp_path: Path
     both = Snapshot.of(r.build(_services(backend, ports), log))
     plane.cache.set_snapshot(NODE, both)
     assert plane.cache.wait_acked(NODE, both, 10)
-    assert _listeners(plane) == {"default/svc0:80", "default/svc1:80"}
+    names = [r.l7_listener_name("127.0.0.1", p) for p in ports]  # one per proxy address: a port each here
+    assert _listeners(plane) == set(names)
     one = Snapshot.of(r.build(_services(backend, ports[:1]), log))
     plane.cache.set_snapshot(NODE, one)
     assert plane.cache.wait_acked(NODE, one, 10)
     deadline = time.monotonic() + 5
-    while _listeners(plane) != {"default/svc0:80"}:
+    while _listeners(plane) != {names[0]}:
         assert time.monotonic() < deadline, _listeners(plane)
         time.sleep(0.05)
     assert call(ports[0], "GET", "/")[0] == 200

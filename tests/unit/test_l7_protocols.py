@@ -30,8 +30,8 @@ def test_app_protocol_is_parsed() -> None:
 def test_upstream_http2_cluster_and_downstream_codec() -> None:
     assert OPTIONS in r.cluster(xm.Upstream("ns/g:50051", (), http2=True)).typed_extension_protocol_options
     assert OPTIONS not in r.cluster(xm.Upstream("ns/web:80", ())).typed_extension_protocol_options
-    lst = r.listener(xm.HttpService("ns/web:80", "10.244.0.1", 15001, (), None), "/tmp/a.log")
+    chain = r.l7_chain(xm.HttpService("ns/web:80", "10.244.0.1", 15001, (), None), "/tmp/a.log")
     m = r.hcm.HttpConnectionManager()
-    lst.filter_chains[0].filters[0].typed_config.Unpack(m)
+    chain.filters[0].typed_config.Unpack(m)
     assert m.codec_type == r.hcm.HttpConnectionManager.AUTO
     assert [u.upgrade_type for u in m.upgrade_configs] == ["websocket"]

@@ -154,7 +154,7 @@ def test_clusters_and_listeners_are_built_apart() -> None:
     svc = xm.HttpService("ns/web:80", "10.244.0.1", 15001, (("10.244.0.9", 80),), None,
                         routes=(xm.HttpRoute(clusters=(("ns/other:80", 1),)),))
     res = r.build([svc], "/tmp/a.log", [xm.Upstream("ns/other:80", (("10.244.0.5", 8080),))])
-    assert set(res[r.CLUSTER]) == {"ns/other:80"} and set(res[r.LISTENER]) == {"ns/web:80"}
+    assert set(res[r.CLUSTER]) == {"ns/other:80"} and set(res[r.LISTENER]) == {"l7:10.244.0.1:15001"}
     assert Snapshot.of(res).problems() == []
     missing = r.build([svc], "/tmp/a.log", [])
     assert Snapshot.of(missing).problems() == ["RouteConfiguration ns/web:80 needs Cluster ns/other:80"]

@@ -2,7 +2,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mesh.model import ClusterState
-from mesh.plan.node import PROXY_PORT_BASE, PROXY_PORT_COUNT, NodeSpec, plan_node
+from mesh.plan.node import L7_PORT, NodeSpec, plan_node
 from mesh.source import StandaloneSource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +38,10 @@ def test_starwars_policy_plan(tmp_path: Path) -> None:
     assert (ds, ident["default/tiefighter"], 80) in allowed
     assert not any(src == ident["default/xwing"] for _, src, _ in allowed)
     (svc,) = plan.services
-    assert svc.proxy_ip == "10.244.0.1" and PROXY_PORT_BASE <= svc.proxy_port < PROXY_PORT_BASE + PROXY_PORT_COUNT < 32768
+    assert (svc.proxy_ip, svc.proxy_port) == ("10.244.0.1", L7_PORT)  # the one L7 listener, below the ephemeral range
     (http,) = plan.http
     assert http.listen_port == svc.proxy_port
+    assert (http.match_ips, http.match_port) == ((svc.vip,), svc.port)  # its chain: the VIP:port connected to
     (rbac,) = http.policies
     assert rbac.name == "default/rule1#ingress[0]"
     assert "10.244.0.4" in rbac.source_ips  # tiefighter (sorted pods: deathstar-1, -2, tiefighter, xwing)
