@@ -7,8 +7,6 @@ and the CA's files; it never issues, renews or creates anything.
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import stat
 import time
 from pathlib import Path
@@ -16,15 +14,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from mesh.cli.common import STATE, TableFormat, console, dump, err, output_option
+
 app = typer.Typer(no_args_is_help=False, help="Workload identities (SPIFFE certificates) of this node, and the mesh CA.")
-console = Console()
-err = Console(stderr=True)
-STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))  # as `webb agent` (mesh.cli.main)
 StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state; identities are in <state-dir>/certs")]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table | json")]
+OutputOpt = Annotated[TableFormat, output_option("table, json or yaml")]
 OK, OVERDUE, EXPIRED = "ok", "overdue", "expired"
 
 
@@ -65,25 +63,25 @@ _MARK = {OK: "[green]ok[/]", OVERDUE: "[yellow]OVERDUE[/]", EXPIRED: "[red]EXPIR
 
 
 @app.callback(invoke_without_command=True)
-def certs(ctx: typer.Context, state_dir: StateOpt = STATE, output: OutputOpt = "table") -> None:
+def certs(ctx: typer.Context, state_dir: StateOpt = STATE, output: OutputOpt = TableFormat.table) -> None:
     """The identities this node holds: SPIFFE ID, serial, validity, renewal time, time left.
     Exit 1 when one is expired or overdue for renewal."""
     if ctx.invoked_subcommand is not None:
         return
     directory = state_dir / "certs"
     rows = identity_rows(directory, time.time())
-    if output == "json":
-        print(json.dumps(rows, indent=1))
+    if output is not TableFormat.table:
+        dump(rows, output.value)
     elif not rows:
-        console.print(f"no identities in {directory} (the agent issues one per service account of its workloads)")
+        console.print(escape(f"no identities in {directory} (the agent issues one per service account of its workloads)"))
     else:
         table = Table("SPIFFE ID", "SERIAL", "NOT BEFORE", "NOT AFTER", "RENEW AT", "TIME LEFT", "STATE", box=None)
         for r in rows:
-            table.add_row(str(r["spiffe_id"]), str(r["serial"]), _utc(r["not_before"]), _utc(r["not_after"]),
+            table.add_row(escape(str(r["spiffe_id"])), escape(str(r["serial"])), _utc(r["not_before"]), _utc(r["not_after"]),
                           _utc(r["renew_at"]), _left(r["time_left_s"]), _MARK[r["state"]])
         # never cut a SPIFFE ID: as wide as the table needs (a narrow terminal wraps the lines instead)
         need = Measurement.get(console, console.options.update_width(10_000), table).maximum
-        (console if need <= console.width else Console(width=need)).print(table)
+        (console if need <= console.width else Console(width=need, emoji=False)).print(table)
     if any(r["state"] != OK for r in rows):
         raise typer.Exit(1)
 
@@ -129,25 +127,27 @@ def _ca_problems(key: Path, mode: int | None, left_s: float, intermediate: bool,
 @app.command("ca")
 def ca(directory: Annotated[Path | None, typer.Option("--dir", help="the CA directory (ca.crt, ca.key, root.crt); "
                                                                     "default: <state-dir>/ca, as `webb agent --ca-dir`")] = None,
-       state_dir: StateOpt = STATE, output: OutputOpt = "table") -> None:
+       state_dir: StateOpt = STATE, output: OutputOpt = TableFormat.table) -> None:
     """The mesh CA: subject, own root or user intermediate, expiry, the key file's mode (must be 0600).
     Exit 1 on a problem."""
     try:
         facts = ca_facts(directory or state_dir / "ca", time.time())
     except (FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    if output == "json":
-        print(json.dumps(facts, indent=1))
+    if output is not TableFormat.table:
+        dump(facts, output.value)
     else:
         mode = facts["key_mode"]
         lines = [("subject", facts["subject"]), ("kind", facts["kind"]), ("issuer", facts["issuer"]),
                  *(("root", r) for r in facts["roots"]), ("serial", facts["serial"]),
                  ("not after", f"{_utc(facts['not_after'])} ({_left(facts['time_left_s'])})"),
-                 ("key", f"{facts['key_file']} mode {mode or '-'}" + (" [green]ok[/]" if mode and not int(mode, 8) & 0o077 else ""))]
+                 ("key", f"{facts['key_file']} mode {mode or '-'}")]
+        key_ok = " [green]ok[/]" if mode and not int(mode, 8) & 0o077 else ""
         for name, value in lines:
-            console.print(f"{name + ':':<11}{value}", highlight=False, soft_wrap=True)
+            console.print(f"{name + ':':<11}{escape(str(value))}{key_ok if name == 'key' else ''}", highlight=False,
+                          soft_wrap=True)
         for p in facts["problems"]:
-            console.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+            console.print(f"[red]problem:[/] {escape(p)}", highlight=False, soft_wrap=True)
     if facts["problems"]:
         raise typer.Exit(1)

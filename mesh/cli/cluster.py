@@ -9,7 +9,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from mesh.cli.common import console, err
+from mesh.cli.common import console, dump, err
 from mesh.kube.client import api_client
 from mesh.kube.translate import Resource
 from mesh.kube.watch import REPORT_LABEL, api_path, request
@@ -42,8 +42,8 @@ def cluster_status(kube: str, output: str) -> int:
     except Exception as e:  # noqa: BLE001 - the API's answer, said in one line
         err.print(f"[red]error:[/] read the cluster: {escape(str(e))}")
         return 1
-    if output == "json":
-        print(json.dumps({n: got.get(n) for n in sorted(set(nodes) | set(got))}, indent=1, sort_keys=True))
+    if output in ("json", "yaml"):
+        dump({n: got.get(n) for n in sorted(set(nodes) | set(got))}, output, sort_keys=True)
     else:
         table = Table(title=f"Webb on {len(nodes)} node(s)")
         for col in ("node", "agent", "plan (datapath)", "Envoy config", "rejected by Envoy", "errors"):

@@ -11,8 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from mesh.agent.flows import read_flows
-from mesh.cli.common import console, print_flows, wait_converged
+from mesh.cli.common import console, wait_converged
+from mesh.cli.observe import print_flows
 from mesh.runtime.local import LocalNode, NodeConfig, pod_sandbox
 from mesh.status import AgentStatus
 
@@ -68,7 +71,7 @@ def run_cases(node: NodeConfig, policy: bool) -> bool:
         good = o.exit_code == want_exit and (want_exit != 0 or o.body.strip() == want_body)
         ok &= good
         mark = "[green]ok[/]" if good else "[red]UNEXPECTED[/]"
-        console.print(f"  {pod:10} {method:4} {path:22} → {o.text}  {mark}")
+        console.print(f"  {pod:10} {method:4} {path:22} → {escape(o.text)}  {mark}")
     return ok
 
 
@@ -111,7 +114,7 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agen
         ok = run_cases(node, policy=False)
         _apply(state_dir, example / "policy.yaml")
         st = wait_converged(state_dir, manifests, 30)
-        console.print(f"[bold]With MeshPolicy default/rule1 (plan {st.applied.plan_version}):[/]")
+        console.print(f"[bold]With MeshPolicy default/rule1 (plan {escape(st.applied.plan_version)}):[/]")
         ok &= run_cases(node, policy=True)
         time.sleep(0.5)  # let the agent read the last access-log entries
         denied = [f for f in read_flows(state_dir / "flows.jsonl") if f.get("verdict") == "denied"]
@@ -119,7 +122,7 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agen
         print_flows(denied[-5:], "table")
         layers = {f.get("layer") for f in denied}
         if layers != {"L4", "L7"}:
-            console.print(f"[red]expected an L4 and an L7 denial in the flows, got {sorted(map(str, layers))}[/]")
+            console.print(f"[red]expected an L4 and an L7 denial in the flows, got {escape(str(sorted(map(str, layers))))}[/]")
             ok = False
         console.print("[green bold]PASS: the three outcomes match[/]" if ok else "[red bold]FAIL[/]")
         return 0 if ok else 1
@@ -131,4 +134,4 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agen
             agent.kill()
             agent.wait(timeout=10)
         if os.environ.get("WEBB_DEMO_DEBUG"):
-            console.print(json.dumps((AgentStatus.read(state_dir) or AgentStatus("")).to_dict(), indent=1))
+            console.print(json.dumps((AgentStatus.read(state_dir) or AgentStatus("")).to_dict(), indent=1), markup=False)

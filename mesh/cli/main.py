@@ -4,31 +4,39 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import json
 import logging
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
+from rich.markup import escape
 
-from mesh.agent.flows import read_flows
 from mesh.cli.certs import app as certs_app
-from mesh.cli.common import console, err, print_flows, wait_converged
+from mesh.cli.common import STATE, StateOpt, TableFormat, console, dump, err, output_option, version, wait_converged
+from mesh.cli.observe import observe
+from mesh.cli.status import status
 from mesh.cli.wire import app as wire_app
 from mesh.manifests import ManifestError, parse_object, read_documents
 from mesh.state import key_name, key_of
-from mesh.status import AgentStatus
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
-STATE = Path(os.environ.get("WEBB_STATE_DIR", "/run/webb"))
+app = typer.Typer(add_completion=True, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "starwars"
 POD_CIDR = "10.244.0.0/24"
-StateOpt = Annotated[Path, typer.Option("--state-dir", help="agent state (status, flows, manifests)")]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"webb {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _webb(_version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                 help="print the version and exit")] = False) -> None:
+    """Webb: a sidecar-free service mesh."""
 
 
 def _addresses(values: list[str]) -> tuple[str, ...]:
@@ -161,10 +169,10 @@ def apply(
     try:
         names, docs = _validate(file)
     except ManifestError as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     if dry_run:
-        console.print(f"{file}: {len(names)} object(s) valid (dry run: nothing applied)")
+        console.print(f"{escape(str(file))}: {len(names)} object(s) valid (dry run: nothing applied)")
         return
     manifests.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in file.iterdir() if p.suffix in (".yaml", ".yml")) if file.is_dir() else [file]
@@ -180,7 +188,7 @@ def apply(
         else:
             tmp.write_text(yaml.dump_all(fixed, Dumper=_Dumper, sort_keys=False))
         tmp.replace(_dest(manifests, f))
-        console.print(f"{f.name} applied")
+        console.print(f"{escape(f.name)} applied")
     _after_change(state_dir, manifests, wait, names)
 
 
@@ -197,9 +205,9 @@ def delete(
         target = _dest(manifests, f)
         if target.exists():
             target.unlink()
-            console.print(f"{f.name} deleted")
+            console.print(f"{escape(f.name)} deleted")
         else:
-            err.print(f"{f.name}: not applied")
+            err.print(f"{escape(f.name)}: not applied")
     _after_change(state_dir, manifests, wait)
 
 
@@ -211,13 +219,13 @@ def _after_change(state_dir: Path, manifests: Path, wait: float, names: list[str
     try:
         st = wait_converged(state_dir, manifests, wait)
     except TimeoutError as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     refused = [n for n in names or () if n in st.refused]  # by the source, or quarantined after Envoy's NACK
     plan_refused = any("not applied" in p for p in st.errors)  # Envoy refused the node's whole plan
     for problem in st.errors:
         mine = (plan_refused and problem.startswith("Envoy ")) or any(problem.startswith(f"{n}:") for n in refused)
-        err.print(f"[red]error:[/] {problem}" if mine else f"[yellow]warning:[/] {problem}")
+        err.print(f"[red]error:[/] {escape(problem)}" if mine else f"[yellow]warning:[/] {escape(problem)}", highlight=False)
     if refused or plan_refused:
         raise typer.Exit(1)
 
@@ -236,85 +244,14 @@ def exec(  # noqa: A001 - like kubectl exec
     try:
         sb = pod_sandbox(cfg, key)
     except LookupError as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     proc = LocalNode(cfg).spawn(sb, ctx.args, stdout=None, stderr=None)
     raise typer.Exit(proc.wait())
 
 
-@app.command()
-def observe(
-    state_dir: StateOpt = STATE,
-    pod: Annotated[str | None, typer.Option(help="flows from or to this pod (ns/name or name)")] = None,
-    verdict: Annotated[str | None, typer.Option(help="forwarded | denied | dropped")] = None,
-    layer: Annotated[str | None, typer.Option(help="L4 | L7")] = None,
-    last: int = 20,
-    output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
-    follow: bool = False,
-    timeout: Annotated[float, typer.Option(help="stop following after this many seconds")] = 60.0,
-) -> None:
-    """Show recent flows (like hubble observe)."""
-    path = state_dir / "flows.jsonl"
-
-    def keep(f: dict[str, Any]) -> bool:
-        if pod:
-            p = pod if "/" in pod else f"default/{pod}"
-            if p not in (f.get("src"), f.get("dst_pod")):
-                return False
-        if verdict and f.get("verdict") != verdict:
-            return False
-        return not (layer and str(f.get("layer", "")).upper() != layer.upper())
-
-    shown = [f for f in read_flows(path) if keep(f)][-last:]
-    print_flows(shown, output)
-    if follow:
-        deadline = time.monotonic() + timeout
-        seen = len(read_flows(path))
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            flows = read_flows(path)
-            new, seen = flows[seen:] if len(flows) >= seen else flows, len(flows)
-            print_flows([f for f in new if keep(f)], output, header=False)
-
-
-@app.command()
-def status(state_dir: StateOpt = STATE, output: Annotated[str, typer.Option("-o")] = "text",
-           kube: Annotated[str | None, typer.Option(help="every node of a cluster, from their reports: a kubeconfig, "
-                                                         "or in-cluster")] = None) -> None:
-    """What the agent applied, what Envoy accepted, and every error (--kube: every node of the cluster)."""
-    if kube:
-        from mesh.cli.cluster import cluster_status
-
-        raise typer.Exit(cluster_status(kube, output))
-    st = AgentStatus.read(state_dir)
-    if st is None:
-        err.print(f"no agent status in {state_dir}: is `webb agent` running?")
-        raise typer.Exit(1)
-    if output == "json":
-        print(json.dumps(st.to_dict(), indent=1))
-        return
-    console.print(f"node {st.node}: {'running' if st.running else 'stopped'} (pid {st.pid})")
-    a = st.applied
-    console.print(f"applied plan {a.plan_version or '-'} (datapath), Envoy config {a.envoy_version or '-'}")
-    for t, s in st.envoy.items():
-        line = f"  Envoy {t}: sent {s.sent or '-'} acked {s.acked or '-'}"
-        if s.nacked:
-            line += f" [red]REJECTED {s.nacked}: {s.error}[/]"
-        console.print(line)
-    for k, p in st.pods.items():
-        console.print(f"  pod {k} {p.ip}")
-    sm = st.sockmap
-    console.print(f"  sockmap acceleration: {'on' if sm.get('enabled') else 'off'} ({sm.get('reason', '-')})")
-    if st.reason_counts:
-        console.print("  datapath: " + ", ".join(f"{k}={v}" for k, v in st.reason_counts.items()))
-    if mt := st.mtls:
-        where = "the kernel (kTLS)" if mt["records"] == "ktls" else "user space"
-        console.print(f"  mTLS: records in {where}: {mt['why'].split(': ', 1)[-1]}")
-        modes = ", ".join(f"{ns}={m}" for ns, m in (mt.get("namespaces") or {}).items() if m != "DISABLE")
-        console.print(f"  mTLS: {len(mt['identities'])} identities ({mt['trust_domain']}, CA {mt['ca']}), "
-                      f"tunnels {mt['tunnels']}, namespaces: {modes or 'none'}")
-    for e in st.errors:
-        console.print(f"[yellow]  error: {e}[/]")
+app.command()(observe)  # mesh/cli/observe.py
+app.command()(status)  # mesh/cli/status.py
 
 
 def doctor_probes() -> list[Any]:
@@ -328,15 +265,15 @@ def doctor_probes() -> list[Any]:
 
 
 @app.command()
-def doctor(output: Annotated[str, typer.Option("-o", help="table | json")] = "table") -> None:
+def doctor(output: Annotated[TableFormat, output_option("table, json or yaml")] = TableFormat.table) -> None:
     """Probe the kernel for what the datapath needs; exit 1 if something required is missing."""
     results = doctor_probes()
-    if output == "json":
-        print(json.dumps([vars(p) for p in results], indent=1))
+    if output is not TableFormat.table:
+        dump([vars(p) for p in results], output.value)
     else:
         for p in results:
             mark = "[green]ok     [/]" if p.ok else ("[red]MISSING[/]" if p.required else "[yellow]absent [/]")
-            console.print(f"{mark} {p.name}: {p.detail}", highlight=False, soft_wrap=True)
+            console.print(f"{mark} {escape(p.name)}: {escape(p.detail)}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if all(p.ok or not p.required for p in results) else 1)
 
 
@@ -354,7 +291,7 @@ def datapath_cleanup(node: str = "node1") -> None:
     from datapath.loader import cleanup, pin_dir_for
     from mesh.runtime.local import NodeConfig
     removed = cleanup(pin_dir_for(node), str(NodeConfig(name=node).pods_cgroup))
-    console.print(f"removed {len(removed)} pins of node {node}" + (f": {', '.join(removed)}" if removed else ""))
+    console.print(escape(f"removed {len(removed)} pins of node {node}" + (f": {', '.join(removed)}" if removed else "")))
 
 
 @node_app.command("cleanup")
@@ -368,7 +305,7 @@ def node_cleanup(node: str = "node1", state_dir: StateOpt = STATE, bridge: str =
     n = LocalNode(NodeConfig(name=node, bridge=bridge, service_cidr=service_cidr, state_dir=state_dir, netns=node_netns))
     n.teardown()
     removed = cleanup(pin_dir_for(node))
-    console.print(f"node {node} removed ({len(removed)} BPF pins)")
+    console.print(escape(f"node {node} removed ({len(removed)} BPF pins)"))
 
 
 @app.command()
@@ -386,7 +323,7 @@ def main() -> None:
     try:
         app()
     except (OSError, RuntimeError, ManifestError) as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(1)
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+from rich.markup import escape
+
+from mesh.cli.common import console
 
 if TYPE_CHECKING:
     from mesh.runtime.cluster import Wire
@@ -16,7 +18,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Several nodes on this machine: one network namespace per node, linked by a wire.")
-console = Console()
 NodesOpt = Annotated[str, typer.Option(help="name=podCIDR,... e.g. n1=10.244.1.0/24,n2=10.244.2.0/24")]
 
 
@@ -49,14 +50,14 @@ def up(nodes: NodesOpt = "n1=10.244.1.0/24,n2=10.244.2.0/24", prefix: str = "web
     w = _wire(nodes, prefix, cluster_cidr)
     w.setup()
     manifests, cluster_dir, ca = root / "manifests", root / "cluster", root / "ca"
-    console.print(f"wire {w.netns} ({w.wire_cidr}); start one agent per node:")
+    console.print(escape(f"wire {w.netns} ({w.wire_cidr}); start one agent per node:"))
     for n in w:
         argv = ["webb", "agent", "--node", n.name, "--node-netns", n.netns, "--pod-cidr", n.pod_cidr,
                 "--cluster-cidr", cluster_cidr, "--cluster-dir", str(cluster_dir), "--wire-ip", n.wire_ip,
                 "--ca-dir", str(ca), "--state-dir", str(root / n.name), "--manifests", str(manifests)]
-        console.print(shlex.join(argv) + " &", soft_wrap=True)
-    console.print(f"then: webb apply --state-dir {root} --wait 0 -f FILE (pods need spec.nodeName); "
-                  f"webb status --state-dir {root}/<node>; webb exec --node <node> --state-dir {root}/<node> POD -- CMD",
+        console.print(escape(shlex.join(argv) + " &"), soft_wrap=True)
+    console.print(escape(f"then: webb apply --state-dir {root} --wait 0 -f FILE (pods need spec.nodeName); "
+                  f"webb status --state-dir {root}/<node>; webb exec --node <node> --state-dir {root}/<node> POD -- CMD"),
                   soft_wrap=True)
 
 
