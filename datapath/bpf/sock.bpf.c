@@ -75,7 +75,8 @@ struct {
  * cookie only, its port exists once the kernel picked it: connect writes
  * webb_l7_pending (cookie -> VIP), sockops moves it to webb_origdst (client
  * address and port -> VIP) when the connection is established, before the
- * proxy can accept it. LRU: an entry never read ages out. */
+ * proxy can accept it; the proxy's one read removes it. LRU: an entry never
+ * read ages out. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -684,6 +685,9 @@ int webb_getsockopt(struct bpf_sockopt *ctx)
 		ctx->optlen = sizeof(*sin6);
 	}
 	ctx->retval = 0;
+	/* answered once: a later connection from the same address and port (a
+	 * pod that binds it and connects straight to the proxy) finds nothing */
+	bpf_map_delete_elem(&webb_origdst, &pk);
 	return 1;
 }
 

@@ -64,7 +64,10 @@ def gateway_api_status(kind: str, key: str, doc: dict[str, Any], error: str | No
         if not found:
             return None
         st = found[0]
-        return {**previous, "conditions": _times(st["conditions"], previous.get("conditions") or [], now)}
+        out = {**previous, "conditions": _times(st["conditions"], previous.get("conditions") or [], now)}
+        if st.get("supportedFeatures"):
+            out["supportedFeatures"] = st["supportedFeatures"]
+        return out
     if kind == "Gateway":
         if not found:
             return None

@@ -252,6 +252,14 @@ def _allocate(gateways: list[Gateway], pool: tuple[str, ...], reserved: dict[str
     return out
 
 
+# What GatewayClass status.supportedFeatures claims (the conformance suite tests exactly these): the core
+# features of the profiles Webb runs, and only the extended ones a full `make conformance` run passed
+# (conformance/reports/). A feature is added here after a run shows it passing, never before.
+CORE_FEATURES = ("Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute", "ReferenceGrant", "Mesh")
+EXTENDED_FEATURES: tuple[str, ...] = ()
+SUPPORTED_FEATURES = tuple(sorted({*CORE_FEATURES, *EXTENDED_FEATURES}))
+
+
 def plan_gateways(state: ClusterState, index: dict[str, PortInfo], pool: tuple[str, ...],
                   reserved: dict[str, set[int]] | None = None) -> GatewayPlan:
     out = GatewayPlan()
@@ -259,7 +267,8 @@ def plan_gateways(state: ClusterState, index: dict[str, PortInfo], pool: tuple[s
     for c in classes.values():
         out.status[("GatewayClass", "", c.name)] = {"conditions": [
             condition("Accepted", True, "Accepted", "handled by Webb", c.generation),
-            condition("SupportedVersion", True, "SupportedVersion", "Gateway API v1", c.generation)]}
+            condition("SupportedVersion", True, "SupportedVersion", "Gateway API v1", c.generation)],
+            "supportedFeatures": [{"name": f} for f in SUPPORTED_FEATURES]}
     gateways = sorted((g for g in state.gateways if g.class_name in classes), key=lambda g: g.key)
     secrets = {s.key: TlsSecret(s.key, s.cert_pem, s.key_pem) for s in state.secrets}
     alloc = _allocate(gateways, pool, reserved or {})

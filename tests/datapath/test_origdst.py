@@ -44,7 +44,12 @@ def serve(host, port):
                 port_, ip = struct.unpack("!2xH4s8x", c.getsockopt(socket.SOL_IP, 80, 16))
             else:
                 port_, ip = struct.unpack("!2xH4x16s4x", c.getsockopt(socket.IPPROTO_IPV6, 80, 28))
-            c.sendall(f"orig {socket.inet_ntop(fam, ip)} {port_}".encode())
+            try:  # answered once only
+                c.getsockopt(socket.SOL_IP, 80, 16) if fam == socket.AF_INET else c.getsockopt(socket.IPPROTO_IPV6, 80, 28)
+                again = "again"
+            except OSError:
+                again = ""
+            c.sendall(f"orig {socket.inet_ntop(fam, ip)} {port_}{again}".encode())
         except OSError as e:
             c.sendall(f"none {e.errno}".encode())
         except Exception as e:  # an answer of the wrong shape: say so

@@ -58,6 +58,9 @@ def test_gateway_serves_route_and_every_status_says_so(tmp_path: Path) -> None:
     assert [m.path for hr in vh.routes for m in hr.matches] == ["/v2", "/"]
     assert {u.name for u in plan.upstreams} == {"default/web-v1:80", "default/web-v2:80"}
     assert _cond(_status(plan, "GatewayClass webb")["conditions"], "Accepted") == ("True", "Accepted")
+    # what the conformance suite tests: the core features, and no extended feature no run verified
+    claimed = [f["name"] for f in _status(plan, "GatewayClass webb")["supportedFeatures"]]
+    assert claimed == sorted(claimed) and {"Gateway", "HTTPRoute", "Mesh"} <= set(claimed)
     gws = _status(plan, "Gateway default/shop")
     assert gws["addresses"] == [{"type": "IPAddress", "value": "127.0.0.1"}]
     assert _cond(gws["conditions"], "Programmed") == ("True", "Programmed")
