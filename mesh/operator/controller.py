@@ -15,7 +15,7 @@ from typing import Any
 
 from mesh.kube.gateway_status import GATEWAY_KINDS, gateway_api_status
 from mesh.kube.indexer import Indexer
-from mesh.kube.status import cr_status, same
+from mesh.kube.status import cr_status, same, warnings_to_report
 from mesh.kube.translate import RESOURCES
 from mesh.kube.watch import api_path, request
 from mesh.state import Key, key_name, key_of
@@ -75,6 +75,23 @@ class Controller:
         for key in keys:
             self._write_status(key)
 
+    def _event(self, doc: dict[str, Any], kind: str, reason: str, message: str, now: str) -> None:
+        """A Warning Event on the object (``kubectl describe`` and ``kubectl get events`` show it):
+        a rejection or a NACK, told once per change of the condition."""
+        meta = doc.get("metadata") or {}
+        ns = str(meta.get("namespace") or "default")
+        body = {"apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": reason, "message": message[:1024],
+                "metadata": {"generateName": f"{meta.get('name', 'object')}.", "namespace": ns},
+                "involvedObject": {"apiVersion": doc.get("apiVersion", ""), "kind": kind, "name": meta.get("name", ""),
+                                   "namespace": ns, "uid": meta.get("uid", ""),
+                                   "resourceVersion": meta.get("resourceVersion", "")},
+                "source": {"component": "webb-operator"}, "reportingComponent": "webb.io/operator",
+                "reportingInstance": "webb-operator", "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+        try:
+            request(self.api, "POST", f"/api/v1/namespaces/{ns}/events", body)
+        except Exception as e:  # noqa: BLE001 - an Event is best effort: the status says it all the same
+            log.info("event on %s %s/%s: %s", kind, ns, meta.get("name"), e)
+
     def _write_status(self, key: Key) -> None:
         kind, ns, name = key
         with self._lock:
@@ -98,6 +115,8 @@ class Controller:
                            str(spec.get("mode") or "enforce"), reports, previous, now, self._shadowed_by(key))
             if same(st, previous):
                 return
+            for reason, message in warnings_to_report(st, previous):
+                self._event(doc, kind, reason, message, now)
         try:
             out = request(self.api, "PATCH", api_path(RESOURCES[kind], ns, name, "status"), {"status": st},
                           content_type="application/merge-patch+json")

@@ -47,6 +47,11 @@ def report_of(api: KubeAPI, node: str, report: dict[str, Any]) -> None:
     api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(cm))
 
 
+def _events(api: KubeAPI, ns: str, name: str) -> list[dict[str, Any]]:
+    out = api.kubectl("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
+    return list(json.loads(out).get("items") or [])
+
+
 def test_valid_condition_names_the_field_and_shows_in_kubectl(kube_api: KubeAPI, namespace: str, operator: Process) -> None:
     kube_api.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(example_policy(namespace)))
     st = wait_for("Valid=True", lambda: cr_status_of(kube_api, namespace), lambda s: cond(s, "Valid").get("status") == "True", operator)
@@ -60,6 +65,14 @@ def test_valid_condition_names_the_field_and_shows_in_kubectl(kube_api: KubeAPI,
     msg = cond(st, "Valid")["message"]
     assert "spec.ingress[0].toPorts[0].rules.http[0].path" in msg and "not a valid regular expression" in msg
     assert "keeping the previous version" in msg and st["observedGeneration"] == 2
+    # Kubernetes conventions: Ready beside the others, each condition with the generation it speaks of,
+    # a Warning Event for the rejection, and `kubectl get webb` lists Webb's objects
+    assert cond(st, "Ready")["status"] == "False" and cond(st, "Ready")["reason"] == "Invalid"
+    assert {c["type"]: c.get("observedGeneration") for c in st["conditions"]} == {"Ready": 2, "Valid": 2, "Applied": 2}
+    events = wait_for("a Warning Event", lambda: _events(kube_api, namespace, "rule1"), lambda e: any(
+        x["reason"] == "Invalid" and x["type"] == "Warning" for x in e), operator)
+    assert any("not a valid regular expression" in x["message"] for x in events), events
+    assert "rule1" in kube_api.kubectl("get", "webb", "-n", namespace, "-o", "name").stdout
     table = kube_api.kubectl("get", "mp", "rule1", "-n", namespace).stdout.split("\n")
     assert table[0].split()[:4] == ["NAME", "VALID", "MODE", "APPLIED"], table
     assert table[1].split()[:3] == ["rule1", "False", "enforce"], table
@@ -90,4 +103,7 @@ def test_per_node_ack_nack_and_audit_counts(kube_api: KubeAPI, namespace: str, o
     applied = cond(st, "Applied")
     assert applied["status"] == "False" and applied["reason"] == "EnvoyRejected"
     assert f"{node}: Listener: Proto constraint validation failed" in applied["message"]
+    assert cond(st, "Ready")["reason"] == "EnvoyRejected"
+    wait_for("an EnvoyRejected Event", lambda: _events(kube_api, namespace, "rule1"),
+             lambda e: any(x["reason"] == "EnvoyRejected" and node in x["message"] for x in e), operator)
     kube_api.kubectl("delete", "configmap", report_name(node), "-n", SYSTEM_NAMESPACE)
