@@ -22,29 +22,31 @@ class InconsistentSnapshotError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)  # 40,000 of them at 10k services: no per-object dict
-class _Entry:
+class Entry:
     wire: bytes = field(repr=False)  # serialized once, sent as is (may hold a private key: never in repr)
     version: str  # content hash
     needs: tuple[tuple[str, frozenset[str]], ...]  # (type URL, names) this resource refers to
     mix: int  # hash of (name, version): XORed into the type's version
 
 
-def _wire(res: Any) -> bytes:
+def wire_of(res: Any) -> bytes:
     return bytes(res.SerializeToString(deterministic=True))
 
 
-def _entry(type_url: str, name: str, res: Any, wire: bytes | None = None) -> _Entry:
-    wire = _wire(res) if wire is None else wire
+def make_entry(type_url: str, name: str, res: Any, wire: bytes | None = None,
+           refs: dict[str, set[str]] | None = None) -> Entry:
+    """``refs``: the resource's references when the caller knows them (``res`` may then be None)."""
+    wire = wire_of(res) if wire is None else wire
     version = hashlib.blake2b(wire, digest_size=8).hexdigest()
-    needs = tuple((t, frozenset(names)) for t, names in sorted(references(type_url, res).items()))
+    needs = tuple((t, frozenset(names)) for t, names in sorted((references(type_url, res) if refs is None else refs).items()))
     mix = int.from_bytes(hashlib.blake2b(f"{name}\0{version}".encode(), digest_size=8).digest(), "big")
-    return _Entry(wire, version, needs, mix)
+    return Entry(wire, version, needs, mix)
 
 
 Problem = tuple[str, str, str, str]  # (type URL, name) needs (type URL, name) that is not there
 
 
-def _missing(entries: dict[str, dict[str, _Entry]], type_url: str, name: str) -> list[Problem]:
+def _missing(entries: dict[str, dict[str, Entry]], type_url: str, name: str) -> list[Problem]:
     return [(type_url, name, needs, n) for needs, names in entries[type_url][name].needs
             for n in sorted(names) if n not in entries.get(needs, {})]
 
@@ -71,7 +73,7 @@ class Snapshot:
     times the memory: 10,000 services, ~80 MB); ``resource()`` parses one back when asked."""
 
     # repr shows none: an SDS Secret carries a private key
-    entries: dict[str, dict[str, _Entry]] = field(repr=False)  # type URL -> name -> wire bytes, version, references
+    entries: dict[str, dict[str, Entry]] = field(repr=False)  # type URL -> name -> wire bytes, version, references
     mixes: dict[str, int]  # type URL -> XOR of its entries' mix
     missing: tuple[Problem, ...]  # references to resources that are not there (must be none to serve)
     changed: dict[str, frozenset[str]] = field(default_factory=dict)  # names changed since the parent...
@@ -85,11 +87,16 @@ class Snapshot:
     def stream(cls, items: Iterable[tuple[str, str, Any]], previous: Snapshot | None = None) -> Snapshot:
         """``of`` for resources made one at a time (type URL, name, resource): each is serialized
         before the next is made, so a full sync never holds every proto at once."""
-        entries: dict[str, dict[str, _Entry]] = {t: {} for t in TYPE_ORDER}
+        entries: dict[str, dict[str, Entry]] = {t: {} for t in TYPE_ORDER}
         for t, n, res in items:
-            wire = _wire(res)
+            wire = wire_of(res)
             prev = previous.entries[t].get(n) if previous else None
-            entries[t][n] = prev if prev is not None and prev.wire == wire else _entry(t, n, res, wire)
+            entries[t][n] = prev if prev is not None and prev.wire == wire else make_entry(t, n, res, wire)
+        return cls.of_entries(entries)
+
+    @classmethod
+    def of_entries(cls, entries: dict[str, dict[str, Entry]]) -> Snapshot:
+        """From entries made already (``xds.incremental`` keeps them across syncs)."""
         mixes = {t: _xor(e.mix for e in entries[t].values()) for t in TYPE_ORDER}
         missing = tuple(p for t in TYPE_ORDER for n in entries[t] for p in _missing(entries, t, n))
         return cls(entries, mixes, missing)
@@ -107,7 +114,7 @@ class Snapshot:
                 if res is None:
                     removed = removed or old is not None
                     continue
-                entries[t][n] = e = _entry(t, n, res)
+                entries[t][n] = e = make_entry(t, n, res)
                 mixes[t] ^= e.mix
         touched = {(t, n) for t, items in changes.items() for n in items}
         if removed:  # something may still name what went away: check everything

@@ -447,19 +447,28 @@ def l7_listeners(services: list[HttpService], access_log_path: str) -> Iterator[
     it. The original_dst listener filter asks the kernel where the client connected to (the
     datapath answers SO_ORIGINAL_DST with the VIP) and makes that the connection's local address,
     which the chains match; a connection to no service's VIP:port matches no chain and is closed."""
+    for (ip, port, ip6), svcs in l7_groups(services):
+        lst = l7_listener_head(ip, port, ip6)
+        lst.filter_chains.extend(l7_chain(s, access_log_path) for s in svcs)
+        yield lst.name, lst
+
+
+def l7_groups(services: list[HttpService]) -> list[tuple[tuple[str, int, str], list[HttpService]]]:
+    """The services by listener: ((ip, port, IPv6 ip or ""), services sorted by name)."""
     groups: dict[tuple[str, int], list[HttpService]] = {}
     for svc in services:
         groups.setdefault(svc.listen_key, []).append(svc)
-    for (ip, port), svcs in sorted(groups.items()):
-        ip6 = next((s.listen_ip6 for s in svcs if s.listen_ip6), "")
-        extra = [listener_pb2.AdditionalAddress(address=_address(ip6, port))] if ip6 else []
-        name = l7_listener_name(ip, port)
-        yield name, listener_pb2.Listener(
-            name=name, address=_address(ip, port), additional_addresses=extra,
-            listener_filters=[listener_components_pb2.ListenerFilter(
-                name="envoy.filters.listener.original_dst", typed_config=_any(original_dst_pb2.OriginalDst()))],
-            filter_chains=[l7_chain(s, access_log_path) for s in sorted(svcs, key=lambda s: s.name)],
-        )
+    return [((ip, port, next((s.listen_ip6 for s in svcs if s.listen_ip6), "")), sorted(svcs, key=lambda s: s.name))
+            for (ip, port), svcs in sorted(groups.items())]
+
+
+def l7_listener_head(ip: str, port: int, ip6: str) -> listener_pb2.Listener:
+    """The L7 listener without its filter chains."""
+    extra = [listener_pb2.AdditionalAddress(address=_address(ip6, port))] if ip6 else []
+    return listener_pb2.Listener(
+        name=l7_listener_name(ip, port), address=_address(ip, port), additional_addresses=extra,
+        listener_filters=[listener_components_pb2.ListenerFilter(
+            name="envoy.filters.listener.original_dst", typed_config=_any(original_dst_pb2.OriginalDst()))])
 
 
 def _downstream_tls(secret: str) -> base_pb2.TransportSocket:

@@ -41,6 +41,7 @@ from mesh.state import Key
 from mesh.status import AgentStatus, Applied, EnvoyTypeStatus, ServiceStatus
 from xds.cache import Snapshot, SnapshotCache
 from xds.envoy import Envoy, EnvoyConfig
+from xds.incremental import Translator
 from xds.model import TrustBundle, WorkloadIdentity
 from xds.server import XdsServer
 
@@ -110,6 +111,7 @@ class Agent:
         self.cache = SnapshotCache()
         self.flows = FlowLog(cfg.state_dir / "flows.jsonl")
         self.access_log = cfg.state_dir / "envoy-access.jsonl"
+        self.translator = Translator(str(self.access_log))  # Envoy resources, rebuilt only where the plan changed
         self.names = Names()
         self.plan: NodePlan | None = None
         self.applied = Applied()
@@ -292,7 +294,7 @@ class Agent:
     def _offer(self, state: ClusterState, peers: dict[str, Peer]) -> tuple[NodePlan, Snapshot, bool]:
         """Plan ``state`` and offer it to Envoy: (plan, snapshot, ACKed)."""
         plan = plan_node(state, self.spec, peers)
-        snap = envoy_snapshot(plan, self.access_log, self._proxy_mtls if self.tunnels else None, self.good)
+        snap = envoy_snapshot(plan, self.translator, self._proxy_mtls if self.tunnels else None)
         self.cache.set_snapshot(self.cfg.node.name, snap)
         return plan, snap, self.cache.wait_acked(self.cfg.node.name, snap, self.cfg.ack_timeout_s)
 

@@ -134,12 +134,13 @@ def test_indexer_state_carries_meshtls_and_errors() -> None:
 def test_status_of_a_shadowed_meshtls() -> None:
     report = {"node": "n1", "datapathVersion": "d", "envoyVersion": "e", "generations": {"MeshTLS shop/zz": 1}}
     st = cr_status("MeshTLS shop/zz", 1, None, "STRICT", {"n1": report}, {}, "2025-01-01T00:00:00Z", "MeshTLS shop/aa")
-    valid, applied = st["conditions"]
+    ready, valid, applied = st["conditions"]
     assert valid["status"] == "True"
     assert (applied["status"], applied["reason"]) == ("False", "Shadowed")
+    assert (ready["status"], ready["reason"]) == ("False", "Shadowed")
     assert "MeshTLS shop/aa is in force" in applied["message"]
     st = cr_status("MeshTLS shop/zz", 1, None, "STRICT", {"n1": report}, {}, "2025-01-01T00:00:00Z")
-    assert st["conditions"][1]["status"] == "True" and "auditWouldDeny" not in st["nodes"][0]
+    assert [c["status"] for c in st["conditions"]] == ["True"] * 3 and "auditWouldDeny" not in st["nodes"][0]
 
 
 def _crd_schema() -> dict[str, Any]:
