@@ -182,6 +182,8 @@ class TunnelNode:
         self.hosted = hosted  # (namespace, service account) has a workload on this node
         self.keylog = KeyLog(keylog_path)
         self.ktls_failures = 0
+        self.handshakes: dict[tuple[str, str], int] = {}  # (client | server, ok | failed) -> count (metrics)
+        self._handshakes_lock = threading.Lock()
         # the server's first context: no certificate (SNI picks the workload's), but what a
         # handshake takes from the first context (client certificate required, verified
         # against the bundle, TLS 1.3, no tickets) is set here
@@ -222,6 +224,23 @@ class TunnelNode:
                 raise TunnelError(f"install kTLS keys: {e}") from e
         return Session(sock, USERSPACE, peer, hs.cipher, UserspaceTls(sock, hs))
 
+    def _handshake(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
+                   server_hostname: str | None = None) -> Session:
+        """The TLS handshake and the keys installed, counted by side and outcome."""
+        try:
+            hs, secrets = handshake(sock, ctx, server_side, self.keylog, server_hostname=server_hostname)
+            sess = self._establish(sock, hs, secrets, server_side)
+        except Exception:
+            self._count_handshake(server_side, "failed")
+            raise
+        self._count_handshake(server_side, "ok")
+        return sess
+
+    def _count_handshake(self, server_side: bool, result: str) -> None:
+        key = ("server" if server_side else "client", result)
+        with self._handshakes_lock:
+            self.handshakes[key] = self.handshakes.get(key, 0) + 1
+
     # ---- dialing side ----
     def dial(self, peer: tuple[str, int], source: tuple[str, str], expect: tuple[str, str],
              src_ip: str, target: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Session:
@@ -231,8 +250,7 @@ class TunnelNode:
         try:
             _tune(sock)
             ctx = self._context(*source, server_side=False)
-            hs, secrets = handshake(sock, ctx, False, self.keylog, server_hostname=sni_of(*expect))
-            sess = self._establish(sock, hs, secrets, server_side=False)
+            sess = self._handshake(sock, ctx, False, server_hostname=sni_of(*expect))
             want = self.identities.spiffe_id(*expect)
             if sess.peer_id != want:
                 raise TunnelError(f"peer presented {sess.peer_id}, expected {want}")
@@ -262,8 +280,7 @@ class TunnelNode:
         ``fixed_dst``: a pod's own mTLS port (Envoy-originated TLS): no header, no answer, the
         destination is the port's; a refusal closes the connection."""
         _tune(sock)
-        hs, secrets = handshake(sock, self._base, True, self.keylog)
-        sess = self._establish(sock, hs, secrets, server_side=True)
+        sess = self._handshake(sock, self._base, True)
         sock.settimeout(CONNECT_TIMEOUT_S)
         if fixed_dst:
             src, dst = "", fixed_dst
@@ -439,6 +456,7 @@ class TunnelServer:
         self.node, self.listen, self.authorize, self.fixed_dst = node, listen, authorize, fixed_dst
         self.events: list[TunnelEvent] = []  # the last max_events, for tests and status
         self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
+        self.bytes = {"to_tunnel": 0, "from_tunnel": 0}  # relayed by the tunnels that ended (metrics)
         self._undrained: list[TunnelEvent] = []
         self.max_conns, self.max_events = max_conns, max_events
         self._stop = threading.Event()
@@ -472,6 +490,8 @@ class TunnelServer:
             self.events.append(ev)
             del self.events[: max(0, len(self.events) - self.max_events)]
             self.counts[ev.verdict] += 1
+            self.bytes["to_tunnel"] += ev.to_tunnel
+            self.bytes["from_tunnel"] += ev.from_tunnel
             self._undrained.append(ev)
             del self._undrained[: max(0, len(self._undrained) - self.max_events)]
 

@@ -389,6 +389,11 @@ def route(svc: HttpService) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=svc.name, virtual_hosts=[vh])
 
 
+def stat_prefix(name: str) -> str:
+    """A stat name part of ``name``: Envoy splits stat names at dots (a Gateway may have dots in its name)."""
+    return name.replace("/", "_").replace(":", "_").replace(".", "_")
+
+
 # an L7 policy's RBAC filter before its rules arrived (they come with the routes): nothing is allowed
 _DENY_ALL = rbac_filter.RBAC(rules=rbac_cfg.RBAC(action=rbac_cfg.RBAC.ALLOW))
 
@@ -405,7 +410,7 @@ def _manager(name: str, access_log_path: str, policies: tuple[RbacPolicy, ...] |
         filters += [hcm.HttpFilter(name=n, typed_config=_any(_DENY_ALL)) for n in _rbac_filter_names(len(also))]
     filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())))
     return hcm.HttpConnectionManager(
-        stat_prefix=name.replace("/", "_").replace(":", "_"),
+        stat_prefix=stat_prefix(name),
         codec_type=hcm.HttpConnectionManager.AUTO,
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -481,7 +486,7 @@ def _downstream_tls(secret: str) -> base_pb2.TransportSocket:
 def _passthrough_chain(listener: str, ch: GatewayChain) -> listener_components_pb2.FilterChain:
     """TLS passthrough: SNI picks the chain; the stream goes to the backends unread (no route: closed)."""
     targets = [(n, w) for n, w in ch.passthrough or () if w > 0]
-    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=f"{listener}#{ch.name}".replace("/", "_").replace(":", "_"))
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix(f"{listener}#{ch.name}"))
     if len(targets) == 1:
         proxy.cluster = targets[0][0]
     elif targets:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from mesh.plan.node import NodePlan
 from mesh.plan.policy import deny_reason, proto_name
 
 MAX_BYTES = 8 << 20  # rotate flows.jsonl past this; one old file kept
+MAX_COUNTED = 256  # distinct (verdict, layer, reason) counted; more are counted as "other"
 
 
 @dataclass
@@ -135,15 +137,31 @@ def from_access_log(entry: dict[str, Any], names: Names) -> dict[str, Any]:
 
 
 class FlowLog:
-    """Append-only JSON lines, rotated by size."""
+    """Append-only JSON lines, rotated by size. ``counts()``: the flows written by (verdict, layer,
+    reason) since start, what the agent's /metrics serves (mesh.agent.metrics)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self._counts_lock = threading.Lock()  # read by the metrics server's thread
+
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def _count(self, flows: list[dict[str, Any]]) -> None:
+        with self._counts_lock:
+            for fl in flows:
+                key = (str(fl.get("verdict")), str(fl.get("layer")), str(fl.get("reason")))
+                if key not in self._counts and len(self._counts) >= MAX_COUNTED:
+                    key = ("other", "other", "other")  # bounded label sets, whatever a flow says
+                self._counts[key] = self._counts.get(key, 0) + 1
 
     def write(self, flows: list[dict[str, Any]]) -> None:
         if not flows:
             return
+        self._count(flows)
         if self.path.exists() and self.path.stat().st_size > MAX_BYTES:
             os.replace(self.path, self.path.with_suffix(".jsonl.1"))
         with open(self.path, "a") as f:

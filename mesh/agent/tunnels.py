@@ -75,6 +75,7 @@ class NodeTunnels:
         self.outs: dict[int, _Out] = {}
         self.flows: deque[dict[str, Any]] = deque(maxlen=10000)
         self.counts = {"forwarded": 0, "denied": 0, "failed": 0}
+        self.bytes = {"to_tunnel": 0, "from_tunnel": 0}  # relayed by the outbound connections that ended (metrics)
         self._counts_lock = threading.Lock()
         self._slots = Slots(MAX_CONNS)  # shared by every outbound listener
         self._stop = threading.Event()
@@ -262,6 +263,8 @@ class NodeTunnels:
             flow["tls"], flow["peer"] = sess.mode, sess.peer_id
         with self._counts_lock:
             self.counts[verdict if verdict in self.counts else "failed"] += 1
+            self.bytes["to_tunnel"] += sent
+            self.bytes["from_tunnel"] += received
         self.flows.append(flow)
 
     # ---- reporting ----

@@ -15,6 +15,7 @@ import kopf
 from mesh.kube.translate import RESOURCES
 from mesh.kube.watch import REPORT_LABEL
 from mesh.model import SYSTEM_NAMESPACE
+from mesh.operator import metrics
 from mesh.operator.controller import Controller
 
 log = logging.getLogger("webb.operator")
@@ -33,6 +34,7 @@ def _register(kind: str) -> None:
     @kopf.on.event(group=res.group, version=res.version, plural=res.plural, id=f"index-{kind}")
     def on_event(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's name
         doc = copy.deepcopy(dict(body))
+        metrics.WATCH_EVENTS.labels(kind).inc()
         _controller().observe(kind, "DELETED" if type == "DELETED" else "UPSERT", doc)
 
 
@@ -47,12 +49,15 @@ def on_node_report(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa
         return
     node = str((meta.get("labels") or {}).get(REPORT_LABEL))
     if type == "DELETED":
+        metrics.NODE_REPORTS.labels("deleted").inc()
         _controller().node_report(node, None)
         return
     try:
         report = json.loads((body.get("data") or {}).get("report") or "{}")
     except json.JSONDecodeError as e:
+        metrics.NODE_REPORTS.labels("unreadable").inc()
         raise kopf.PermanentError(f"node report {meta.get('name')}: data.report is not JSON: {e}") from None
+    metrics.NODE_REPORTS.labels("report").inc()
     _controller().node_report(node, report)
 
 
