@@ -7,9 +7,14 @@ name hash, so they do not move when other services come and go.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
+import os
+import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +33,39 @@ class Source(Protocol):
     def version(self) -> str: ...
 
     def load(self) -> ClusterState: ...
+
+
+# `webb apply` / `webb delete` hold this file of the directory exclusively while they change several
+# files (mesh.cli.manifests_store: one file per object); the agent holds it shared while it reads, so
+# it never sees half of a change (a pod without the policy applied with it)
+LOCK_FILE = ".webb.lock"
+LOCK_WAIT_S = 2.0  # a writer holds it for milliseconds; a stopped one does not stall the agent longer
+
+
+@contextmanager
+def reading(directory: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[bool]:
+    """Shared hold of the directory's lock while reading it; yields False when a writer held it for
+    ``wait_s`` (then the directory is read as it is). No lock file: nobody writes under it."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield True
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    held = False
+                    break
+                time.sleep(0.005)
+        yield held
+    finally:
+        os.close(fd)
 
 
 def directory_version(directory: Path) -> str:
@@ -86,9 +124,15 @@ class StandaloneSource:
         self._file_of: dict[Key, Path] = {}
         self._parsed: dict[Path, tuple[bytes, Parsed]] = {}  # by the file's sha256
         self.errors: list[str] = []
+        self._version = ""
 
     def version(self) -> str:
-        return directory_version(self.directory)
+        """The directory's version; while `webb apply` changes it, the version before (no waiting here:
+        the agent's loop asks every few milliseconds)."""
+        with reading(self.directory, wait_s=0.0) as held:
+            if held or not self._version:
+                self._version = directory_version(self.directory)
+        return self._version
 
     def _check_vips(self, s: Service) -> str | None:
         for ip, cidr, field in ((s.cluster_ip, self.service_cidr, "spec.clusterIP"),
@@ -98,6 +142,10 @@ class StandaloneSource:
         return None
 
     def load(self) -> ClusterState:
+        with reading(self.directory):
+            return self._load()
+
+    def _load(self) -> ClusterState:
         objs: dict[Key, Obj] = {}
         errors: list[str] = []
         last = self._last_good
