@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -89,7 +90,32 @@ def _apply(state_dir: Path, f: Path) -> None:
                    check=True, cwd=ROOT)
 
 
-def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agent_args: tuple[str, ...] = ()) -> int:
+def take_screenshot(state_dir: Path, path: Path) -> bool:
+    """The service map of this run (`webb ui`, the xwing's denial selected) as a PNG, for the README. Without
+    Chromium it is skipped, saying why; a failure with Chromium there fails the demo."""
+    from mesh.ui.browser import BrowserError, find_chromium
+
+    if find_chromium() is None:
+        console.print("[yellow]screenshot skipped: no Chromium on this machine (Debian: apt-get install chromium; "
+                      "make deps installs it)[/]")
+        return True
+    if importlib.util.find_spec("websockets") is None:
+        console.print("[yellow]screenshot skipped: the Python package websockets drives Chromium and is not installed "
+                      "(pip install -e '.[test]')[/]")
+        return True
+    try:
+        from mesh.ui.screenshot import take
+
+        size = take(state_dir, path)
+    except (BrowserError, OSError) as e:
+        console.print(f"[red]screenshot of webb ui failed: {escape(str(e))}[/]", highlight=False)
+        return False
+    console.print(f"screenshot of webb ui: {escape(str(path))} ({size} bytes)", highlight=False)
+    return True
+
+
+def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agent_args: tuple[str, ...] = (),
+                 screenshot: Path | None = None) -> int:
     example = example.resolve()
     manifests = state_dir / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
@@ -124,6 +150,8 @@ def run_starwars(example: Path, state_dir: Path, lifetime_s: float = 300.0, agen
         if layers != {"L4", "L7"}:
             console.print(f"[red]expected an L4 and an L7 denial in the flows, got {escape(str(sorted(map(str, layers))))}[/]")
             ok = False
+        if screenshot is not None:
+            ok &= take_screenshot(state_dir, screenshot)
         console.print("[green bold]PASS: the three outcomes match[/]" if ok else "[red bold]FAIL[/]")
         return 0 if ok else 1
     finally:

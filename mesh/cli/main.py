@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.markup import escape
 
+from mesh.cli.apply import apply, delete
 from mesh.cli.certs import app as certs_app
-from mesh.cli.common import STATE, StateOpt, TableFormat, console, dump, err, output_option, version, wait_converged
+from mesh.cli.common import STATE, StateOpt, TableFormat, console, dump, err, output_option, version
+from mesh.cli.get import get
 from mesh.cli.observe import observe
 from mesh.cli.status import status
+from mesh.cli.ui import ui
 from mesh.cli.wire import app as wire_app
-from mesh.manifests import ManifestError, parse_object, read_documents
-from mesh.state import key_name, key_of
+from mesh.hubble.cli import app as hubble_app
+from mesh.manifests import ManifestError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help="Webb: a sidecar-free service mesh.")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "starwars"
@@ -63,7 +63,8 @@ def agent(
     envoy_log_level: str = "warning",
     xds: Annotated[str, typer.Option(help="xDS protocol to Envoy: delta (incremental) or sotw")] = "delta",
     envoy_all_stats: Annotated[bool, typer.Option(help="keep every Envoy stat (default: config plane and server)")] = False,
-    lifetime: Annotated[float, typer.Option(help="stop by itself after this many seconds (0: run until stopped)")] = 0.0,
+    lifetime: Annotated[float, typer.Option(min=0.0, help="stop by itself after this many seconds (default 0: run until "
+                                                         "stopped, SIGTERM or Ctrl-C)")] = 0.0,
     sockmap: Annotated[bool, typer.Option(help="same-node acceleration, on only if its self-test passes")] = False,
     ingress_http_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTP listener on 127.0.0.1")] = 80,
     ingress_https_port: Annotated[int, typer.Option(help="Ingress (class webb) HTTPS listener on 127.0.0.1")] = 443,
@@ -85,6 +86,8 @@ def agent(
     ca_dir: Annotated[Path | None, typer.Option(help="the mesh CA every node shares (ca.crt, ca.key 0600, root.crt for a "
                                                      "user intermediate); made on first use; default <state-dir>/ca")] = None,
     trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain of workload identities")] = "cluster.local",
+    metrics_address: Annotated[str, typer.Option(help="serve Prometheus metrics on HOST:PORT/metrics (docs/metrics.md); "
+                                                      "'off' for none")] = "127.0.0.1:9962",
 ) -> None:
     """Run the node agent on this machine (the embedded default), or on the API server's objects (--kube)."""
     from mesh.agent.loop import Agent, AgentConfig  # BPF, Envoy, netlink: loaded by the agent only
@@ -94,6 +97,11 @@ def agent(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if xds not in ("delta", "sotw"):
         raise typer.BadParameter(f"{xds!r}: use delta or sotw", param_hint="--xds")
+    from mesh.agent.metrics import parse_address
+    try:
+        parse_address(metrics_address)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--metrics-address") from None
     cfg = AgentConfig(
         node=NodeConfig(name=node, bridge=bridge, pod_cidr=pod_cidr or POD_CIDR, service_cidr=service_cidr, state_dir=state_dir,
                         netns=node_netns, cluster_cidr=cluster_cidr),
@@ -102,7 +110,7 @@ def agent(
         sockmap=sockmap, xds_delta=xds == "delta", envoy_all_stats=envoy_all_stats, ingress_http_port=ingress_http_port,
         ingress_https_port=ingress_https_port, gateway_addresses=_addresses(gateway_address or ["127.0.0.1"]),
         cluster_dir=cluster_dir, wire_ip=wire_ip,
-        ca_dir=ca_dir, trust_domain=trust_domain,
+        ca_dir=ca_dir, trust_domain=trust_domain, metrics_address=metrics_address,
     )
     if kube:
         if cluster_dir is not None:
@@ -118,132 +126,29 @@ def agent(
     Agent(cfg).run()
 
 
-def _validate(path: Path) -> tuple[list[str], list[tuple[Path, dict[str, Any]]]]:
-    """Every object of ``path`` checked; returns their names ("Kind ns/name") and the documents (read
-    once). One object twice (in one file or two) is refused: YAML and a directory would keep only
-    the last, silently."""
-    seen: dict[str, str] = {}
-    docs = read_documents(path)
-    for f, doc in docs:
-        try:
-            parse_object(doc, base_dir=f.parent)
-        except ManifestError as e:
-            raise ManifestError(f"{e.where} ({f.name})", e.field, e.problem) from None
-        where = _name_of(doc)
-        if where in seen:
-            raise ManifestError(f"{where} ({f.name})", "metadata.name", f"this object is also in {seen[where]}: "
-                                "only one would be kept; remove one or rename it")
-        seen[where] = f.name
-    return list(seen), docs
-
-
-_Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter when there
-
-
-def _name_of(doc: dict[str, Any]) -> str:
-    return key_name(key_of(str(doc.get("kind")), doc))
-
-
-def _absolute_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
-    if doc.get("kind") == "Pod":
-        for c in (doc.get("spec") or {}).get("containers") or []:
-            for k in ("command", "args"):
-                c[k] = [str((base / a).resolve()) if isinstance(a, str) and a.startswith("./") else a
-                        for a in c.get(k) or []]
-    return doc
-
-
-def _dest(manifests: Path, f: Path) -> Path:
-    return manifests / f.name
-
-
-@app.command()
-def apply(
-    file: Annotated[Path, typer.Option("-f", "--filename", exists=True, help="YAML file or directory")],
-    state_dir: StateOpt = STATE,
-    wait: Annotated[float, typer.Option(help="seconds to wait for the agent to apply (0: don't)")] = 30.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate only (no agent needed); non-zero on any error")] = False,
-) -> None:
-    """Validate manifests and hand them to the agent's watched directory."""
-    manifests = state_dir / "manifests"
-    try:
-        names, docs = _validate(file)
-    except ManifestError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
-        raise typer.Exit(1) from None
-    if dry_run:
-        console.print(f"{escape(str(file))}: {len(names)} object(s) valid (dry run: nothing applied)")
-        return
-    manifests.mkdir(parents=True, exist_ok=True)
-    files = sorted(p for p in file.iterdir() if p.suffix in (".yaml", ".yml")) if file.is_dir() else [file]
-    for f in files:
-        # store the objects as applied: paths in Pod commands made absolute (like a build
-        # context), since the watched directory is not where the file came from; a file without
-        # such paths is stored as it was given (comments kept)
-        mine = [d for g, d in docs if g == f]
-        fixed = [_absolute_paths(copy.deepcopy(d), f.parent) for d in mine]
-        tmp = manifests / f".{f.name}.tmp"
-        if fixed == mine:
-            shutil.copyfile(f, tmp)
-        else:
-            tmp.write_text(yaml.dump_all(fixed, Dumper=_Dumper, sort_keys=False))
-        tmp.replace(_dest(manifests, f))
-        console.print(f"{escape(f.name)} applied")
-    _after_change(state_dir, manifests, wait, names)
-
-
-@app.command()
-def delete(
-    file: Annotated[Path, typer.Option("-f", "--filename", help="a file applied before")],
-    state_dir: StateOpt = STATE,
-    wait: float = 30.0,
-) -> None:
-    """Remove manifests applied from FILE (by file name)."""
-    manifests = state_dir / "manifests"
-    files = sorted(p for p in file.iterdir() if p.suffix in (".yaml", ".yml")) if file.is_dir() else [file]
-    for f in files:
-        target = _dest(manifests, f)
-        if target.exists():
-            target.unlink()
-            console.print(f"{escape(f.name)} deleted")
-        else:
-            err.print(f"{escape(f.name)}: not applied")
-    _after_change(state_dir, manifests, wait)
-
-
-def _after_change(state_dir: Path, manifests: Path, wait: float, names: list[str] | None = None) -> None:
-    """Wait for the agent. The agent refusing what was just applied, or Envoy refusing the plan, fails
-    the command; the node's other problems (a backend missing, an Ingress of another class) are warnings."""
-    if wait <= 0:
-        return
-    try:
-        st = wait_converged(state_dir, manifests, wait)
-    except TimeoutError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}")
-        raise typer.Exit(1) from None
-    refused = [n for n in names or () if n in st.refused]  # by the source, or quarantined after Envoy's NACK
-    plan_refused = any("not applied" in p for p in st.errors)  # Envoy refused the node's whole plan
-    for problem in st.errors:
-        mine = (plan_refused and problem.startswith("Envoy ")) or any(problem.startswith(f"{n}:") for n in refused)
-        err.print(f"[red]error:[/] {escape(problem)}" if mine else f"[yellow]warning:[/] {escape(problem)}", highlight=False)
-    if refused or plan_refused:
-        raise typer.Exit(1)
+app.command()(apply)  # mesh/cli/apply.py: one file per object (kind, namespace, name), like kubectl
+app.command()(delete)
+app.command()(get)  # mesh/cli/get.py: pods, services, policies, routes
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def exec(  # noqa: A001 - like kubectl exec
     ctx: typer.Context,
     pod: Annotated[str, typer.Argument(help="namespace/name or name (namespace default)")],
-    node: str = "node1",
+    node: Annotated[str | None, typer.Option(help="the pod's node (default: the one the state dir names, else node1)")] = None,
     state_dir: StateOpt = STATE,
 ) -> None:
     """Run a command inside a pod (its netns and cgroup): webb exec tiefighter -- curl ..."""
+    from mesh.cli.statedir import StateDirError, node_of
     from mesh.runtime.local import LocalNode, NodeConfig, pod_sandbox
     key = pod if "/" in pod else f"default/{pod}"
-    cfg = NodeConfig(name=node, state_dir=state_dir)
+    if not ctx.args:
+        raise typer.BadParameter("give the command to run after --, e.g. webb exec tiefighter -- curl ...", param_hint="COMMAND")
     try:
+        name, node_dir = node_of(state_dir, node)
+        cfg = NodeConfig(name=name, state_dir=node_dir)
         sb = pod_sandbox(cfg, key)
-    except LookupError as e:
+    except (LookupError, StateDirError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     proc = LocalNode(cfg).spawn(sb, ctx.args, stdout=None, stderr=None)
@@ -252,6 +157,7 @@ def exec(  # noqa: A001 - like kubectl exec
 
 app.command()(observe)  # mesh/cli/observe.py
 app.command()(status)  # mesh/cli/status.py
+app.command()(ui)  # mesh/cli/ui.py: the service map in a browser (mesh/ui)
 
 
 def doctor_probes() -> list[Any]:
@@ -283,6 +189,7 @@ app.add_typer(datapath_app, name="datapath")
 app.add_typer(node_app, name="node")
 app.add_typer(certs_app, name="certs")  # mesh/cli/certs.py: webb certs, webb certs ca
 app.add_typer(wire_app, name="wire")  # mesh/cli/wire.py: several nodes on this machine
+app.add_typer(hubble_app, name="hubble")  # mesh/hubble/cli.py: Hubble's Observer API (webb hubble serve)
 
 
 @datapath_app.command("cleanup")
@@ -312,11 +219,13 @@ def node_cleanup(node: str = "node1", state_dir: StateOpt = STATE, bridge: str =
 def demo(
     example: Annotated[Path, typer.Argument(help="example directory")] = EXAMPLE,
     state_dir: StateOpt = STATE,
+    screenshot: Annotated[Path | None, typer.Option(help="then write a PNG of `webb ui` here (needs Chromium; "
+                                                         "skipped, saying why, without it)")] = None,
 ) -> None:
     """Run the Star Wars demo end to end on this machine and check its outcomes."""
     from mesh.cli.demo import run_starwars
 
-    raise typer.Exit(run_starwars(example, state_dir))
+    raise typer.Exit(run_starwars(example, state_dir, screenshot=screenshot))
 
 
 def main() -> None:
