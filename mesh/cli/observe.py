@@ -22,23 +22,9 @@ import yaml
 from rich.text import Text
 
 from mesh.cli.common import STATE, StateOpt, console, output_option
+from mesh.cli.flowquery import FlowQuery, Layer, QueryError, Verdict
 
 POLL_S = 0.2
-
-
-class Verdict(StrEnum):
-    """What the agent writes (mesh.agent.flows, mesh.agent.tunnels)."""
-
-    forwarded = "forwarded"
-    denied = "denied"
-    dropped = "dropped"
-    audit = "audit"
-    failed = "failed"
-
-
-class Layer(StrEnum):
-    L4 = "L4"
-    L7 = "L7"
 
 
 class FlowFormat(StrEnum):
@@ -50,8 +36,11 @@ class FlowFormat(StrEnum):
 
 _COLOUR = {"denied": "red", "failed": "red", "dropped": "yellow", "audit": "yellow"}
 # -o wide: these too, as key=value, when a flow has them
-_WIDE = ("protocol", "policy", "via", "tls", "peer", "direction", "grpc_status", "bytes_sent", "bytes_received",
-         "envoy_details")
+_WIDE = ("protocol", "policy", "via", "tls", "direction", "grpc_status", "duration_ms", "retries", "bytes_sent",
+         "bytes_received", "envoy_details")
+# the options that are FlowQuery's filters, by its names (an error names the option)
+_OPTION = {"pod": "--pod", "from_pod": "--from-pod", "to_pod": "--to-pod", "namespace": "--namespace",
+           "protocol": "--protocol", "method": "--http-method", "status": "--http-status", "since": "--since"}
 
 
 def _clock(t: Any, wide: bool) -> str:
@@ -75,12 +64,23 @@ def flow_text(f: dict[str, Any], wide: bool = False) -> Text:
     line.append(verdict.upper(), style=_COLOUR.get(verdict, "green"))
     line.append(f" {f.get('reason')}")
     if f.get("layer") == "L7":
-        line.append(f" {f.get('method')} {f.get('path')} {f.get('status')}")
+        line.append(f" {f.get('method')} {f.get('path')} {_status(f)}")
+    if f.get("peer"):  # an mTLS flow: who the other end proved to be
+        line.append(f" peer {f['peer']}")
     if wide:
         line.append("".join(f" {k}={f[k]}" for k in _WIDE if f.get(k) not in (None, "")))
     if f.get("why"):
         line.append(f" — {f['why']}")
     return line
+
+
+def _status(f: dict[str, Any]) -> str:
+    """The HTTP status; for a gRPC call its gRPC status (the HTTP one is 200 even for a denial)."""
+    grpc = f.get("grpc_status")
+    if isinstance(grpc, int) and not isinstance(grpc, bool):
+        name = f.get("grpc_code") or ""
+        return f"grpc {name}({grpc})" if name else f"grpc {grpc}"
+    return str(f.get("status"))
 
 
 def print_flows(flows: Iterable[dict[str, Any]], output: str = "table") -> None:
@@ -194,8 +194,18 @@ def first_flows(tail: FlowFile) -> list[dict[str, Any]]:
 def observe(
     state_dir: StateOpt = STATE,
     pod: Annotated[str | None, typer.Option(help="flows from or to this pod (ns/name or name)")] = None,
+    from_pod: Annotated[str | None, typer.Option(help="flows from this pod (ns/name or name)")] = None,
+    to_pod: Annotated[str | None, typer.Option(help="flows to this pod (ns/name or name)")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="flows from or to this namespace")]
+    = None,
     verdict: Annotated[Verdict | None, typer.Option(case_sensitive=False, help="only this verdict (any case)")] = None,
     layer: Annotated[Layer | None, typer.Option(case_sensitive=False, help="only this layer")] = None,
+    protocol: Annotated[str | None, typer.Option(help="tcp, udp, http (any version), grpc, http/1.1, http/2 ...")]
+    = None,
+    http_status: Annotated[str | None, typer.Option(help="L7 flows with this status (403) or class (4xx)")] = None,
+    http_method: Annotated[str | None, typer.Option(help="L7 flows with this method (GET, POST ...)")] = None,
+    since: Annotated[str | None, typer.Option(help="flows since: 30s, 5m, 2h, 1d ago, a Unix time or an ISO time")]
+    = None,
     last: Annotated[int, typer.Option(min=0, help="how many recent flows to show first (0: none; with -f, "
                                                   "only new ones)")] = 20,
     output: Annotated[FlowFormat, output_option("table (one line a flow), wide (and the date, protocol, policy, "
@@ -206,15 +216,13 @@ def observe(
                                               help="stop following after this many seconds (0: until Ctrl-C)")] = 0.0,
 ) -> None:
     """Show recent flows (like hubble observe); -f follows them."""
-    want_pod = (pod if "/" in pod else f"default/{pod}") if pod else None
-
-    def keep(f: dict[str, Any]) -> bool:
-        if want_pod and want_pod not in (f.get("src"), f.get("dst_pod")):
-            return False
-        if verdict and str(f.get("verdict", "")).lower() != verdict.value:
-            return False
-        return not (layer and str(f.get("layer", "")).upper() != layer.value)
-
+    try:
+        q = FlowQuery.of({"pod": pod, "from_pod": from_pod, "to_pod": to_pod, "namespace": namespace,
+                          "verdict": verdict.value if verdict else None, "layer": layer.value if layer else None,
+                          "protocol": protocol, "status": http_status, "method": http_method, "since": since})
+    except QueryError as e:
+        raise typer.BadParameter(str(e), param_hint=f"'{_OPTION.get(e.key, e.key)}'") from None
+    keep = q.matches
     tail = FlowFile(state_dir / "flows.jsonl")
     try:
         shown = [f for f in first_flows(tail) if keep(f)]

@@ -57,6 +57,8 @@ DROP_REASONS = {
     "backend-missing": flow_pb.SERVICE_BACKEND_NOT_FOUND,
     "mtls-strict": flow_pb.UNENCRYPTED_TRAFFIC,  # plaintext into a MeshTLS STRICT namespace
     "mtls-busy": flow_pb.DROP_RATE_LIMITED,  # the tunnel at its connection limit
+    "no-backend-ipv6": flow_pb.SERVICE_BACKEND_NOT_FOUND,  # the IPv6 VIP empty, the IPv4 one not (curl then falls back)
+    "l7-no-upstream": flow_pb.SERVICE_BACKEND_NOT_FOUND,  # Envoy: no healthy upstream, no cluster
 }
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a Kubernetes namespace or pod name

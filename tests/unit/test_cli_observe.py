@@ -294,3 +294,102 @@ def test_follow_has_no_default_bound() -> None:
     params = {p.name: p for p in obs.params}
     assert params["follow_for"].default == 0 and params["follow_for"].hidden
     assert "-f" in params["follow"].opts
+
+
+# ---- Hubble's filters (mesh.cli.flowquery, shared with webb ui) ----
+@pytest.fixture
+def rich_state(tmp_path: Path) -> Path:
+    write(tmp_path / "flows.jsonl", [
+        flow(0, protocol="UDP", dst="10.96.0.53:53", service="kube-system/dns", dst_pod="kube-system/dns-1"),
+        l7(1, "/v1/request-landing", method="POST", protocol="HTTP/1.1"),
+        l7(2, "/v1/exhaust-port", method="PUT", status=403, verdict="denied", reason="l7-policy-denied",
+           protocol="HTTP/1.1", src="default/xwing"),
+        l7(3, "/demo.Greeter/Denied", method="POST", protocol="HTTP/2", status=200, grpc_status=7,
+           grpc_code="PERMISSION_DENIED", verdict="denied", src="empire/tie", dst_pod=None,
+           service="empire/greeter:50051"),
+        l7(4, "/x", status=503, verdict="dropped", reason="l7-no-upstream", protocol="HTTP/1.1",
+           duration_ms=12, retries=2),
+        flow(5, reason="mtls-accepted", src="empire/tie", dst_pod="empire/deathstar", service=None,
+             peer="spiffe://cluster.local/ns/empire/sa/tie", tls="ktls", direction="ingress"),
+    ])
+    return tmp_path
+
+
+def ns_of(res: Any) -> list[int]:
+    assert res.exit_code == 0, res.output
+    return [json.loads(ln)["n"] for ln in lines(res.stdout)]
+
+
+@pytest.mark.parametrize(("args", "want"), [
+    (["--from-pod", "xwing"], [2]),
+    (["--from-pod", "empire/tie"], [3, 5]),
+    (["--to-pod", "deathstar"], [1, 2, 4]),
+    (["--to-pod", "kube-system/dns-1"], [0]),
+    (["--from-pod", "tiefighter", "--to-pod", "deathstar"], [1, 4]),
+    (["-n", "empire"], [3, 5]),
+    (["--namespace", "kube-system"], [0]),
+    (["--protocol", "udp"], [0]),
+    (["--protocol", "TCP"], [5]),
+    (["--protocol", "http"], [1, 2, 3, 4]),
+    (["--protocol", "http/2"], [3]),
+    (["--protocol", "grpc"], [3]),
+    (["--http-status", "403"], [2]),
+    (["--http-status", "5xx"], [4]),
+    (["--http-status", "2XX"], [1, 3]),
+    (["--http-method", "post"], [1, 3]),
+    (["--http-method", "PUT", "--verdict", "denied"], [2]),
+    (["--since", str(T0 + 4)], [4, 5]),
+    (["--since", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T0 + 3))], [3, 4, 5]),
+    (["--since", time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(T0 + 5))], [5]),
+    (["--since", "5m"], []),  # the flows are from 2023
+    (["--pod", "empire/tie", "--layer", "L7"], [3]),
+])
+def test_hubble_filters(rich_state: Path, args: list[str], want: list[int]) -> None:
+    assert ns_of(observe(rich_state, "-o", "json", *args)) == want
+
+
+def test_since_a_duration_counts_back_from_now(tmp_path: Path) -> None:
+    now = time.time()
+    write(tmp_path / "flows.jsonl", [flow(1, time=now - 3600), flow(2, time=now - 60)])
+    assert ns_of(observe(tmp_path, "-o", "json", "--since", "5m")) == [2]
+    assert ns_of(observe(tmp_path, "-o", "json", "--since", "2h")) == [1, 2]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--from-pod", "<script>"], "'--from-pod': from_pod '<script>': not a pod name"),
+    (["--to-pod", "a/b/c"], "'--to-pod': to_pod 'a/b/c': not a pod name"),
+    (["--pod", "Bad_Name"], "'--pod': pod 'Bad_Name': not a pod name"),
+    (["-n", "Bad_NS"], "'--namespace': namespace 'Bad_NS': not a namespace name"),
+    (["--protocol", "sctp"], "'--protocol': protocol 'sctp': use one of tcp, udp, http, grpc"),
+    (["--http-status", "99"], "'--http-status': status '99': an HTTP status (100-599) or a class"),
+    (["--http-status", "6xx"], "an HTTP status (100-599)"),
+    (["--http-method", "GET /x"], "'--http-method': method 'GET /x': letters, digits"),
+    (["--since", "yesterday"], "'--since': since 'yesterday': a duration (30s, 5m, 2h, 1d), a Unix time"),
+    (["--since", "-5m"], "a duration"),
+    (["--since", "[red]x[/red]"], "since '[red]x[/red]'"),
+    (["--since", "\u00b2"], "a duration"),  # a digit to str.isdigit, not to float()
+])
+def test_bad_filter_values_are_refused_naming_the_option(rich_state: Path, args: list[str], says: str) -> None:
+    res = observe(rich_state, *args)
+    assert res.exit_code == 2 and res.stdout == ""
+    assert says in plain(res.stderr), plain(res.stderr)
+
+
+def test_table_shows_the_grpc_status_and_the_peer(rich_state: Path) -> None:
+    res = observe(rich_state)
+    assert res.exit_code == 0, res.output
+    out = lines(res.stdout)
+    assert "POST /demo.Greeter/Denied grpc PERMISSION_DENIED(7)" in out[3] and " 200" not in out[3]
+    assert "PUT /v1/exhaust-port 403" in out[2]
+    assert "MTLS-ACCEPTED" not in out[5] and "mtls-accepted peer spiffe://cluster.local/ns/empire/sa/tie" in out[5]
+    assert "peer" not in out[1]
+
+
+def test_wide_shows_duration_and_retries(rich_state: Path) -> None:
+    res = observe(rich_state, "-o", "wide", "--http-status", "503")
+    assert res.exit_code == 0, res.output
+    (line,) = lines(res.stdout)
+    assert "GET /x 503" in line and " duration_ms=12 retries=2" in line and "DROPPED l7-no-upstream" in line
+    res = observe(rich_state, "-o", "wide", "--verdict", "forwarded", "--protocol", "tcp")
+    (line,) = lines(res.stdout)
+    assert line.count("spiffe://cluster.local/ns/empire/sa/tie") == 1 and "tls=ktls" in line
