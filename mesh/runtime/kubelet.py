@@ -58,12 +58,20 @@ class KubeletRuntime:
 
     @property
     def proxy_cgroup(self) -> Path | None:
-        return None  # the agent's pod, under the pods' cgroup
+        """None when the agent runs as a pod (the DaemonSet): its Envoy is under the pods' cgroup, where
+        the datapath answers SO_ORIGINAL_DST already. An agent run on the host gives its Envoy a cgroup of
+        its own (``<webb>/<node>/proxy``), which the datapath attaches that answer to as well."""
+        if cgroups.own_cgroup().is_relative_to(self.pods_cgroup):
+            return None
+        return cgroups.node_cgroup(self.node) / "proxy"
 
     def setup(self) -> None:
         if not self.pods_cgroup.is_dir():
             raise RuntimeError(f"kubelet's pod cgroup {self.pods_cgroup} does not exist: is kubelet running on this node "
                                "with cgroupsPerQOS, and are --kubelet-cgroup-root / --cgroup-driver the kubelet's?")
+        proxy = self.proxy_cgroup
+        if proxy is not None:
+            proxy.mkdir(parents=True, exist_ok=True)
         if self.service_cidrs:
             from pyroute2 import IPRoute
 
@@ -77,7 +85,14 @@ class KubeletRuntime:
     def teardown(self, keep: bool = False) -> None:
         """The pods are kubelet's: they keep running. Without ``keep`` (Webb leaves the node), the
         blackhole routes Webb added go (``RTPROT_WEBB``; one the admin made stays); with it (an
-        upgrade) they stay, for the next agent."""
+        upgrade) they stay, for the next agent. The node Envoy's own cgroup (a host-run agent's) goes."""
+        proxy = self.proxy_cgroup
+        if proxy is not None and proxy.exists():
+            cgroups.remove_tree(proxy)
+            try:
+                proxy.parent.rmdir()  # <webb>/<node>, when nothing else of the node is there
+            except OSError:
+                pass
         if keep or not self.service_cidrs:
             return
         from pyroute2 import IPRoute

@@ -287,7 +287,7 @@ def test_star_wars_enforced_by_the_daemonset_agent(kube_node: KubeNode, installe
     def conditions() -> dict[str, str]:
         mp = kube_node.get("-n", ns, "meshpolicy", "rule1")
         return {c["type"]: c["status"] for c in (mp.get("status") or {}).get("conditions", [])}
-    eventually("rule1 Valid and Applied (the operator)", lambda: conditions() == {"Valid": "True", "Applied": "True"}, 60)
+    eventually("rule1 Valid and Applied (the operator)", lambda: conditions() == {"Ready": "True", "Valid": "True", "Applied": "True"}, 60)
 
 
 def test_an_allowed_request_passes_the_node_envoy(kube_node: KubeNode, installed: Install, starwars: str) -> None:
