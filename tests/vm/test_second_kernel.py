@@ -1,31 +1,27 @@
 """The datapath suite and the mTLS end-to-end test again, under Debian's 6.1 LTS kernel in qemu
-(two kernels in every run; the guest has kTLS, this host does not)."""
+(two kernels in every run; the guest has kTLS, this host does not). The guest run starts when
+collection ends and overlaps the host's tests (tests/vm/conftest.py)."""
 
-import subprocess
-import sys
+import re
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.vm.conftest import TARGETS, GuestRun
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 
-def _pytest_in_guest(target: str) -> None:
-    """``pytest target`` in the guest: it must pass there, on a 6.1 kernel."""
-    r = subprocess.run([sys.executable, "-m", "tests.vm.run", "--timeout", "900", "--",
-                        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1000)
-    tail = "\n".join(r.stdout.splitlines()[-25:])
-    assert r.returncode == 0, tail
-    assert "kernel 6.1." in r.stdout and " passed" in r.stdout, tail
-
-
-def test_datapath_suite_passes_on_debian_6_1() -> None:
-    _pytest_in_guest("tests/datapath")
-
-
-def test_mtls_between_two_nodes_with_ktls_on_debian_6_1() -> None:
-    """Two agents on a wire in the guest: the tunnel's records are the kernel's (kTLS), L4 and L7
-    (Envoy-originated TLS into a kTLS receiver), STRICT and PERMISSIVE (tests/e2e/test_mtls.py)."""
-    _pytest_in_guest("tests/e2e/test_mtls.py")
+def test_datapath_suite_and_mtls_pass_on_debian_6_1(guest_run: GuestRun) -> None:
+    """``pytest tests/datapath tests/e2e/test_mtls.py`` in the guest: every test passes there, on a 6.1
+    kernel. The mTLS test runs two agents on a wire: the tunnel's records are the kernel's (kTLS), L4 and L7
+    (Envoy-originated TLS into a kTLS receiver), STRICT and PERMISSIVE."""
+    rc, out = guest_run.wait()
+    lines = out.splitlines()
+    failed = [ln for ln in lines if re.search(r"\b(FAILED|ERROR)\b", ln)]
+    tail = "\n".join([*failed, *lines[-30:], f"(the whole console: {guest_run.log})"])
+    assert rc == 0, tail
+    assert "kernel 6.1." in out, tail
+    summary = [ln for ln in lines if re.search(r"\d+ passed", ln)]
+    assert summary and not re.search(r"failed|error", summary[-1]), tail
+    for target in TARGETS:  # -rfEp lists every test's outcome: each target ran and passed there
+        assert re.search(rf"^\s*vm\| PASSED {re.escape(target)}", out, re.M), f"no test of {target} passed\n{tail}"
