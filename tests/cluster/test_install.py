@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -248,6 +249,20 @@ def test_installed_from_the_chart_with_webbs_own_image(kube_node: KubeNode, inst
     assert mode.stdout.strip() == "600"
     # the IngressClass
     assert kube_node.get("ingressclass", "webb")["spec"]["controller"] == "webb.io/ingress"
+    # Prometheus metrics (docs/metrics.md): the agent on the node's address (host network), the operator on its
+    # pod's (the chart's defaults); both scraped from this host, as Prometheus would from its pod
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for url_, metric in ((f"http://{agent['status']['hostIP']}:9962/metrics", "webb_xds_pushes_total{"),
+                         (f"http://{pods['webb-operator']['status']['podIP']}:9963/metrics", "webb_operator_watch_events_total{")):
+        eventually(f"{metric} at {url_}", lambda u=url_, m=metric: m in _scrape(no_proxy, u), 30)
+
+
+def _scrape(opener: urllib.request.OpenerDirector, url: str) -> str:
+    try:
+        with opener.open(url, timeout=5) as r:
+            return str(r.read().decode())
+    except OSError:
+        return ""
 
 
 @pytest.fixture(scope="module")
