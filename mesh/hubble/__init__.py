@@ -6,5 +6,6 @@ convert  pure: one Webb flow (mesh.agent.flows) -> flow.Flow
 filters  pure: flow.FlowFilter -> a predicate over flow.Flow, as Hubble's server reads them
 store    the nodes' flow files, tailed into one ring buffer that followers wait on
 server   the gRPC servicer (Observer, and grpc.health.v1 that `hubble status` asks first)
-cli      `webb hubble serve`
+relay    one Observer API over several nodes' servers (as Hubble Relay), asked over gRPC
+cli      `webb hubble serve`, `webb hubble relay`
 """

@@ -1,6 +1,7 @@
 """`webb hubble serve`: Hubble's Observer API over one node's flows, or several nodes' (one view, as
-Hubble Relay gives), for `hubble observe --server 127.0.0.1:4245`. grpc and the stubs are loaded by
-the command only: `webb` itself never pays for them."""
+Hubble Relay gives), for `hubble observe --server 127.0.0.1:4245`; `webb hubble relay`: one API over
+several machines' `webb hubble serve` (mesh.hubble.relay). grpc and the stubs are loaded by the
+commands only: `webb` itself never pays for them."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ app = typer.Typer(help="Hubble's Observer API over Webb's flows (the hubble CLI,
 DEFAULT_LISTEN = "127.0.0.1:4245"  # Hubble's own port
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """"127.0.0.1:4245", "[::1]:4245" -> (address, port); a clear error for anything else."""
+def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
+    """"127.0.0.1:4245", "[::1]:4245" -> (address, port); a clear error (naming ``flag``) for anything else."""
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
@@ -30,8 +31,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     except ValueError:
         addr = None
     if not sep or addr is None or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{value!r}: use ADDRESS:PORT, e.g. {DEFAULT_LISTEN} or [::1]:4245", param_hint="--listen")
+        raise typer.BadParameter(f"{value!r}: use ADDRESS:PORT, e.g. {DEFAULT_LISTEN} or [::1]:4245", param_hint=flag)
     return str(addr), int(port)
+
+
+def join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def expand(dirs: list[Path]) -> list[Path]:
@@ -93,3 +98,52 @@ def serve(
     finally:
         server.stop(grace=1).wait(5)
         store.stop()
+
+
+def _wait(lifetime: float) -> None:
+    """Until SIGTERM/SIGINT, or ``lifetime`` seconds (0: no end)."""
+    done = threading.Event()
+
+    def stop(_sig: int, _frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    done.wait(lifetime if lifetime > 0 else None)
+
+
+@app.command()
+def relay(
+    peer: Annotated[list[str], typer.Option(
+        "--peer", metavar="ADDRESS:PORT", help="a node's `webb hubble serve`; repeat it for every node")],
+    listen: Annotated[str, typer.Option(help="ADDRESS:PORT to serve on (no TLS, no authentication: keep it on "
+                                             "loopback unless the network is trusted)")] = DEFAULT_LISTEN,
+    peer_timeout: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds a peer has to answer a call "
+                                                                         "(all its flows, without --follow)")] = 10.0,
+    lifetime: Annotated[float, typer.Option(min=0, help="stop by itself after this many seconds (0: until stopped)")] = 0.0,
+) -> None:
+    """One Observer API over every node's (as Hubble Relay): the hubble CLI sees all nodes' flows at once."""
+    host, port = parse_listen(listen)
+    peers: list[str] = []
+    for value in peer:
+        p_host, p_port = parse_listen(value, "--peer")
+        here = ipaddress.ip_address(p_host).is_loopback or ipaddress.ip_address(p_host).is_unspecified
+        if p_port == port and (p_host == host or (ipaddress.ip_address(host).is_unspecified and here)):
+            raise typer.BadParameter(f"{value!r} is the relay's own --listen address: give it the nodes' "
+                                     "`webb hubble serve` addresses", param_hint="--peer")
+        peers.append(join(p_host, p_port))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from mesh.hubble.relay import serve_relay  # grpc and the stubs: loaded here only
+
+    try:
+        server, servicer = serve_relay(peers, join(host, port), peer_timeout_s=peer_timeout)
+    except OSError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+    err.print(escape(f"Hubble Relay on {listen} over {', '.join(dict.fromkeys(peers))}; hubble observe --server {listen}"),
+              highlight=False)
+    try:
+        _wait(lifetime)
+    finally:
+        server.stop(grace=1).wait(5)
+        servicer.close()

@@ -4,16 +4,16 @@ GetNamespaces; and the standard grpc.health.v1 Health service, which `hubble sta
 GetAgentEvents and GetDebugEvents answer UNIMPLEMENTED (Webb has no such events), as does an unknown
 method.
 
-The one module besides xds.server that imports grpc (pyproject's import-linter contract). Listen on
-loopback by default: flows name pods, policies and request paths, and the API has no authentication
-(as Hubble's own port, 4245, has none without TLS).
+With mesh.hubble.relay, the only modules besides xds.server that import grpc (pyproject's
+import-linter contract). Listen on loopback by default: flows name pods, policies and request
+paths, and the API has no authentication (as Hubble's own port, 4245, has none without TLS).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -58,7 +58,9 @@ SERVING, SERVICE_UNKNOWN = 1, 3
 HEALTHY_SERVICES = ("", "hubble.server.Observer", "observer.Observer")  # the server, the name `hubble status` asks, the service
 
 
-def _health_handler() -> grpc.GenericRpcHandler:
+def health_handler() -> grpc.GenericRpcHandler:
+    """grpc.health.v1.Health/Check, SERVING for the Observer (this server's, and mesh.hubble.relay's)."""
+
     def check(req: Any, _ctx: grpc.ServicerContext) -> Any:
         return HealthCheckResponse(status=SERVING if req.service in HEALTHY_SERVICES else SERVICE_UNKNOWN)
 
@@ -75,6 +77,26 @@ def _ns(ts: Any, what: str, context: grpc.ServicerContext) -> int | None:
     return int(ts.ToNanoseconds())
 
 
+def parse_request(request: Any, context: grpc.ServicerContext) -> tuple[Callable[[Any], bool], Any, int | None, int | None]:
+    """A GetFlowsRequest's filter, field mask (None: the whole flow), since and until (ns); what Webb
+    cannot answer aborts the call with INVALID_ARGUMENT (the relay checks it so too, before its peers)."""
+    try:
+        match = build_all(request.whitelist, request.blacklist)
+    except FilterError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid filter: {e}")
+    if request.first and request.follow:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be combined with follow")
+    mask = None
+    if request.HasField("field_mask") and request.field_mask.paths:
+        if not request.field_mask.IsValidForDescriptor(flow_pb.Flow.DESCRIPTOR):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"field_mask: not fields of flow.Flow: {', '.join(request.field_mask.paths)}")
+        mask = request.field_mask
+    since = _ns(request.since if request.HasField("since") else None, "since", context)
+    until = _ns(request.until if request.HasField("until") else None, "until", context)
+    return match, mask, since, until
+
+
 class Observer(observer_grpc.ObserverServicer):  # type: ignore[misc,name-defined]
     def __init__(self, store: Store, follow_wake_s: float = FOLLOW_WAKE_S) -> None:
         self.store = store
@@ -88,20 +110,7 @@ class Observer(observer_grpc.ObserverServicer):  # type: ignore[misc,name-define
         return observer_pb.GetFlowsResponse(flow=fl, node_name=node, time=fl.time)
 
     def GetFlows(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802 - gRPC's name
-        try:
-            match = build_all(request.whitelist, request.blacklist)
-        except FilterError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid filter: {e}")
-        if request.first and request.follow:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be combined with follow")
-        mask = None
-        if request.HasField("field_mask") and request.field_mask.paths:
-            if not request.field_mask.IsValidForDescriptor(flow_pb.Flow.DESCRIPTOR):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"field_mask: not fields of flow.Flow: {', '.join(request.field_mask.paths)}")
-            mask = request.field_mask
-        since = _ns(request.since if request.HasField("since") else None, "since", context)
-        until = _ns(request.until if request.HasField("until") else None, "until", context)
+        match, mask, since, until = parse_request(request, context)
 
         def wanted(fl: Any) -> bool:
             t = fl.time.ToNanoseconds()
@@ -175,7 +184,7 @@ def serve(store: Store, listen: str, max_workers: int = 16) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hubble"),
                          options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_workers)
     observer_grpc.add_ObserverServicer_to_server(Observer(store), server)
-    server.add_generic_rpc_handlers((_health_handler(),))
+    server.add_generic_rpc_handlers((health_handler(),))
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as e:
