@@ -331,9 +331,27 @@ RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx",
             "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
 
 
+def _name_value_matches(ctx: Ctx, v: Any, field: str, what: str, example: str) -> tuple[HeaderMatch, ...]:
+    """A Gateway API list of header (or query parameter) matches: name, value, type Exact | RegularExpression."""
+    out = []
+    for i, h in enumerate(ctx.seq(v, field)):
+        hf = f"{field}[{i}]"
+        h = ctx.mapping(h, hf)
+        ctx.only(h, hf, ("name", "value", "type"), what)
+        htype = h.get("type", "Exact")
+        if htype not in ("Exact", "RegularExpression"):
+            raise ctx.fail(f"{hf}.type", f"{htype!r}: use Exact or RegularExpression")
+        if not h.get("name") or "value" not in h:
+            raise ctx.fail(hf, f"needs name and value, e.g. {example}")
+        if htype == "RegularExpression":
+            ctx.regex(h["value"], f"{hf}.value")
+        out.append(HeaderMatch(str(h["name"]), str(h["value"]), htype))
+    return tuple(out)
+
+
 def _route_match(ctx: Ctx, v: Any, field: str) -> RouteMatch:
     m = ctx.mapping(v, field)
-    ctx.only(m, field, ("path", "method", "headers"), "a match")
+    ctx.only(m, field, ("path", "method", "headers", "queryParams"), "a match")
     path = ctx.mapping(m.get("path"), f"{field}.path")
     ctx.only(path, f"{field}.path", ("type", "value"), "a path match")
     ptype, value = path.get("type", "PathPrefix"), str(path.get("value", "/"))
@@ -346,26 +364,23 @@ def _route_match(ctx: Ctx, v: Any, field: str) -> RouteMatch:
     method = m.get("method")
     if method is not None and not _METHOD.match(str(method)):
         raise ctx.fail(f"{field}.method", f"{method!r} is not an HTTP method; use e.g. GET or POST")
-    headers = []
-    for i, h in enumerate(ctx.seq(m.get("headers"), f"{field}.headers")):
-        hf = f"{field}.headers[{i}]"
-        h = ctx.mapping(h, hf)
-        ctx.only(h, hf, ("name", "value", "type"), "a header match")
-        htype = h.get("type", "Exact")
-        if htype not in ("Exact", "RegularExpression"):
-            raise ctx.fail(f"{hf}.type", f"{htype!r}: use Exact or RegularExpression")
-        if not h.get("name") or "value" not in h:
-            raise ctx.fail(hf, "needs name and value, e.g. {name: x-canary, value: \"1\"}")
-        if htype == "RegularExpression":
-            ctx.regex(h["value"], f"{hf}.value")
-        headers.append(HeaderMatch(str(h["name"]), str(h["value"]), htype))
-    return RouteMatch(ptype, value, str(method) if method else None, tuple(headers))
+    headers = _name_value_matches(ctx, m.get("headers"), f"{field}.headers", "a header match", "{name: x-canary, value: \"1\"}")
+    query = _name_value_matches(ctx, m.get("queryParams"), f"{field}.queryParams", "a query parameter match",
+                                "{name: animal, value: whale}")
+    return RouteMatch(ptype, value, str(method) if method else None, headers, query)
 
 
 def _backend_ref(ctx: Ctx, v: Any, field: str, legacy: bool) -> BackendRef:
     b = ctx.mapping(v, field)
-    ctx.only(b, field, ("name", "port", "weight", "kind", "group", *(() if legacy else ("namespace",))), "a backendRef",
-             {"filters": "per-backend filters; put the filter on the rule"})
+    ctx.only(b, field, ("name", "port", "weight", "kind", "group", *(() if legacy else ("namespace", "filters"))), "a backendRef")
+    req_headers = None
+    for i, f in enumerate(ctx.seq(b.get("filters"), f"{field}.filters")):
+        ff = f"{field}.filters[{i}]"
+        f = ctx.mapping(f, ff)
+        if f.get("type") != "RequestHeaderModifier":
+            raise ctx.fail(f"{ff}.type", f"{f.get('type')!r} is not supported on a backendRef; use RequestHeaderModifier")
+        ctx.only(f, ff, ("type", "requestHeaderModifier"), "a filter")
+        req_headers = _header_modifier(ctx, f.get("requestHeaderModifier"), f"{ff}.requestHeaderModifier")
     kind, group = str(b.get("kind", "Service")), str(b.get("group", ""))
     if legacy and (kind != "Service" or group not in ("", "core")):
         raise ctx.fail(f"{field}.kind", "only Services are backends; remove kind/group or use kind: Service")
@@ -374,7 +389,8 @@ def _backend_ref(ctx: Ctx, v: Any, field: str, legacy: bool) -> BackendRef:
         raise ctx.fail(f"{field}.port", "is required: the Service port, e.g. 80")
     ns = ctx.name(b["namespace"], f"{field}.namespace", "team-a", "a namespace") if "namespace" in b else ""
     return BackendRef(ctx.name(b.get("name"), f"{field}.name", "reviews-v2"), port,
-                      ctx.count(b.get("weight", 1), f"{field}.weight", 0, 1_000_000), ns, kind, "" if group == "core" else group)
+                      ctx.count(b.get("weight", 1), f"{field}.weight", 0, 1_000_000), ns, kind, "" if group == "core" else group,
+                      req_headers)
 
 
 def _retry(ctx: Ctx, v: Any, field: str) -> Retry:
@@ -491,11 +507,11 @@ def _route_rule(ctx: Ctx, v: Any, field: str, legacy: bool) -> RouteRule:
     if not refs and legacy:  # Gateway API: a rule without backends answers 500 (or redirects)
         raise ctx.fail(f"{field}.backendRefs", "needs at least one backend, e.g. [{name: web, port: 80}]")
     timeouts = ctx.mapping(r.get("timeouts"), f"{field}.timeouts")
-    ctx.only(timeouts, f"{field}.timeouts", ("request",), "timeouts",
-             {"backendRequest": "only the whole request's timeout is set; use timeouts.request"})
+    ctx.only(timeouts, f"{field}.timeouts", ("request", "backendRequest"), "timeouts")
     timeout = ctx.duration_ms(timeouts["request"], f"{field}.timeouts.request") if "request" in timeouts else None
+    backend = ctx.duration_ms(timeouts["backendRequest"], f"{field}.timeouts.backendRequest") if "backendRequest" in timeouts else None
     retry = _retry(ctx, r["retry"], f"{field}.retry") if "retry" in r else None
-    return RouteRule(matches, refs, timeout, retry, filters)
+    return RouteRule(matches, refs, timeout, retry, filters, backend)
 
 
 def _parent_ref(ctx: Ctx, v: Any, f: str, legacy: bool) -> ParentRef:

@@ -191,6 +191,7 @@ class BackendRef:
     namespace: str = ""  # "": the route's; another needs a ReferenceGrant there
     kind: str = "Service"  # anything else is kept and reported (ResolvedRefs False, InvalidKind)
     group: str = ""
+    request_headers: HeaderModifier | None = None  # backendRefs[].filters: RequestHeaderModifier
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class RouteMatch:
     path: str = "/"
     method: str | None = None
     headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[HeaderMatch, ...] = ()  # queryParams (Exact | RegularExpression)
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ class RouteRule:
     timeout_ms: int | None = None
     retry: Retry | None = None
     filters: RouteFilters = field(default_factory=RouteFilters)
+    backend_timeout_ms: int | None = None  # timeouts.backendRequest (0: none)
 
 
 @dataclass(frozen=True)

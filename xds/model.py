@@ -149,6 +149,7 @@ class HttpRoute:
     timeout_ms: int | None = None  # None: Envoy's 15 s; 0: no timeout
     retry: RetrySpec | None = None
     filters: RouteFiltersSpec | None = None
+    backend_headers: tuple[tuple[str, HeaderModifierSpec], ...] = ()  # (upstream name, its RequestHeaderModifier)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,10 @@ def _match(m: RouteMatchSpec) -> rc.RouteMatch:
     out = rc.RouteMatch(headers=[_header(h) for h in m.headers])
     if m.method:
         out.headers.append(rc.HeaderMatcher(name=":method", string_match=_string_exact(m.method)))
+    for q in getattr(m, "query", ()):  # Gateway API queryParams: Exact (case-sensitive) or RE2
+        sm = (string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=q.value)) if q.type == "RegularExpression"
+              else string_pb2.StringMatcher(exact=q.value))
+        out.query_parameters.append(rc.QueryParameterMatcher(name=q.name, string_match=sm))
     if m.path_type == "Exact":
         out.path = m.path
     elif m.path_type == "RegularExpression":
@@ -274,12 +278,18 @@ def _retry(r: RetrySpec) -> rc.RetryPolicy:
 
 def _action(route: HttpRoute) -> rc.RouteAction:
     targets = [(name, w) for name, w in route.clusters if w > 0]
+    headers = dict(route.backend_headers)
     action = rc.RouteAction()
-    if len(targets) == 1:
+    if len(targets) == 1 and not headers:
         action.cluster = targets[0][0]
     else:
         action.weighted_clusters.CopyFrom(rc.WeightedCluster(clusters=[
             rc.WeightedCluster.ClusterWeight(name=n, weight=wrappers_pb2.UInt32Value(value=w)) for n, w in targets]))
+        for cw in action.weighted_clusters.clusters:
+            if cw.name in headers:  # backendRefs[].filters: RequestHeaderModifier of that backend only
+                add, remove = _header_ops(headers[cw.name])
+                cw.request_headers_to_add.extend(add)
+                cw.request_headers_to_remove.extend(remove)
     if route.timeout_ms is not None:
         action.timeout.CopyFrom(_duration_ms(route.timeout_ms))
     if route.retry is not None:
@@ -315,7 +325,7 @@ _REDIRECT_CODES = {301: rc.RedirectAction.MOVED_PERMANENTLY, 302: rc.RedirectAct
                    307: rc.RedirectAction.TEMPORARY_REDIRECT, 308: rc.RedirectAction.PERMANENT_REDIRECT}
 
 
-def _redirect(route: HttpRoute, m: RouteMatchSpec | None) -> rc.RedirectAction:
+def _redirect(route: HttpRoute, m: RouteMatchSpec | None, listener_port: int | None = None) -> rc.RedirectAction:
     f = route.filters.redirect if route.filters else None
     assert f is not None
     out = rc.RedirectAction(response_code=_REDIRECT_CODES.get(f.status_code, rc.RedirectAction.FOUND))
@@ -327,6 +337,8 @@ def _redirect(route: HttpRoute, m: RouteMatchSpec | None) -> rc.RedirectAction:
         out.host_redirect = f.hostname
     if f.port is not None:
         out.port_redirect = f.port
+    elif not f.scheme and listener_port:  # Gateway API: no scheme, no port: the listener's port (80/443 left out)
+        out.port_redirect = listener_port
     if f.path_type == "ReplaceFullPath" and f.path is not None:
         out.path_redirect = f.path
     elif f.path_type == "ReplacePrefixMatch" and f.path is not None:
@@ -336,7 +348,7 @@ def _redirect(route: HttpRoute, m: RouteMatchSpec | None) -> rc.RedirectAction:
     return out
 
 
-def _routes(route: HttpRoute) -> list[rc.Route]:
+def _routes(route: HttpRoute, listener_port: int | None = None) -> list[rc.Route]:
     """One Envoy route per match (Envoy matches are AND; a rule's matches are OR)."""
     out = []
     specs: list[RouteMatchSpec | None] = list(route.matches) or [None]
@@ -344,7 +356,7 @@ def _routes(route: HttpRoute) -> list[rc.Route]:
     for spec in specs:
         r = rc.Route(match=_match(spec) if spec is not None else rc.RouteMatch(prefix="/"))  # no match: every request
         if f is not None and f.redirect is not None:
-            r.redirect.CopyFrom(_redirect(route, spec))
+            r.redirect.CopyFrom(_redirect(route, spec, listener_port))
         elif any(w > 0 for _, w in route.clusters):
             r.route.CopyFrom(_action(route))
             if f is not None and f.rewrite is not None:
@@ -368,8 +380,9 @@ def _routes(route: HttpRoute) -> list[rc.Route]:
     return out
 
 
-def _virtual_host(vh: VirtualHost) -> rc.VirtualHost:
-    return rc.VirtualHost(name=vh.name, domains=list(vh.domains), routes=[r for hr in vh.routes for r in _routes(hr)])
+def _virtual_host(vh: VirtualHost, listener_port: int | None = None) -> rc.VirtualHost:
+    return rc.VirtualHost(name=vh.name, domains=list(vh.domains),
+                          routes=[r for hr in vh.routes for r in _routes(hr, listener_port)])
 
 
 def _rbac_filter_names(also: int) -> list[str]:
@@ -510,7 +523,7 @@ def gateway_listener(gl: GatewayListener, access_log_path: str) -> listener_pb2.
             continue
         manager = _manager(gl.name, access_log_path, None)
         manager.route_config.CopyFrom(route_pb2.RouteConfiguration(
-            name=f"{gl.name}#{ch.name}", virtual_hosts=[_virtual_host(vh) for vh in ch.virtual_hosts],
+            name=f"{gl.name}#{ch.name}", virtual_hosts=[_virtual_host(vh, gl.port) for vh in ch.virtual_hosts],
             # "shop.example.com:8443" finds the virtual host shop.example.com; the backend still gets the Host as sent
             ignore_port_in_host_matching=True))
         chain = listener_components_pb2.FilterChain(name=ch.name, filters=[_hcm_filter(manager)])

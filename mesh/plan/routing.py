@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mesh.model import (
@@ -55,9 +55,32 @@ def _ports_of(index: dict[str, PortInfo], namespace: str, service: str) -> list[
     return sorted(n for n, i in index.items() if i.service.namespace == namespace and i.service.name == service)
 
 
-def precedence(m: RouteMatchSpec) -> tuple[int, int, bool, int]:
-    """Gateway API order: exact path (then regex), longest prefix, with a method, most header matches."""
-    return (_PATH_RANK.get(m.path_type, 3), -len(m.path), m.method is None, -len(m.headers))
+def precedence(m: RouteMatchSpec) -> tuple[int, int, bool, int, int]:
+    """Gateway API order: exact path (then regex), longest prefix, with a method, most header matches,
+    most query parameter matches."""
+    return (_PATH_RANK.get(m.path_type, 3), -len(m.path), m.method is None, -len(m.headers), -len(getattr(m, "query", ())))
+
+
+def backend_headers(rule: RouteRule, namespace: str, index: dict[str, PortInfo]) -> tuple[tuple[str, Any], ...]:
+    """(upstream, RequestHeaderModifier) of the rule's backendRefs that have one."""
+    out = []
+    for b in rule.backends:
+        if b.request_headers is not None:
+            name = _backend(index, b.namespace or namespace, b.name, b.port)
+            if name is not None:
+                out.append((name, b.request_headers))
+    return tuple(out)
+
+
+def rule_timeout(rule: RouteRule) -> tuple[int | None, Any]:
+    """The Envoy route timeout and retry policy of a rule: timeouts.request, and timeouts.backendRequest as
+    the timeout of each try (the route's when there are no retries; 0 disables either)."""
+    req, backend, retry = rule.timeout_ms, rule.backend_timeout_ms, rule.retry
+    if not backend:
+        return req, retry
+    if retry is not None:
+        return req, retry if retry.per_try_timeout_ms else replace(retry, per_try_timeout_ms=backend)
+    return (backend if not req else min(req, backend)), retry
 
 
 def _parent_ports(r: Route, index: dict[str, PortInfo], warnings: list[str]) -> dict[int, list[str]]:
@@ -142,7 +165,7 @@ def mesh_routes(routes: Iterable[Route], index: dict[str, PortInfo]) -> tuple[
             clusters, why = _clusters(r, i, rule, index, warnings)
             problem = problem or why
             for k, m in enumerate(rule.matches):
-                hr = HttpRoute((m,), clusters, rule.timeout_ms, rule.retry, rule.filters)
+                hr = HttpRoute((m,), clusters, *rule_timeout(rule), rule.filters, backend_headers(rule, r.namespace, index))
                 for ports in parents.values():
                     for p in ports:
                         ranked[p].append(((*precedence(m), r.key, i, k), hr))

@@ -266,3 +266,57 @@ def test_headless_services_are_route_backends(tmp_path: Path) -> None:
     (up,) = [u for u in plan.upstreams if u.name == "default/hl:8080"]
     assert up.backends == (("10.244.0.77", 3000),)
     assert not any(s.vip == "" for s in plan.services)  # no kernel entry without a VIP
+
+
+def _served_routes(plan: Any) -> list[Any]:
+    """The Envoy routes of the plan's one Gateway listener, in order."""
+    (gl,) = [g for g in plan.gateways if g.name.startswith("gateway:")]
+    return [rt for ch in gl.chains for vh in ch.virtual_hosts for hr in vh.routes for rt in r._routes(hr, gl.port)]
+
+
+def test_query_params_per_backend_headers_backend_timeout_and_the_listener_port_in_redirects(tmp_path: Path) -> None:
+    """HTTPRouteQueryParamMatching, HTTPRouteBackendRequestHeaderModification, HTTPRouteBackendTimeout and
+    HTTPRoutePortRedirect (a redirect with neither scheme nor port keeps the listener's port, 8080 here)."""
+    def edit(s: dict[str, Any]) -> None:
+        s["rules"][0]["matches"][0]["queryParams"] = [{"name": "animal", "value": "whale"},
+                                                      {"type": "RegularExpression", "name": "n", "value": "^[0-9]+$"}]
+        s["rules"][0]["timeouts"] = {"request": "10s", "backendRequest": "2s"}
+        s["rules"][1]["backendRefs"] = [
+            {"name": "web-v1", "port": 80, "filters": [{"type": "RequestHeaderModifier",
+                                                        "requestHeaderModifier": {"set": [{"name": "x-b", "value": "v1"}]}}]},
+            {"name": "web-v2", "port": 80}]
+        s["rules"].append({"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                           "filters": [{"type": "RequestRedirect", "requestRedirect": {"hostname": "new.example.test"}}]})
+
+    routes = _served_routes(_plan(tmp_path, docs=_with(_docs(), 2, edit)))
+    v2, redirect, rest = ([rt for rt in routes if (rt.match.path_separated_prefix or rt.match.prefix) == p][0]
+                          for p in ("/v2", "/old", "/"))
+    assert [(q.name, q.string_match.exact, q.string_match.safe_regex.regex) for q in v2.match.query_parameters] == [
+        ("animal", "whale", ""), ("n", "", "^[0-9]+$")]
+    assert v2.route.timeout.seconds == 2  # no retry: the backend's timeout bounds the one try (the shorter of the two)
+    weights = {c.name: c for c in rest.route.weighted_clusters.clusters}
+    assert [h.header.key for h in weights["default/web-v1:80"].request_headers_to_add] == ["x-b"]
+    assert not weights["default/web-v2:80"].request_headers_to_add
+    assert (redirect.redirect.host_redirect, redirect.redirect.port_redirect) == ("new.example.test", 8080)
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda s: s["rules"][0]["matches"][0].update(queryParams=[{"name": "a", "value": "b", "type": "Prefix"}]),
+     "spec.rules[0].matches[0].queryParams[0].type"),
+    (lambda s: s["rules"][0]["backendRefs"][0].update(filters=[{"type": "RequestMirror"}]),
+     "spec.rules[0].backendRefs[0].filters[0].type"),
+])
+def test_unsupported_query_match_or_backend_filter_names_the_field(edit: Any, field: str) -> None:
+    with pytest.raises(ManifestError) as e:
+        parse_object(_with(_docs(), 2, edit)[2])
+    assert e.value.field == field, str(e.value)
+
+
+def test_backend_request_timeout_bounds_each_try() -> None:
+    from mesh import model as mm
+    from mesh.plan.routing import rule_timeout
+    rule = mm.RouteRule((), (), timeout_ms=10_000, backend_timeout_ms=2_000)
+    assert rule_timeout(rule) == (2_000, None)  # one try: the shorter bound
+    retried = mm.RouteRule((), (), timeout_ms=10_000, retry=mm.Retry(2), backend_timeout_ms=2_000)
+    assert rule_timeout(retried) == (10_000, mm.Retry(2, per_try_timeout_ms=2_000))  # each of the 3 tries
+    assert rule_timeout(mm.RouteRule((), (), timeout_ms=5_000)) == (5_000, None)

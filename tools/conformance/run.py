@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             elif mode != "infer":
                 suite_flags.append(f"-supported-features={mode}")
                 features_note = f"features given: {mode}"
-            else:
+            else:  # given to the suite as they are: its own inference leaves out the Mesh profile's extended features
+                suite_flags.append(f"-supported-features={','.join(inferred)}")
                 features_note = f"inferred from GatewayClass {args.gateway_class}: {', '.join(inferred) or 'none'}"
             if args.run_test:
                 suite_flags.append(f"-run-test={args.run_test}")
