@@ -26,7 +26,7 @@ class GuestRun:
         fd, name = tempfile.mkstemp(prefix="webb-vm-", suffix=".log")
         self.log = Path(name)
         argv = [sys.executable, "-m", "tests.vm.run", "--timeout", str(GUEST_TIMEOUT_S), "--",
-                sys.executable, "-m", "pytest", "-q", "-rfEp", "-p", "no:cacheprovider",
+                sys.executable, "-m", "pytest", "-v", "-rfEp", "-p", "no:cacheprovider",
                 "--durations=12", "-o", "faulthandler_timeout=600", *TARGETS]
         with os.fdopen(fd, "w") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
