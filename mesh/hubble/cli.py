@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from typer._click.exceptions import MissingParameter  # typer's own click (typer.BadParameter's)
 
 from mesh.cli.common import STATE, err
 from mesh.status import STATUS_FILE
@@ -112,10 +113,28 @@ def _wait(lifetime: float) -> None:
     done.wait(lifetime if lifetime > 0 else None)
 
 
+def parse_dns(value: str) -> tuple[str, int]:
+    """"webb-hubble-peer.webb-system.svc.cluster.local:4244" -> (name, port); a clear error otherwise."""
+    name, sep, port = value.rpartition(":")
+    labels = name.rstrip(".").split(".")
+    if (not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or len(name) > 253
+            or not all(lb and len(lb) <= 63 and lb.replace("-", "").replace("_", "").isalnum() and lb.isascii()
+                       and not lb.startswith("-") and not lb.endswith("-") for lb in labels)):
+        raise typer.BadParameter(f"{value!r}: use NAME:PORT, e.g. webb-hubble-peer.webb-system.svc.cluster.local:4244",
+                                 param_hint="--peers-dns")
+    return name, int(port)
+
+
 @app.command()
 def relay(
-    peer: Annotated[list[str], typer.Option(
-        "--peer", metavar="ADDRESS:PORT", help="a node's `webb hubble serve`; repeat it for every node")],
+    peer: Annotated[list[str] | None, typer.Option(
+        "--peer", metavar="ADDRESS:PORT", help="a node's `webb hubble serve`; repeat it for every node")] = None,
+    peers_dns: Annotated[str | None, typer.Option(
+        "--peers-dns", metavar="NAME:PORT", help="the peers are every address of NAME (A and AAAA records, e.g. a headless "
+                                                 "Service over the nodes' `webb hubble serve`) at PORT, resolved again "
+                                                 "every --dns-interval seconds: nodes that come and go are followed")] = None,
+    dns_interval: Annotated[float, typer.Option(min=1, max=3600, help="seconds between two resolutions of "
+                                                                       "--peers-dns")] = 5.0,
     listen: Annotated[str, typer.Option(help="ADDRESS:PORT to serve on (no TLS, no authentication: keep it on "
                                              "loopback unless the network is trusted)")] = DEFAULT_LISTEN,
     peer_timeout: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds a peer has to answer a call "
@@ -124,8 +143,15 @@ def relay(
 ) -> None:
     """One Observer API over every node's (as Hubble Relay): the hubble CLI sees all nodes' flows at once."""
     host, port = parse_listen(listen)
+    if not peer and not peers_dns:
+        raise MissingParameter("give the nodes' `webb hubble serve` as --peer ADDRESS:PORT (repeated), or "
+                               "--peers-dns NAME:PORT", param_type="option", param_hint="'--peer'")
+    if peer and peers_dns:
+        raise typer.BadParameter("give the nodes' `webb hubble serve` as --peer ADDRESS:PORT (repeated), or --peers-dns "
+                                 "NAME:PORT; one of the two", param_hint="--peer/--peers-dns")
+    dns = parse_dns(peers_dns) if peers_dns else None
     peers: list[str] = []
-    for value in peer:
+    for value in peer or []:
         p_host, p_port = parse_listen(value, "--peer")
         here = ipaddress.ip_address(p_host).is_loopback or ipaddress.ip_address(p_host).is_unspecified
         if p_port == port and (p_host == host or (ipaddress.ip_address(host).is_unspecified and here)):
@@ -133,17 +159,20 @@ def relay(
                                      "`webb hubble serve` addresses", param_hint="--peer")
         peers.append(join(p_host, p_port))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from mesh.hubble.relay import serve_relay  # grpc and the stubs: loaded here only
+    from mesh.hubble.relay import PeerWatch, serve_relay  # grpc and the stubs: loaded here only
 
     try:
-        server, servicer = serve_relay(peers, join(host, port), peer_timeout_s=peer_timeout)
+        server, servicer = serve_relay(peers, join(host, port), peer_timeout_s=peer_timeout, dynamic=dns is not None)
     except OSError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
-    err.print(escape(f"Hubble Relay on {listen} over {', '.join(dict.fromkeys(peers))}; hubble observe --server {listen}"),
-              highlight=False)
+    watch = PeerWatch(servicer, *dns, interval_s=dns_interval).start() if dns else None
+    over = f"the addresses of {peers_dns} (every {dns_interval:g} s)" if dns else ", ".join(dict.fromkeys(peers))
+    err.print(escape(f"Hubble Relay on {listen} over {over}; hubble observe --server {listen}"), highlight=False)
     try:
         _wait(lifetime)
     finally:
+        if watch is not None:
+            watch.stop()
         server.stop(grace=1).wait(5)
         servicer.close()

@@ -16,6 +16,11 @@ GetNodes       every node the peers report (their address: the peer's); a peer t
                is one NODE_UNAVAILABLE node named by its address.
 GetNamespaces  the union.
 
+Peers: fixed (--peer, each node's address), or found by DNS (--peers-dns NAME:PORT, PeerWatch: every A
+and AAAA record of NAME, e.g. a headless Service over the agent pods, resolved again every few seconds):
+a node that appears is asked from then on (by a follower too), one that is gone is no longer asked
+(a follower is told NODE_UNAVAILABLE with why).
+
 No TLS, no authentication, on either side (as `webb hubble serve`): keep the relay and its peers on
 loopback or a trusted network. Calls from another relay are refused (a relay of relays would be a loop
 waiting to happen; Hubble Relay does not chain either).
@@ -27,7 +32,7 @@ import logging
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +62,8 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),  # a peer back up is seen within seconds, not gRPC's 2 minutes
 ]
+DNS_INTERVAL_S = 5.0  # --peers-dns: how often the name is resolved again
+MAX_DNS_PEERS = 1024  # --peers-dns: addresses taken from one answer (a cluster's nodes; the rest left out)
 _DONE = object()  # a follower's peer stream that ended for good (until reached, or an error it cannot retry)
 
 
@@ -76,20 +83,49 @@ def _now() -> Timestamp:
 
 
 class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc,name-defined]
+    """``peers`` fixed; with ``dynamic`` (peers found by DNS) the set may start empty and change by
+    set_peers() while calls run: each call asks the peers of its start (a follower, later ones too)."""
+
     def __init__(self, peers: list[str], peer_timeout_s: float = PEER_TIMEOUT_S, queue_size: int = QUEUE_SIZE,
-                 retry_s: float = RETRY_S, wake_s: float = WAKE_S) -> None:
-        if not peers:
+                 retry_s: float = RETRY_S, wake_s: float = WAKE_S, dynamic: bool = False) -> None:
+        if not peers and not dynamic:
             raise ValueError("a relay needs at least one peer")
-        self.peers = []
-        for address in dict.fromkeys(peers):
-            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self.peers.append(Peer(address, channel, observer_grpc.ObserverStub(channel)))
+        self.dynamic = dynamic
+        self._lock = threading.Lock()
+        self._peers: dict[str, Peer] = {}
         self.peer_timeout_s, self.queue_size, self.retry_s, self.wake_s = peer_timeout_s, queue_size, retry_s, wake_s
         self.name = socket.gethostname()  # the relay's node, in its own events (Hubble Relay's node name)
         self.hop = ((HOP, self.name),)
+        self.set_peers(peers)
+
+    @property
+    def peers(self) -> list[Peer]:
+        """The peers now (a copy: the set may change while a call uses it)."""
+        with self._lock:
+            return list(self._peers.values())
+
+    def has(self, peer: Peer) -> bool:
+        with self._lock:
+            return self._peers.get(peer.address) is peer
+
+    def set_peers(self, addresses: list[str]) -> tuple[list[str], list[str]]:
+        """The peer set becomes ``addresses`` (host:port each): (added, removed). A removed peer's channel
+        is closed: calls on it end (CANCELLED), and the relay no longer asks it."""
+        wanted = list(dict.fromkeys(addresses))
+        with self._lock:
+            removed = [self._peers.pop(a) for a in list(self._peers) if a not in wanted]
+            added = [a for a in wanted if a not in self._peers]
+            for address in added:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._peers[address] = Peer(address, channel, observer_grpc.ObserverStub(channel))
+        for p in removed:
+            p.channel.close()
+        return added, [p.address for p in removed]
 
     def close(self) -> None:
-        for p in self.peers:
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for p in peers:
             p.channel.close()
 
     # ---- helpers ----
@@ -180,20 +216,30 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc,name-defined]
         calls: dict[str, Any] = {}
         lock = threading.Lock()
         context.add_callback(stop.set)
-        threads = [threading.Thread(target=self._pump, args=(p, request, context, out, stop, calls, lock),
-                                    name=f"relay-peer-{p.address}", daemon=True) for p in self.peers]
-        for t in threads:
-            t.start()
+        threads: list[threading.Thread] = []
+        started: dict[int, Peer] = {}  # the Peers pumped, by id() (held: an id is not reused; back after removal: a new Peer)
+
+        def start_new() -> None:
+            for p in self.peers:
+                if id(p) not in started:
+                    started[id(p)] = p
+                    t = threading.Thread(target=self._pump, args=(p, request, context, out, stop, calls, lock),
+                                         name=f"relay-peer-{p.address}", daemon=True)
+                    threads.append(t)
+                    t.start()
+        start_new()
         done = 0
         try:
             while context.is_active() and not stop.is_set():
+                if self.dynamic:
+                    start_new()  # peers found since (DNS)
                 try:
                     r = out.get(timeout=self.wake_s)
                 except queue.Empty:
                     continue
                 if r is _DONE:
                     done += 1
-                    if done == len(threads):
+                    if done == len(threads) and (not self.dynamic or request.HasField("until")):
                         return
                     continue
                 yield r
@@ -221,6 +267,10 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc,name-defined]
 
         req, down, last_ns = request, False, 0
         while not stop.is_set():
+            if not self.has(peer):  # gone from the peer set (DNS): no longer asked
+                put(self._status(relay_pb.NODE_UNAVAILABLE, [peer.address], "no longer a peer (gone from --peers-dns)"))
+                put(_DONE)
+                return
             if down:
                 ready = grpc.channel_ready_future(peer.channel)
                 try:
@@ -233,7 +283,11 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc,name-defined]
             with lock:
                 if stop.is_set():
                     return
-                call = calls[peer.address] = peer.stub.GetFlows(req, timeout=self._timeout(context, None), metadata=self.hop)
+                try:
+                    call = calls[peer.address] = peer.stub.GetFlows(req, timeout=self._timeout(context, None),
+                                                                    metadata=self.hop)
+                except ValueError:  # its channel was closed: removed from the peer set meanwhile
+                    continue
             try:
                 for r in call:
                     if r.HasField("flow") and r.flow.time.ToNanoseconds():
@@ -247,6 +301,8 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc,name-defined]
             except grpc.RpcError as e:
                 if stop.is_set():
                     return
+                if not self.has(peer):
+                    continue  # said at the top of the loop
                 state, message = self._failure(e)
             log.warning("peer %s: follow stream lost: %s", peer.address, message or "unavailable")
             put(self._status(state, [peer.address], message))
@@ -326,11 +382,11 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc,name-defined]
 
 
 def serve_relay(peers: list[str], listen: str, max_workers: int = 16, peer_timeout_s: float = PEER_TIMEOUT_S,
-                queue_size: int = QUEUE_SIZE) -> tuple[grpc.Server, Relay]:
+                queue_size: int = QUEUE_SIZE, dynamic: bool = False) -> tuple[grpc.Server, Relay]:
     """A started relay on ``listen`` over ``peers`` (host:port each), and the relay (close() it after
     the server's stop). As mesh.hubble.server.serve: OSError when it cannot bind; past ``max_workers``
     calls at once (a follower holds one, and a thread per peer), a call is refused at once."""
-    relay = Relay(peers, peer_timeout_s=peer_timeout_s, queue_size=queue_size)
+    relay = Relay(peers, peer_timeout_s=peer_timeout_s, queue_size=queue_size, dynamic=dynamic)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hubble-relay"),
                          options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_workers)
     observer_grpc.add_ObserverServicer_to_server(relay, server)
@@ -344,5 +400,61 @@ def serve_relay(peers: list[str], listen: str, max_workers: int = 16, peer_timeo
         relay.close()
         raise OSError(f"cannot listen on {listen} (in use, or not an address of this host)")
     server.start()
-    log.info("Hubble Relay API on %s over %s", listen, ", ".join(p.address for p in relay.peers))
+    log.info("Hubble Relay API on %s over %s", listen, ", ".join(p.address for p in relay.peers) or "no peer yet")
     return server, relay
+
+
+def resolve_dns(name: str, port: int) -> list[str]:
+    """Every address of ``name`` (A and AAAA), as "host:port" ("[v6]:port"), in the resolver's order.
+    A name that does not exist (NXDOMAIN, no records: a headless Service without endpoints) -> [];
+    a failure to ask (EAI_AGAIN ...) raises OSError."""
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            return []
+        raise
+    out = []
+    for family, _, _, _, addr in infos:
+        host = str(addr[0]).split("%", 1)[0]  # a link-local's zone: not a peer's
+        out.append(f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}")
+    return list(dict.fromkeys(out))[:MAX_DNS_PEERS]
+
+
+class PeerWatch:
+    """``relay``'s peers: ``name``'s addresses at ``port``, resolved now and again every ``interval_s``
+    (a thread; stop() ends it). A failure to resolve keeps the peers as they were (a DNS server
+    restarting is not every node leaving); a name that does not exist is no peer at all.
+    ``resolve``: (name, port) -> ["host:port", ...] (resolve_dns; a test gives its own)."""
+
+    def __init__(self, relay: Relay, name: str, port: int, interval_s: float = DNS_INTERVAL_S,
+                 resolve: Callable[[str, int], list[str]] = resolve_dns) -> None:
+        self.relay, self.name, self.port, self.interval_s, self.resolve = relay, name, port, interval_s, resolve
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="relay-peers-dns", daemon=True)
+
+    def refresh(self) -> bool:
+        """Resolve once and set the relay's peers; False when the name could not be resolved."""
+        try:
+            found = self.resolve(self.name, self.port)[:MAX_DNS_PEERS]
+        except OSError as e:
+            log.warning("peers: cannot resolve %s: %s (peers kept: %d)", self.name, e, len(self.relay.peers))
+            return False
+        added, removed = self.relay.set_peers(found)
+        if added or removed:
+            log.info("peers of %s: +%s -%s (now %d)", self.name, added, removed, len(found))
+        return True
+
+    def start(self) -> PeerWatch:
+        self.refresh()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + PEER_TIMEOUT_S)
