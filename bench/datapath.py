@@ -11,6 +11,7 @@ throughput higher; 1.0 = same as without the mesh).
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -194,3 +195,4 @@ def run() -> tuple[dict[str, float], list[tuple[str, str, str, str]]]:
         if dp is not None:
             dp.close(unpin=True)
         node.teardown()
+        shutil.rmtree(tmp, ignore_errors=True)  # the pods' logs (tens of MB a run)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -74,6 +75,7 @@ def run() -> tuple[dict[str, float], list[list[str]]]:
         rollout = _rollout(node, state)
     finally:
         node.stop()
+        shutil.rmtree(state, ignore_errors=True)
     figures, rows = _figures(node_up, results, missing)
     return {**figures, **_rollout_figures(rollout)}, rows + _rollout_rows(rollout)
 

@@ -10,6 +10,7 @@ same run measures kTLS (``tunnel.records`` says which).
 
 from __future__ import annotations
 
+import shutil
 import socket
 import statistics
 import sys
@@ -120,6 +121,7 @@ def run() -> tuple[dict[str, float], list[list[str]]]:
     finally:
         stop.set()
         WIRE.teardown()
+        shutil.rmtree(tmp, ignore_errors=True)  # the bench CA's private key and the TLS key logs go with it
     mode = "ktls" if ktls else "userspace"
     figures: dict[str, float] = {
         f"tunnel.{mode}_throughput_ratio": round(t / d, 3),
