@@ -42,6 +42,9 @@ class RouteMatchSpec(Protocol):
     @property
     def headers(self) -> Sequence[HeaderMatchSpec]: ...
 
+    @property
+    def query(self) -> Sequence[HeaderMatchSpec]: ...  # queryParams: name, value, Exact | RegularExpression
+
 
 class RetrySpec(Protocol):
     """A retry policy (``mesh.model.Retry``): ``attempts`` retries after the first try."""

@@ -250,7 +250,7 @@ def _match(m: RouteMatchSpec) -> rc.RouteMatch:
     out = rc.RouteMatch(headers=[_header(h) for h in m.headers])
     if m.method:
         out.headers.append(rc.HeaderMatcher(name=":method", string_match=_string_exact(m.method)))
-    for q in getattr(m, "query", ()):  # Gateway API queryParams: Exact (case-sensitive) or RE2
+    for q in m.query:  # Gateway API queryParams: Exact (case-sensitive) or RE2
         sm = (string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=q.value)) if q.type == "RegularExpression"
               else string_pb2.StringMatcher(exact=q.value))
         out.query_parameters.append(rc.QueryParameterMatcher(name=q.name, string_match=sm))
@@ -337,8 +337,8 @@ def _redirect(route: HttpRoute, m: RouteMatchSpec | None, listener_port: int | N
         out.host_redirect = f.hostname
     if f.port is not None:
         out.port_redirect = f.port
-    elif not f.scheme and listener_port:  # Gateway API: no scheme, no port: the listener's port (80/443 left out)
-        out.port_redirect = listener_port
+    elif not f.scheme and listener_port not in (None, 80, 443):  # Gateway API: no scheme, no port: the listener's
+        out.port_redirect = listener_port  # port, but never the well-known ones in a Location (they are implied)
     if f.path_type == "ReplaceFullPath" and f.path is not None:
         out.path_redirect = f.path
     elif f.path_type == "ReplacePrefixMatch" and f.path is not None:

@@ -17,9 +17,11 @@ from typing import Any
 from mesh.model import (
     GATEWAY_CONTROLLER,
     BackendRef,
+    HeaderModifier,
     Ingress,
     IngressBackend,
     IngressPath,
+    Retry,
     Route,
     RouteMatch,
     RouteRule,
@@ -58,10 +60,10 @@ def _ports_of(index: dict[str, PortInfo], namespace: str, service: str) -> list[
 def precedence(m: RouteMatchSpec) -> tuple[int, int, bool, int, int]:
     """Gateway API order: exact path (then regex), longest prefix, with a method, most header matches,
     most query parameter matches."""
-    return (_PATH_RANK.get(m.path_type, 3), -len(m.path), m.method is None, -len(m.headers), -len(getattr(m, "query", ())))
+    return (_PATH_RANK.get(m.path_type, 3), -len(m.path), m.method is None, -len(m.headers), -len(m.query))
 
 
-def backend_headers(rule: RouteRule, namespace: str, index: dict[str, PortInfo]) -> tuple[tuple[str, Any], ...]:
+def backend_headers(rule: RouteRule, namespace: str, index: dict[str, PortInfo]) -> tuple[tuple[str, HeaderModifier], ...]:
     """(upstream, RequestHeaderModifier) of the rule's backendRefs that have one."""
     out = []
     for b in rule.backends:
@@ -72,7 +74,7 @@ def backend_headers(rule: RouteRule, namespace: str, index: dict[str, PortInfo])
     return tuple(out)
 
 
-def rule_timeout(rule: RouteRule) -> tuple[int | None, Any]:
+def rule_timeout(rule: RouteRule) -> tuple[int | None, Retry | None]:
     """The Envoy route timeout and retry policy of a rule: timeouts.request, and timeouts.backendRequest as
     the timeout of each try (the route's when there are no retries; 0 disables either)."""
     req, backend, retry = rule.timeout_ms, rule.backend_timeout_ms, rule.retry

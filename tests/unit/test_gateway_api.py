@@ -298,6 +298,10 @@ def test_query_params_per_backend_headers_backend_timeout_and_the_listener_port_
     assert [h.header.key for h in weights["default/web-v1:80"].request_headers_to_add] == ["x-b"]
     assert not weights["default/web-v2:80"].request_headers_to_add
     assert (redirect.redirect.host_redirect, redirect.redirect.port_redirect) == ("new.example.test", 8080)
+    (gl,) = [g for g in _plan(tmp_path, docs=_with(_docs(), 2, edit)).gateways if g.name.startswith("gateway:")]
+    on_80 = [rt for ch in gl.chains for vh in ch.virtual_hosts for hr in vh.routes for rt in r._routes(hr, 80)
+             if rt.HasField("redirect")]
+    assert [rt.redirect.port_redirect for rt in on_80] == [0]  # port 80 is implied: no ":80" in the Location
 
 
 @pytest.mark.parametrize(("edit", "field"), [
