@@ -122,9 +122,14 @@ def test_the_operator_reports_what_the_node_applied(kube_node: KubeNode, agent: 
             entry = next((n for n in st.get("nodes") or [] if n.get("node") == kube_node.name), None)
             return entry if applied.get("status") == "True" and entry and entry.get("observedGeneration") == 1 else None
         entry = eventually("rule1 Applied on the node (the operator)", node_entry, 60)
-        a = _status(agent).applied
         assert entry["envoy"] == "ACK"
-        assert (entry["datapathVersion"], entry["envoyVersion"]) == (a.datapath_version, a.envoy_version)
+
+        def reported_as_applied() -> bool:
+            """The node may apply again meanwhile (a pod's endpoints, say): its report, and so the operator's
+            entry, follow; compare the two once they have caught up."""
+            e, a = node_entry(), _status(agent).applied
+            return e is not None and (e["datapathVersion"], e["envoyVersion"]) == (a.datapath_version, a.envoy_version)
+        eventually("rule1's node entry carries the versions the node applied", reported_as_applied, 60)
 
         bad = json.dumps(malformed("port-not-a-number", ns))
         res = kube_node.kubectl("apply", "-f", "-", stdin=bad, check=False)
